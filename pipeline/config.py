@@ -1,0 +1,301 @@
+"""Typed, frozen configuration loaded from YAML.
+
+Every run is described by one :class:`Config`. YAML files in ``configs/`` are loaded into these
+dataclasses; unknown keys and wrong types are errors that name the key, and ``--set section.key=value``
+overrides are applied (and type-checked) before anything runs. The resolved config is written into the
+run folder and into every checkpoint, so any result can be traced back to the settings that made it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/demo"  # the competition folder; any config can be pointed elsewhere with --set data.root=
+    train_csv: str = "train.csv"
+    id_col: str = "id"
+    label_col: str = "label"
+    group_col: Optional[str] = None
+    train_dir: str = "train"
+    test_dir: str = "test"
+    sample_submission: str = "sample_submission.csv"
+    image_size: int = 32  # side of the square images stored in the cache
+    cache_dir: str = "cache"
+    subset: Optional[int] = None  # keep a fixed stratified random subset of train (e.g. "small CIFAR-10")
+    subset_seed: int = 0
+    num_workers: int = 0  # DataLoader workers; 0 loads in the training process
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    n_splits: int = 5
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet18"  # a registered compact model or any timm model name
+    pretrained: bool = False
+    drop_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    policy: str = "basic"  # see pipeline.augment.POLICIES
+    # RandAugment (seed notes): n_select ops per image, magnitude = level / n_level
+    n_select: int = 2
+    level: int = 14
+    n_level: int = 30
+    random_magnitude: bool = False
+    ops: Optional[list[str]] = None  # None: every op
+    # batch-level mixing
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    # progressive resizing: image sizes and the epoch each starts at (e.g. [24, 32] at [0, 10])
+    sizes: Optional[list[int]] = None
+    size_epochs: Optional[list[int]] = None
+    autoaugment_policy: str = "original"  # timm AutoAugment policy: original, originalr, v0, v0r, 3a
+
+    def __post_init__(self) -> None:
+        """Reject values no policy can use, naming the key (op names are checked by the policy)."""
+        checks = [
+            (self.n_level > 0, f"augment.n_level: must be positive, got {self.n_level}"),
+            (0 <= self.level <= self.n_level, f"augment.level: must be in [0, n_level={self.n_level}], got {self.level}"),
+            (self.n_select >= 0, f"augment.n_select: must be >= 0, got {self.n_select}"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha: must be >= 0"),
+            (0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1, "augment.mix_prob/switch_prob: must be in [0, 1]"),
+            (not self.sizes or all(s > 0 for s in self.sizes), f"augment.sizes: must be positive, got {self.sizes}"),
+            (not self.size_epochs or (self.sizes is not None and len(self.size_epochs) == len(self.sizes)),
+             f"augment.size_epochs: needs one start epoch per entry of augment.sizes ({self.sizes})"),
+            (not self.size_epochs or list(self.size_epochs) == sorted(self.size_epochs),
+             f"augment.size_epochs: must be ascending, got {self.size_epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    loss: str = "ce"  # see pipeline.losses.LOSSES
+    label_smoothing: float = 0.1
+    focal_gamma: float = 2.0
+    class_weights: Optional[Union[Literal["balanced"], list[float]]] = None
+    scheduler: str = "cosine"  # see pipeline.schedulers.SCHEDULERS
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    accum_steps: int = 1
+    early_stopping: int = 0  # stop after this many epochs without improvement; 0 never stops
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    folds: Optional[list[int]] = None  # train only these folds (None: all)
+    monitor: Literal["accuracy", "loss"] = "accuracy"
+    resume: bool = True  # continue from a fold's last checkpoint when one exists
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
+    batch_size: int = 512
+    oof_tta: bool = True  # score the OOF predictions with the same TTA views
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: list[str] = field(default_factory=list)  # other experiments' run folders; this run is always in
+    weights: Optional[list[float]] = None
+    method: str = "soft"  # see pipeline.ensemble.ENSEMBLERS
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    dir: str = "submissions"
+    format: Literal["labels", "probs"] = "labels"
+
+
+@dataclass(frozen=True)
+class EdaConfig:
+    out_dir: str = "reports"
+    near_dup_threshold: int = 4  # max Hamming distance between perceptual hashes (64 bits)
+    samples_per_class: int = 8
+    max_classes_in_grid: int = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str = "demo"
+    seed: int = 42
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    eda: EdaConfig = field(default_factory=EdaConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder every stage of this experiment reads from and writes to."""
+        return Path(self.runs_dir) / self.experiment
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against the type hint ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(repr(prefix + '.' + u if prefix else u) for u in unknown)} "
+                          f"in {where}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (``3`` → int, ``[a, b]`` → list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """Build a :class:`Config` from a plain mapping plus ``section.key=value`` overrides."""
+    tree = _deep_copy(values or {})
+    for text in overrides:
+        _set_path(tree, *parse_override(text))
+    return _build(Config, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (defaults when ``path`` is None) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return from_dict(values, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (what is saved next to every result)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _deep_copy(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values

@@ -1,0 +1,68 @@
+"""The decoded-image cache: every image decoded once (EXIF-oriented, RGB, resized) into a uint8 ``.npy``.
+
+Training and inference memory-map these arrays, so an epoch reads no JPEG and no PNG. The preprocess
+stage writes ``runs/<experiment>/preprocess.json`` (the manifest: where the arrays are, the classes, the
+channel statistics) plus ``train_index.csv`` and ``test_index.csv`` beside it; later stages read only those.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from ..utils import read_json
+
+MANIFEST = "preprocess.json"
+
+
+def decode(path: str | Path, size: int) -> np.ndarray:
+    """One image as uint8 HWC RGB at ``size``×``size``: EXIF orientation applied, any mode converted."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greys: scale to 8 bits, don't clip
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).astype(np.uint8), mode="L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def signature(paths: list[str], size: int) -> str:
+    """A fingerprint of the source files (names, sizes, mtimes) and the target size: cache validity."""
+    h = hashlib.sha1(f"size={size}".encode())
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, split: str, sig: str, size: int) -> Path:
+    return Path(cache_dir) / f"{split}-{size}px-{sig[:16]}.npy"
+
+
+def load_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
+    return read_json(path)
+
+
+def load_split(run_dir: str | Path, split: str, manifest: Optional[dict] = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """The uint8 N×S×S×3 array (memory-mapped) and the index table (id, label, label_idx, …) of a split."""
+    manifest = manifest or load_manifest(run_dir)
+    entry = manifest[split]
+    images = np.load(entry["array"], mmap_mode="r")
+    index = pd.read_csv(Path(run_dir) / entry["index"], dtype={"id": str, "label": str, "group": str})
+    if len(index) != len(images):
+        raise ValueError(f"{entry['array']}: {len(images)} images but {len(index)} rows in {entry['index']}; "
+                         "re-run preprocess")
+    return images, index

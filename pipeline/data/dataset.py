@@ -1,0 +1,53 @@
+"""Torch datasets over the uint8 cache. Images stay uint8 until the batch reaches the device."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class ImageDataset(Dataset):
+    """Rows ``indices`` of a cached N×H×W×3 uint8 array, optionally augmented per image.
+
+    Items are (uint8 C×H×W tensor, label); ``__getitems__`` reads a whole batch from the memory map in
+    one sorted slice, which is what the DataLoader calls with automatic batching.
+    """
+
+    def __init__(self, images: np.ndarray, indices: Sequence[int], labels: Optional[Sequence[int]] = None,
+                 transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+        self.images = images
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        rows = self.indices[np.asarray(items)]
+        order = np.argsort(rows)
+        batch = np.empty((len(rows),) + self.images.shape[1:], dtype=np.uint8)
+        batch[order] = self.images[rows[order]]
+        out = []
+        for k, image in enumerate(batch):
+            if self.transform is not None:
+                image = self.transform(image)
+            label = -1 if self.labels is None else int(self.labels[items[k]])
+            out.append((torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), label))
+        return out
+
+
+def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device,
+             channels_last: bool = False) -> torch.Tensor:
+    """uint8 N×C×H×W → normalised float32 on ``device`` (the one place normalisation happens)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    return (images.float() - m) / s

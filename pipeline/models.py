@@ -1,0 +1,157 @@
+"""Models by name: compact CNNs registered here, or any timm model.
+
+``create_model(cfg.model, num_classes)`` looks the name up in :data:`MODELS` first (small nets built for
+low-resolution images such as CIFAR, and searched compact models) and otherwise asks ``timm.create_model``.
+Pretrained weights are only fetched when ``model.pretrained`` is true; offline, that fails with a message
+saying how to get them (``python -m pipeline.models --download NAME`` on a connected machine).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .registry import Registry
+from .utils import setup_logging
+
+log = logging.getLogger(__name__)
+
+MODELS: Registry = Registry("model")
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.GELU())
+
+
+class ConvGroup(nn.Module):
+    """conv → max-pool → conv (airbench's block): most work happens at the lower resolution."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = conv_bn(c_out, c_out)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.conv2(x)
+
+
+class AirNet(nn.Module):
+    """A compact CNN for small images in the style of airbench (Keller Jordan's CIFAR-10 speed runs).
+
+    A stem conv, then one :class:`ConvGroup` per width (each halves the resolution), a global max-pool
+    and a linear head scaled down (``head_scale``) so logits start small, which suits high learning rates.
+    """
+
+    def __init__(self, num_classes: int, widths: Sequence[int] = (64, 256, 256), stem: int = 32,
+                 in_chans: int = 3, drop_rate: float = 0.0, head_scale: float = 1 / 9) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_chans, stem)
+        groups, c_in = [], stem
+        for width in widths:
+            groups.append(ConvGroup(c_in, width))
+            c_in = width
+        self.groups = nn.Sequential(*groups)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+        self.head_scale = head_scale
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.groups(self.stem(x))).flatten(1)
+        return self.head(self.drop(x)) * self.head_scale
+
+
+@MODELS.register("airnet")
+def airnet(num_classes: int, **kwargs) -> nn.Module:
+    """AirNet at airbench94's widths (64, 256, 256): ~2M parameters."""
+    return AirNet(num_classes, **kwargs)
+
+
+@MODELS.register("airnet_small")
+def airnet_small(num_classes: int, **kwargs) -> nn.Module:
+    """AirNet at widths (32, 128, 256): a fraction of the compute, for CPUs."""
+    kwargs.setdefault("widths", (32, 128, 256))
+    kwargs.setdefault("stem", 24)
+    return AirNet(num_classes, **kwargs)
+
+
+@MODELS.register("airnet_tiny")
+def airnet_tiny(num_classes: int, **kwargs) -> nn.Module:
+    """AirNet at widths (16, 32, 64): for tests and very small data."""
+    kwargs.setdefault("widths", (16, 32, 64))
+    kwargs.setdefault("stem", 16)
+    return AirNet(num_classes, **kwargs)
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm)."""
+    kwargs = dict(cfg.kwargs)
+    if cfg.name in MODELS:
+        if cfg.pretrained:
+            raise ValueError(f"model.pretrained: '{cfg.name}' is a compact model trained from scratch; "
+                             "it has no pretrained weights")
+        return MODELS.build(cfg.name, num_classes, drop_rate=cfg.drop_rate, **kwargs)
+    if not timm.is_model(cfg.name):
+        raise KeyError(_unknown_model_message(cfg.name))
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 drop_rate=cfg.drop_rate, **kwargs)
+    except Exception as err:
+        if not cfg.pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights for '{cfg.name}' ({type(err).__name__}: {err}). "
+            "This machine may be offline: fetch them once on a connected machine with "
+            f"`python -m pipeline.models --download {cfg.name}` (they are cached by huggingface_hub, "
+            "HF_HOME), or set model.pretrained=false to train from scratch") from err
+
+
+def _unknown_model_message(name: str) -> str:
+    close = difflib.get_close_matches(name, MODELS.names() + timm.list_models(), n=5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return (f"unknown model '{name}'; compact models: {', '.join(MODELS.names())}; or any timm model "
+            f"(python -c \"import timm; print(timm.list_models('resnet*'))\").{hint}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def download(names: Sequence[str]) -> None:
+    """Fetch pretrained weights into the local cache so that offline runs can use pretrained=true."""
+    for name in names:
+        timm.create_model(name, pretrained=True)
+        log.info("cached pretrained weights for %s", name)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(description="List models or download pretrained weights.")
+    parser.add_argument("--download", nargs="+", metavar="NAME", help="timm model names to fetch")
+    parser.add_argument("--list", default=None, metavar="PATTERN", help="list timm models matching a pattern")
+    args = parser.parse_args(argv)
+    if args.download:
+        try:
+            download(args.download)
+        except Exception as err:
+            log.error("download failed (is this machine online?): %s", err)
+            return 1
+    if not args.download:  # listing is this command's output
+        print("\n".join(MODELS.names() + (timm.list_models(args.list) if args.list else [])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Preprocess stage: validate the competition, then decode every image once into the uint8 cache.
+
+``python -m pipeline.preprocess --config CONFIG``. Every data problem (missing, unreadable or escaping
+images, duplicate ids, empty labels, classes smaller than the fold count, test images absent from the
+sample submission) is reported at once, before any training. Re-running with unchanged files and size is
+a no-op: the cache is keyed by a fingerprint of the source files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .cli import stage_main
+from .config import Config, to_yaml
+from .data.cache import MANIFEST, cache_path, decode, signature
+from .data.contract import Competition, DataError, check, load_competition
+from .utils import atomic_path, read_json, write_csv, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def _decode_one(job: tuple[int, str, int]) -> tuple[int, Optional[np.ndarray], Optional[str]]:
+    i, path, size = job
+    try:
+        return i, decode(path, size), None
+    except Exception as err:  # any decoder failure is a data problem to report, not a crash
+        return i, None, f"{type(err).__name__}: {err}"
+
+
+def decode_all(paths: list[str], size: int, out: Path, desc: str, workers: int = 0) -> list[str]:
+    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); return the failures."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    failures: list[str] = []
+    jobs = [(i, p, size) for i, p in enumerate(paths)]
+    with atomic_path(out) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+        with get_context("fork").Pool(workers) as pool:
+            results = pool.imap_unordered(_decode_one, jobs, chunksize=256)
+            for i, image, error in tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0):
+                if error:
+                    failures.append(f"{paths[i]}: unreadable image ({error})")
+                else:
+                    array[i] = image
+        array.flush()
+        del array
+        if failures:
+            raise DataError(failures)
+    return failures
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] over a uint8 N×H×W×3 array, computed in chunks."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start:start + chunk], dtype=np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        total_sq += (block ** 2).sum(axis=(0, 1, 2))
+        count += block.shape[0] * block.shape[1] * block.shape[2]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 1e-12))
+    return mean.round(6).tolist(), std.round(6).tolist()
+
+
+def _cache_split(frame: pd.DataFrame, split: str, cfg: Config, previous: dict) -> tuple[dict, list[str]]:
+    paths = frame["path"].tolist()
+    size = cfg.data.image_size
+    sig = signature(paths, size)
+    out = cache_path(cfg.data.cache_dir, split, sig, size)
+    entry = {"array": str(out), "index": f"{split}_index.csv", "signature": sig, "n": len(paths), "size": size}
+    if out.is_file() and previous.get(split, {}).get("signature") == sig:
+        log.info("%s cache up to date: %s", split, out)
+        return entry, []
+    try:
+        decode_all(paths, size, out, f"decode {split}")
+    except DataError as err:
+        return entry, err.problems
+    return entry, []
+
+
+def _index_frame(comp: Competition, split: str) -> pd.DataFrame:
+    if split == "test":
+        return comp.test[["id"]]
+    frame = comp.train.drop(columns=["path"]).copy()
+    frame.insert(2, "label_idx", frame["label"].map({c: i for i, c in enumerate(comp.classes)}))
+    return frame
+
+
+def run(cfg: Config) -> dict:
+    """Validate and cache the competition; return the manifest (also written to the run folder)."""
+    comp = load_competition(cfg.data)
+    check(comp, cfg.folds.n_splits)  # structural problems first: decoding cannot fix them
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    previous = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
+    manifest = {"root": str(comp.root), "layout": comp.layout, "image_size": cfg.data.image_size,
+                "classes": comp.classes, "submission_columns": comp.submission_columns,
+                "id_col": comp.id_col, "label_col": comp.label_col, "group_col": comp.group_col}
+    problems: list[str] = []
+    for split, frame in (("train", comp.train), ("test", comp.test)):
+        manifest[split], failed = _cache_split(frame, split, cfg, previous)
+        problems += failed
+        write_csv(run_dir / manifest[split]["index"], _index_frame(comp, split))
+    if problems:
+        raise DataError(problems)
+    if previous.get("train", {}).get("signature") == manifest["train"]["signature"] and "mean" in previous:
+        manifest["mean"], manifest["std"] = previous["mean"], previous["std"]
+    else:
+        manifest["mean"], manifest["std"] = channel_stats(np.load(manifest["train"]["array"], mmap_mode="r"))
+    write_json(run_dir / MANIFEST, manifest)
+    log.info("preprocess: %d train / %d test images at %dpx, %d classes, mean %s std %s",
+             manifest["train"]["n"], manifest["test"]["n"], cfg.data.image_size, len(comp.classes),
+             manifest["mean"], manifest["std"])
+    return manifest
+
+
+def main(argv=None) -> int:
+    return stage_main(run, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Test-time augmentation views by name, applied to normalised float batches (N, C, H, W).
+
+Each view is a deterministic transform; predictions are the mean of the softmax over the views. Views
+compose with ``+`` (``hflip+shift_left``). Shifts move the image by 1/16 of its side with reflection
+padding; ``scale_up`` zooms in by 1/8 and ``scale_down`` out by 1/8, keeping the size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+
+View = Callable[[torch.Tensor], torch.Tensor]
+VIEWS: Registry[View] = Registry("TTA view")
+
+
+def _shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    s = max(1, x.shape[-1] // 16)
+    dx, dy = dx * s, dy * s
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    h, w = x.shape[-2:]
+    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+
+
+def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if factor > 1:
+        ch, cw = round(h / factor), round(w / factor)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False, antialias=False)
+    small = F.interpolate(x, size=(round(h * factor), round(w * factor)), mode="bilinear", antialias=True,
+                          align_corners=False)
+    ph, pw = h - small.shape[-2], w - small.shape[-1]
+    return F.pad(small, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
+
+
+VIEWS.register("identity")(lambda x: x)
+VIEWS.register("hflip")(lambda x: x.flip(-1))
+VIEWS.register("vflip")(lambda x: x.flip(-2))
+VIEWS.register("shift_left")(lambda x: _shift(x, -1, 0))
+VIEWS.register("shift_right")(lambda x: _shift(x, 1, 0))
+VIEWS.register("shift_up")(lambda x: _shift(x, 0, -1))
+VIEWS.register("shift_down")(lambda x: _shift(x, 0, 1))
+VIEWS.register("scale_up")(lambda x: _zoom(x, 1.125))
+VIEWS.register("scale_down")(lambda x: _zoom(x, 0.875))
+
+
+def get_view(name: str) -> View:
+    """A view by name; ``a+b`` applies ``a`` then ``b``."""
+    parts = [VIEWS.get(p.strip()) for p in name.split("+")]
+
+    def composed(x: torch.Tensor) -> torch.Tensor:
+        for part in parts:
+            x = part(x)
+        return x
+
+    return parts[0] if len(parts) == 1 else composed
+
+
+def predict_tta(model, images, rows, names: list[str], **kwargs) -> torch.Tensor:
+    """Mean softmax over the TTA views ``names`` (see :func:`pipeline.train.predict_logits` for kwargs)."""
+    from .train import predict_logits
+
+    if not names:
+        raise ValueError("infer.tta needs at least one view (e.g. [identity])")
+    views = [get_view(n) for n in names]
+    total = None
+    for view in views:
+        probs = predict_logits(model, images, rows, view=view, **kwargs).softmax(1)
+        total = probs if total is None else total + probs
+    return total / len(views)
