@@ -8,6 +8,7 @@ run folder and into every checkpoint, so any result can be traced back to the se
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class SubmitConfig:
 class EdaConfig:
     out_dir: str = "reports"
     near_dup_threshold: int = 4  # max Hamming distance between perceptual hashes (64 bits)
+    near_dup_min_corr: float = 0.85  # …and min correlation of 16×16 grey thumbnails (drops pHash look-alikes)
     samples_per_class: int = 8
     max_classes_in_grid: int = 20
 
@@ -173,6 +175,9 @@ class Config:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -211,6 +216,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string; YAML 1.2 and everyone else: a float
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):
