@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def trained_folds(run_dir: Path) -> list[int]:
-    folds = sorted(int(p.parent.name[4:]) for p in run_dir.glob("fold*/best.safetensors"))
+    """Folds of the current ``folds.csv`` that have a best checkpoint (stale fold folders are ignored)."""
+    current = set(pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].astype(int))
+    folds = sorted(f for f in (int(p.parent.name[4:]) for p in run_dir.glob("fold*/best.safetensors"))
+                   if f in current)
     if not folds:
         raise FileNotFoundError(f"no trained fold in {run_dir} (fold*/best.safetensors): run the train stage")
     return folds

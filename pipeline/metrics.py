@@ -6,13 +6,15 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 
 def score(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Accuracy, macro-F1 and log loss (probabilities clipped and renormalised by scikit-learn)."""
+    """Accuracy, macro-F1 and log loss (probabilities clipped to [1e-7, 1] and renormalised)."""
     labels = np.asarray(labels)
     if len(labels) == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "log_loss": float("nan"), "n": 0}
     preds = probs.argmax(1)
     classes = np.arange(probs.shape[1])
+    clipped = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1.0)
+    clipped /= clipped.sum(1, keepdims=True)  # scikit-learn no longer renormalises (it warns)
     return {"accuracy": float(accuracy_score(labels, preds)),
             "macro_f1": float(f1_score(labels, preds, average="macro", labels=np.unique(labels))),
-            "log_loss": float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=classes)),
+            "log_loss": float(log_loss(labels, clipped, labels=classes)),
             "n": int(len(labels))}

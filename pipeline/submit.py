@@ -66,7 +66,7 @@ def validate(sub: pd.DataFrame, sample: pd.DataFrame, classes: list[str], id_col
         problems.append("empty values")
     if fmt == "labels" and not sub[label_col].isin(classes).all():
         problems.append("labels outside the training classes")
-    if fmt == "probs" and not np.allclose(sub[classes].sum(1), 1.0, atol=1e-3):
+    if fmt == "probs" and not np.allclose(sub[classes].sum(axis=1), 1.0, atol=1e-3):
         problems.append("class probabilities do not sum to 1")
     if problems:
         raise ValueError("submission check failed: " + "; ".join(problems))

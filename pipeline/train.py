@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -217,8 +218,8 @@ class FoldRun:
         if not (self.cfg.train.resume and state_path.is_file() and (self.dir / "last.safetensors").is_file()):
             return
         state = load_state(state_path)
-        if state.get("config") != to_yaml(self.cfg):
-            log.warning("fold %d: last checkpoint was made with another config; starting over", self.fold)
+        if state.get("fingerprint") != training_fingerprint(self.cfg):
+            log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
             return
         load_weights(self.model, self.dir / "last.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -240,7 +241,7 @@ class FoldRun:
         save_state(self.dir / "last_state.pt", {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-            "config": to_yaml(self.cfg)})
+            "fingerprint": training_fingerprint(self.cfg)})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -278,7 +279,7 @@ class FoldRun:
         best = read_json(self.dir / "best.json")
         result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
                   "seconds": round(time.perf_counter() - start, 1), "parameters": count_parameters(self.model),
-                  "config": to_yaml(self.cfg)}
+                  "fingerprint": training_fingerprint(self.cfg)}
         write_json(self.dir / "result.json", result)
         return result
 
@@ -296,12 +297,25 @@ def log_preview(writer, images: np.ndarray, rows: np.ndarray, cfg: Config, size:
 # --------------------------------------------------------------------------- the stage
 
 
+# settings that cannot change a fold's weights: changing them must not retrain anything
+_NOT_TRAINING = {"data": ("cache_dir", "num_workers"), "train": ("folds", "resume", "threads", "device")}
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """The config sections that shape the trained weights (not inference, ensembling or paths), as YAML."""
+    full = to_dict(cfg)
+    keep = {k: full[k] for k in ("seed", "data", "folds", "model", "augment", "train")}
+    for section, keys in _NOT_TRAINING.items():
+        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    return yaml.safe_dump(keep, sort_keys=True)
+
+
 def fold_done(cfg: Config, fold: int) -> Optional[dict]:
-    """The fold's result when it finished with this very config (then it is skipped)."""
+    """The fold's result when it finished with the same training settings (then it is skipped)."""
     path = cfg.run_dir / f"fold{fold}" / "result.json"
     if path.is_file():
         result = read_json(path)
-        if result.get("config") == to_yaml(cfg):
+        if result.get("fingerprint") == training_fingerprint(cfg):
             return result
     return None
 
@@ -347,17 +361,22 @@ def run(cfg: Config) -> dict:
         torch.set_num_threads(cfg.train.threads)
     write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
     device = resolve_device(cfg.train.device)
-    wanted = cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique())
+    wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
     log.info("train: %s on %s (%s), folds %s, %d images", cfg.model.name, device,
              resolve_precision(cfg.train.precision, device) or "fp32", list(wanted), len(index))
+    trained = 0
     for fold in wanted:
         if fold_done(cfg, fold):
-            log.info("fold %d already trained with this config: skipped", fold)
+            log.info("fold %d already trained with these settings: skipped", fold)
             continue
-        FoldRun(cfg, int(fold), images, index, folds, manifest, device).fit()
+        FoldRun(cfg, fold, images, index, folds, manifest, device).fit()
+        trained += 1
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
+    previous = cfg.run_dir / "cv.json"
+    if not trained and previous.is_file() and "oof_tta" in read_json(previous):
+        report["oof_tta"] = read_json(previous)["oof_tta"]  # still valid: no fold changed
     write_json(cfg.run_dir / "cv.json", report)
     log.info("CV (%d/%d rows): %s", report["scored_rows"], report["total_rows"], report["oof"])
     return report

@@ -168,7 +168,8 @@ def _load_test(root: Path, cfg: DataConfig, problems: list[str]) -> tuple[pd.Dat
     for i in test.index[test["id"].duplicated()]:
         problems.append(f"{sample_path} row {i + 2}: duplicate id {test.at[i, 'id']!r}")
     test["path"] = _attach_paths(test["id"], index, sample_path, problems)
-    absent = sorted(index.ids() - set(test["id"].dropna()))
+    covered = set(test["path"].dropna())  # by file, so that ids written with their extension count too
+    absent = sorted(i for i in index.ids() if str(index.folder / index.by_stem[i]) not in covered)
     for image_id in absent:
         problems.append(f"{index.folder / index.by_stem[image_id]}: test image absent from {sample_path.name}")
     return test, list(sample.columns)
