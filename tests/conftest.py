@@ -1,0 +1,123 @@
+"""Shared fixtures: a tiny generated competition and configs that write only into tmp_path."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+CLASSES = ("hstripes", "vstripes", "blob")
+
+
+def pattern(label: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A uint8 HxWx3 image whose structure depends on the class (so a small CNN can tell them apart)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = int(rng.integers(4, 7))
+    phase = int(rng.integers(0, period))
+    if label == "hstripes":
+        mask = ((yy + phase) // (period // 2)) % 2 == 0
+    elif label == "vstripes":
+        mask = ((xx + phase) // (period // 2)) % 2 == 0
+    else:  # a bright disc somewhere near the centre
+        cy, cx = rng.integers(size // 3, 2 * size // 3, size=2)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size // 4) ** 2
+    colour = rng.integers(150, 256, size=3)
+    image = np.where(mask[..., None], colour, rng.integers(0, 60, size=3)).astype(np.float64)
+    image += rng.normal(0, 8, size=image.shape)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def make_competition(root: Path, n_per_class: int = 12, n_test: int = 6, classes: Sequence[str] = CLASSES,
+                     seed: int = 0, ext: str = ".png", groups: bool = False) -> Path:
+    """Write a Kaggle-style CSV competition into ``root``: train.csv (id,label[,patient]), train/<id>.png,
+    test/<id>.png and sample_submission.csv (id,label). Ids are zero-padded strings ("0007").
+    Returns ``root``; the true test labels are written to ``root/solution.csv``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    rows, next_id = [], 0
+    for c, label in enumerate(classes):
+        for k in range(n_per_class):
+            image_id = f"{next_id:04d}"
+            next_id += 1
+            Image.fromarray(pattern(label, rng)).save(root / "train" / f"{image_id}{ext}")
+            row = {"id": image_id, "label": label}
+            if groups:
+                row["patient"] = f"p{c}_{k // 2}"  # two images per patient, patients within one class
+            rows.append(row)
+    order = rng.permutation(len(rows))  # train.csv rows are not sorted by class
+    pd.DataFrame([rows[i] for i in order]).to_csv(root / "train.csv", index=False)
+    test_rows = []
+    for k in range(n_test):
+        image_id = f"{next_id:04d}"
+        next_id += 1
+        label = classes[k % len(classes)]
+        Image.fromarray(pattern(label, rng)).save(root / "test" / f"{image_id}{ext}")
+        test_rows.append({"id": image_id, "label": label})
+    solution = pd.DataFrame(test_rows)
+    solution.to_csv(root / "solution.csv", index=False)
+    solution.assign(label=classes[0]).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def config_overrides(tmp_path: Path, root: Optional[Path], *overrides: str) -> list[str]:
+    """Overrides that keep every output under tmp_path and make training tiny and fast."""
+    tmp_path = Path(tmp_path)
+    base = [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"submit.dir={tmp_path / 'submissions'}",
+        f"eda.out_dir={tmp_path / 'reports'}",
+        "data.image_size=16",
+        "folds.n_splits=3",
+        "model.name=airnet_tiny",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "infer.batch_size=64",
+    ]
+    if root is not None:
+        base.insert(0, f"data.root={root}")
+    return base + list(overrides)
+
+
+def make_cfg(tmp_path: Path, root: Optional[Path], *overrides: str):
+    """A Config from configs/default.yaml whose outputs (runs, cache, submissions, reports) are in tmp_path."""
+    from pipeline.config import load_config
+
+    return load_config(DEFAULT_CONFIG, config_overrides(tmp_path, root, *overrides))
+
+
+def stage_argv(tmp_path: Path, root: Optional[Path], *overrides: str) -> list[str]:
+    """Command-line arguments for a stage's ``main``: the default config plus the same overrides."""
+    argv = ["--config", str(DEFAULT_CONFIG)]
+    for text in config_overrides(tmp_path, root, *overrides):
+        argv += ["--set", text]
+    return argv
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    """Tests run from the repository root (relative defaults such as configs/ resolve there)."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def competition(tmp_path) -> Path:
+    """A fresh tiny competition (3 classes x 12 train images, 6 test images) in tmp_path/comp."""
+    return make_competition(tmp_path / "comp")
+
+
+@pytest.fixture(scope="session")
+def shared_competition(tmp_path_factory) -> Path:
+    """The same tiny competition, built once per session (read-only for tests)."""
+    return make_competition(tmp_path_factory.mktemp("shared") / "comp")
+
