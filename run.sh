@@ -51,7 +51,7 @@ case "$cmd" in
       echo "== $stage" >&2
       "$PY" -m "pipeline.$stage" "${ARGS[@]}" || { echo "stage '$stage' failed" >&2; exit 1; }
     done ;;
-  eda|preprocess|folds|train|infer|ensemble|submit|bench|augment|search)
+  eda|preprocess|folds|train|infer|ensemble|submit|bench|augment)
     setup
     stage_args "$@"
     exec "$PY" -m "pipeline.$cmd" "${ARGS[@]}" ;;

@@ -116,7 +116,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     folds: Optional[list[int]] = None  # train only these folds (None: all)
-    monitor: Literal["accuracy", "loss"] = "accuracy"
+    # which epoch's weights a fold keeps: best validation accuracy/loss, or the last epoch. Choosing the epoch
+    # on the held-out fold flatters the OOF score a little; "last" keeps it unbiased.
+    monitor: Literal["accuracy", "loss", "last"] = "accuracy"
     resume: bool = True  # continue from a fold's last checkpoint when one exists
 
 

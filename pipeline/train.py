@@ -210,7 +210,9 @@ class FoldRun:
         return logits.softmax(1).numpy(), metrics
 
     def monitor_value(self, metrics: dict) -> float:
-        return metrics["accuracy"] if self.cfg.train.monitor == "accuracy" else -metrics["loss"]
+        """Higher is better; with ``monitor: last`` every epoch improves on the one before."""
+        monitor = self.cfg.train.monitor
+        return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[monitor]
 
     def resume(self) -> None:
         """Continue from ``last`` when it exists and was made with the same config."""
@@ -272,7 +274,7 @@ class FoldRun:
                              "valid/log_loss": metrics["log_loss"]}.items():
                 writer.add_scalar(key, val, self.epoch)
             self.checkpoint(probs, metrics, improved)
-            if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:
+            if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:  # never with "last"
                 log.info("fold %d: early stop, no improvement for %d epochs", self.fold, self.stale)
                 break
         writer.close()
