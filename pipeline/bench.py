@@ -1,0 +1,312 @@
+"""Input-pipeline benchmark: does data loading and augmentation keep up with the model?
+
+``python -m pipeline.bench --config CONFIG [--set …] [--batches N]`` measures, on the configured data
+(the preprocess cache must exist) and model, and prints as JSON (also ``runs/<experiment>/bench.json``):
+
+* ``train_floor_img_s``: optimisation steps (normalise, forward, backward, step) on uint8 batches already in
+  memory, at the configured precision and memory format; ``floors`` has every fp32/bf16 ×
+  contiguous/channels_last combination (bf16 only where the device runs it natively) and ``best_floor``
+  the fastest (what the train stage should use);
+* ``train_img_s``: the same steps fed by the train stage's own loader (cache read, augmentation policy,
+  collation) and mixer; ``train_ratio`` = train / floor (≥ 0.9: the pipeline does not starve training);
+* ``tta_floor_img_s``: forward passes on an in-memory batch at ``infer.batch_size``; ``tta_img_s``:
+  view-images per second of :func:`pipeline.tta.predict_tta` over the cached test set, i.e. test images/s ×
+  the number of views (``tta_test_img_s`` is test images/s); ``tta_ratio`` = tta / floor;
+* ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does.
+
+Training and inference call the train stage's building blocks (loader, :class:`~pipeline.train.TrainStep`,
+``predict_logits``) rather than copies of them, so the figures are those of a real run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import augment
+from .config import Config
+from .data.cache import load_manifest, load_split
+from .utils import resolve_device, resolve_precision, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+
+def timed(fn: Callable[[], int], warmup: int, repeats: int) -> float:
+    """Items per second of ``fn`` (which returns how many items it processed) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    start, items = time.perf_counter(), 0
+    for _ in range(repeats):
+        items += fn()
+    return items / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_step(cfg: Config, num_classes: int, labels: np.ndarray, manifest: dict, device: torch.device,
+               dtype: Optional[torch.dtype], channels_last: bool, mixer: Optional[Callable] = None):
+    """A fresh model wrapped in the train stage's :class:`TrainStep` (no LR schedule: throughput only)."""
+    from .losses import build_loss
+    from .models import create_model
+    from .train import TrainStep, build_optimizer
+
+    model = create_model(cfg.model, num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    loss_fn = build_loss(cfg.train, labels, num_classes).to(device)
+    return TrainStep(model, build_optimizer(cfg.train, model), loss_fn, None, device, dtype, manifest["mean"],
+                     manifest["std"], channels_last, 1, mixer)
+
+
+def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of cached images as uint8 NCHW tensors (what the loader yields), held in memory."""
+    out = []
+    for k in range(count):
+        start = (k * batch_size) % max(1, len(images) - batch_size + 1)
+        stop = min(start + batch_size, len(images))
+        x = torch.from_numpy(np.array(images[start:stop])).permute(0, 3, 1, 2)
+        out.append((x, torch.from_numpy(labels[start:stop].astype(np.int64))))
+    return out
+
+
+def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
+                batches: int) -> float:
+    """Training images/s on batches kept in memory: the compute floor the pipeline must match."""
+    step = build_step(cfg, data["num_classes"], data["labels"], data["manifest"], device, dtype, channels_last)
+    held = memory_batches(data["images"], data["labels"], cfg.train.batch_size)
+    size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
+    calls = 0
+
+    def one() -> int:
+        nonlocal calls
+        x, y = held[calls % len(held)]
+        calls += 1
+        step(x, y, size)
+        return len(y)
+
+    return timed(one, warmup=min(3, batches), repeats=batches)
+
+
+def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
+                   channels_last: bool, batches: int) -> float:
+    """Training images/s fed by the train stage's loader, policy and mixer."""
+    from .train import make_train_loader
+
+    n_classes, labels = data["num_classes"], data["labels"]
+    mixer = augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed)
+    step = build_step(cfg, n_classes, labels, data["manifest"], device, dtype, channels_last, mixer)
+    policy = augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed)
+    rows = np.arange(len(labels))
+    loader = make_train_loader(data["images"], rows, labels, cfg, policy)
+    size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
+    batches = min(batches, max(1, len(loader) - 3))
+    it = iter(loader)
+
+    def one() -> int:
+        nonlocal it
+        try:
+            images, targets = next(it)
+        except StopIteration:
+            it = iter(loader)
+            images, targets = next(it)
+        step(images, targets, size)
+        return len(targets)
+
+    try:
+        return timed(one, warmup=min(3, batches), repeats=batches)
+    finally:
+        del it, loader  # stop the workers
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def eval_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    from .models import create_model
+
+    model = create_model(cfg.model, num_classes).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
+              batches: int) -> float:
+    """Forward-only images/s on one normalised batch already in memory."""
+    from .data.dataset import to_float
+
+    model = eval_model(cfg, data["num_classes"], device, channels_last)
+    x, _ = memory_batches(data["test"], np.zeros(len(data["test"]), dtype=np.int64), cfg.infer.batch_size, 1)[0]
+    x = to_float(x, data["manifest"]["mean"], data["manifest"]["std"], device, channels_last)
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+
+    @torch.no_grad()
+    def one() -> int:
+        with ctx():
+            model(x)
+        return len(x)
+
+    return timed(one, warmup=min(2, batches), repeats=batches)
+
+
+def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
+                 channels_last: bool, batches: int) -> float:
+    """View-images/s of the inference stage's TTA prediction over (a slice of) the cached test set."""
+    from .tta import predict_tta
+
+    model = eval_model(cfg, data["num_classes"], device, channels_last)
+    views = list(cfg.infer.tta)
+    rows = np.arange(min(len(data["test"]), batches * cfg.infer.batch_size // max(1, len(views)) + 1))
+    kwargs = dict(mean=data["manifest"]["mean"], std=data["manifest"]["std"], device=device, dtype=dtype,
+                  channels_last=channels_last, batch_size=cfg.infer.batch_size)
+    predict_tta(model, data["test"], rows[:cfg.infer.batch_size], views, **kwargs)  # warm-up
+
+    def one() -> int:
+        predict_tta(model, data["test"], rows, views, **kwargs)
+        return len(rows) * len(views)
+
+    return timed(one, warmup=0, repeats=1)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess_rate(cfg: Config, count: int) -> Optional[float]:
+    """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images."""
+    from .data.contract import load_competition
+    from .preprocess import decode_all
+
+    try:
+        paths = load_competition(cfg.data).train["path"].tolist()[:count]
+    except Exception as err:  # the sources may be gone while the cache remains
+        log.warning("preprocess rate not measured: %s", err)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        decode_all(paths, cfg.data.image_size, Path(tmp) / "bench.npy", "bench decode")
+        return len(paths) / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- the tool
+
+
+def load_data(cfg: Config) -> dict:
+    manifest = load_manifest(cfg.run_dir)
+    images, index = load_split(cfg.run_dir, "train", manifest)
+    test, _ = load_split(cfg.run_dir, "test", manifest)
+    return {"manifest": manifest, "images": images, "test": test, "num_classes": len(manifest["classes"]),
+            "labels": index["label_idx"].to_numpy().astype(np.int64)}
+
+
+def combos(device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
+           compare: bool = True) -> dict[str, tuple]:
+    """The configured precision × memory format, plus (``compare``) every fp32/bf16 × contiguous/channels_last
+    setting worth measuring here."""
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    wanted = {(dtype, channels_last)}
+    if compare:
+        wanted |= {(None, False), (None, True)}
+    if compare and (device.type != "cpu" or resolve_precision("auto", device) is not None):  # emulated bf16: slow
+        wanted |= {(torch.bfloat16, False), (torch.bfloat16, True)}
+    return {f"{names[d]}{'_channels_last' if cl else ''}": (d, cl)
+            for d, cl in sorted(wanted, key=lambda c: (str(c[0]), c[1]))}
+
+
+def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: int = 3,
+        compare: bool = True) -> dict:
+    """Measure every figure (see the module docstring) and write ``runs/<experiment>/bench.json``.
+
+    Every figure is measured ``rounds`` times, floors and pipelines alternately, and the best kept, so that
+    a passing background load biases neither side of a ratio.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    channels_last = cfg.train.channels_last and device.type != "mps"
+    data = load_data(cfg)
+    settings = combos(device, dtype, channels_last, compare)
+    configured = next(k for k, v in settings.items() if v == (dtype, channels_last))
+    floors = dict.fromkeys(settings, 0.0)
+    train = t_floor = tta = 0.0
+    for r in range(max(1, rounds)):
+        for key, (d, cl) in settings.items():
+            floors[key] = max(floors[key], train_floor(cfg, data, device, d, cl, batches))
+        train = max(train, train_pipeline(cfg, data, device, dtype, channels_last, batches))
+        t_floor = max(t_floor, tta_floor(cfg, data, device, dtype, channels_last, batches))
+        tta = max(tta, tta_pipeline(cfg, data, device, dtype, channels_last, batches))
+        log.info("round %d: train floor %.0f, pipeline %.0f img/s; inference floor %.0f, TTA %.0f view-img/s",
+                 r + 1, floors[configured], train, t_floor, tta)
+    result = summary(cfg, device, dtype, channels_last, floors, configured, train, t_floor, tta)
+    result["preprocess_img_s"] = _round(preprocess_rate(cfg, preprocess_images))
+    write_json(cfg.run_dir / "bench.json", result)
+    return result
+
+
+def summary(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
+            floors: dict[str, float], configured: str, train: float, t_floor: float, tta: float) -> dict:
+    """The JSON record: the set-up, the figures and their ratios."""
+    floor = floors[configured]
+    return {
+        "experiment": cfg.experiment, "model": cfg.model.name, "policy": cfg.augment.policy,
+        "mixer": augment.build_mixer(cfg.augment, 2) is not None, "image_size": cfg.data.image_size,
+        "batch_size": cfg.train.batch_size, "infer_batch_size": cfg.infer.batch_size,
+        "tta_views": list(cfg.infer.tta), "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
+        "cpu_count": os.cpu_count(), "device": _device_name(device),
+        "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
+        "train_floor_img_s": round(floor, 1), "train_img_s": round(train, 1), "train_ratio": round(train / floor, 3),
+        "tta_floor_img_s": round(t_floor, 1), "tta_img_s": round(tta, 1), "tta_ratio": round(tta / t_floor, 3),
+        "tta_test_img_s": round(tta / max(1, len(cfg.infer.tta)), 1), "preprocess_img_s": None,
+        "floors": {k: round(v, 1) for k, v in floors.items()}, "best_floor": max(floors, key=floors.get),
+        "configured_floor": configured,
+    }
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 1)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import build_parser, stage_main
+
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    parser.add_argument("--preprocess-images", type=int, default=2000, help="source images decoded for the rate")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate floor and pipeline runs, keep the best")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="measure only the configured precision and memory format")
+    args, _ = parser.parse_known_args(argv)
+
+    def bench(cfg: Config) -> dict:
+        result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare)
+        print(json.dumps(result, indent=2))  # the tool's output
+        return result
+
+    bench.__module__ = __name__
+    return stage_main(bench, "bench", argv, parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

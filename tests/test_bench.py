@@ -1,0 +1,48 @@
+"""The input-pipeline benchmark runs end to end on the demo competition and prints its JSON summary."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import bench, preprocess
+from pipeline.config import from_dict
+from pipeline.data.demo import build
+
+KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
+        "preprocess_img_s", "model", "batch_size", "threads", "device", "floors", "best_floor"]
+
+
+def test_compare_covers_fp32_and_memory_formats():
+    settings = bench.combos(torch.device("cpu"), None, True)
+    assert {"fp32", "fp32_channels_last"} <= set(settings)
+    assert bench.combos(torch.device("cpu"), None, True, compare=False) == {"fp32_channels_last": (None, True)}
+
+
+def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    build(tmp_path / "demo")
+    overrides = [f"data.root={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"runs_dir={tmp_path / 'runs'}", "experiment=bench", "model.name=airnet_tiny",
+                 "train.batch_size=32", "infer.batch_size=64", "augment.policy=randaugment",
+                 "augment.mixup_alpha=0.2", "infer.tta=[identity, hflip]"]
+    preprocess.run(from_dict({}, overrides))
+    capsys.readouterr()
+    args = [a for o in overrides for a in ("--set", o)] + ["--batches", "2", "--preprocess-images", "40", "--rounds", "1",
+                                                       "--no-compare"]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in KEYS:
+        assert key in result, key
+    for key in ("train_floor_img_s", "train_img_s", "tta_floor_img_s", "tta_img_s", "preprocess_img_s"):
+        assert result[key] > 0, key
+    assert result["model"] == "airnet_tiny" and result["batch_size"] == 32
+    assert result["train_ratio"] == pytest.approx(result["train_img_s"] / result["train_floor_img_s"], abs=0.01)
+    assert result["floors"][result["configured_floor"]] == result["train_floor_img_s"]
+    assert json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text()) == result
+
+
+def test_bench_without_a_cache_fails_with_a_message(tmp_path, capsys):
+    assert bench.main(["--set", f"runs_dir={tmp_path}", "--set", "experiment=none"]) == 1
+    assert "preprocess" in capsys.readouterr().err
