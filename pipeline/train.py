@@ -58,8 +58,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, cfg: Config,
-                      transform: Optional[Callable] = None, drop_last: bool = True) -> DataLoader:
-    """Shuffled uint8 batches of ``rows``; augmentation runs per image in the loader (workers if configured)."""
+                      transform: Optional[Callable] = None, drop_last: bool = True):
+    """Shuffled uint8 batches of ``rows``, augmented a batch at a time (in workers if configured).
+
+    On 2 cores ``num_workers: 0`` measured fastest: a worker process, or a prefetch thread, competes with
+    torch's own threads for the cores (see ``python -m pipeline.bench``)."""
     dataset = ImageDataset(images, rows, labels, transform)
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=drop_last and
@@ -110,6 +113,16 @@ class TrainStep:
         return float(loss.detach())
 
 
+def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
+    """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        order = np.argsort(chunk)
+        batch = np.empty((len(chunk),) + images.shape[1:], dtype=np.uint8)
+        batch[order] = images[chunk[order]]
+        yield torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
                    dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512,
@@ -118,10 +131,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean,
     model.eval()
     out = []
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    for start in range(0, len(rows), batch_size):
-        chunk = np.sort(rows[start:start + batch_size])
-        order = np.argsort(np.argsort(rows[start:start + batch_size]))
-        batch = torch.from_numpy(np.ascontiguousarray(images[chunk][order])).permute(0, 3, 1, 2)
+    for batch in iter_batches(images, rows, batch_size):
         x = to_float(batch, mean, std, device, channels_last)
         if view is not None:
             x = view(x)
@@ -179,14 +189,14 @@ class FoldRun:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loader = make_train_loader(images, self.train_rows, self.labels[self.train_rows], cfg,
-                                        augment.build_policy(cfg.augment, self.size))
+                                        augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold))
         self.optimizer = build_optimizer(cfg.train, self.model)
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
         self.schedule = build_scheduler(cfg.train, self.optimizer, steps)
         loss_fn = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes)).to(device)
         self.step = TrainStep(self.model, self.optimizer, loss_fn, self.schedule, device, self.dtype, self.mean,
                               self.std, self.channels_last, cfg.train.accum_steps,
-                              augment.build_mixer(cfg.augment, len(self.classes)))
+                              augment.build_mixer(cfg.augment, len(self.classes), seed=cfg.seed + fold))
         self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))
         self.epoch, self.best, self.best_epoch, self.stale = 0, -math.inf, -1, 0
 

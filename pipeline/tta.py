@@ -6,8 +6,10 @@ padding; ``scale_up`` zooms in by 1/8 and ``scale_down`` out by 1/8, keeping the
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,15 +63,26 @@ def get_view(name: str) -> View:
     return parts[0] if len(parts) == 1 else composed
 
 
-def predict_tta(model, images, rows, names: list[str], **kwargs) -> torch.Tensor:
-    """Mean softmax over the TTA views ``names`` (see :func:`pipeline.train.predict_logits` for kwargs)."""
-    from .train import predict_logits
+@torch.no_grad()
+def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.device, dtype=None,
+                channels_last: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """Mean softmax over the TTA views ``names`` for ``rows`` of a uint8 N×H×W×3 cache (float32, CPU).
+
+    Each batch is read and normalised once and then goes through every view, so extra views cost only
+    their forward passes.
+    """
+    from .data.dataset import to_float
+    from .train import iter_batches
 
     if not names:
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")
     views = [get_view(n) for n in names]
-    total = None
-    for view in views:
-        probs = predict_logits(model, images, rows, view=view, **kwargs).softmax(1)
-        total = probs if total is None else total + probs
-    return total / len(views)
+    model.eval()
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    out = []
+    for batch in iter_batches(images, np.asarray(rows), batch_size):
+        x = to_float(batch, mean, std, device, channels_last)
+        with ctx:
+            probs = sum(model(view(x)).float().softmax(1) for view in views) / len(views)
+        out.append(probs.cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)

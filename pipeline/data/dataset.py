@@ -33,13 +33,12 @@ class ImageDataset(Dataset):
         order = np.argsort(rows)
         batch = np.empty((len(rows),) + self.images.shape[1:], dtype=np.uint8)
         batch[order] = self.images[rows[order]]
-        out = []
-        for k, image in enumerate(batch):
-            if self.transform is not None:
-                image = self.transform(image)
-            label = -1 if self.labels is None else int(self.labels[items[k]])
-            out.append((torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), label))
-        return out
+        if self.transform is not None:
+            batch_fn = getattr(self.transform, "batch", None)  # augment.Policy.batch: whole-batch policies
+            batch = batch_fn(batch) if batch_fn is not None else np.stack([self.transform(im) for im in batch])
+        tensors = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+        labels = [-1] * len(items) if self.labels is None else self.labels[np.asarray(items)].tolist()
+        return list(zip(tensors, labels))
 
 
 def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device,
