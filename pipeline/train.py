@@ -57,18 +57,45 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+class ChunkedLoader:
+    """Batches of ``batch_size`` cut from a loader that reads and augments ``chunk`` batches at a time.
+
+    The loader's sampler is a uniform random permutation, so consecutive slices of a big shuffled batch are
+    ordinary shuffled batches; augmenting 4× more images per call divides the per-call overhead of the
+    augmentation library (which dominates on small images, see ``python -m pipeline.bench``) by 4.
+    """
+
+    def __init__(self, loader: DataLoader, batch_size: int, drop_last: bool) -> None:
+        self.loader, self.batch_size, self.drop_last = loader, batch_size, drop_last
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        n = len(self.loader.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            for start in range(0, len(targets), self.batch_size):
+                if self.drop_last and start + self.batch_size > len(targets):
+                    break  # the tail of the epoch, as drop_last would drop it
+                yield images[start:start + self.batch_size], targets[start:start + self.batch_size]
+
+
 def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, cfg: Config,
-                      transform: Optional[Callable] = None, drop_last: bool = True):
-    """Shuffled uint8 batches of ``rows``, augmented a batch at a time (in workers if configured).
+                      transform: Optional[Callable] = None, drop_last: bool = True, chunk: int = 4):
+    """Shuffled uint8 batches of ``rows``, read and augmented ``chunk`` batches at a time (in workers if
+    configured).
 
     On 2 cores ``num_workers: 0`` measured fastest: a worker process, or a prefetch thread, competes with
     torch's own threads for the cores (see ``python -m pipeline.bench``)."""
     dataset = ImageDataset(images, rows, labels, transform)
-    workers = cfg.data.num_workers
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=drop_last and
-                      len(rows) > cfg.train.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(cfg.seed))
+    workers, batch_size = cfg.data.num_workers, cfg.train.batch_size
+    drop_last = drop_last and len(rows) > batch_size
+    loader = DataLoader(dataset, batch_size=batch_size * chunk, shuffle=True, drop_last=False,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return ChunkedLoader(loader, batch_size, drop_last)
 
 
 class TrainStep:
