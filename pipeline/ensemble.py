@@ -21,7 +21,7 @@ from .config import Config
 from .data.cache import load_manifest
 from .metrics import score
 from .registry import Registry
-from .utils import read_json, write_csv, write_json
+from .utils import write_csv, write_json
 
 log = logging.getLogger(__name__)
 

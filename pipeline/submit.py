@@ -19,7 +19,6 @@ import pandas as pd
 from .cli import stage_main
 from .config import Config
 from .data.cache import load_manifest
-from .metrics import score
 
 log = logging.getLogger(__name__)
 
