@@ -43,6 +43,9 @@ class DataConfig:
 class FoldsConfig:
     n_splits: int = 5
     seed: int = 42
+    # keep the EDA's exact/near-duplicate groups (reports/<experiment>/eda/duplicate_groups.csv) inside one
+    # fold, so copies of an image never score each other; merged with data.group_col groups when both are set
+    group_duplicates: bool = False
 
 
 @dataclass(frozen=True)

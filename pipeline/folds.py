@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy.sparse import bmat, coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .cli import stage_main
@@ -33,27 +37,61 @@ def assign_folds(index: pd.DataFrame, n_splits: int, seed: int, group_col: str |
     return folds
 
 
-def _fingerprint(index: pd.DataFrame, cfg: Config, group_col: str | None) -> str:
-    cols = ["id", "label"] + ([group_col] if group_col else [])
-    text = index[cols].to_csv(index=False) + f"{cfg.folds.n_splits}/{cfg.folds.seed}"
+def duplicate_groups(cfg: Config, ids: pd.Series) -> pd.Series:
+    """Each train id's EDA duplicate group (``dup:<n>``), or its own group (``id:<id>``) when it has none."""
+    path = Path(cfg.eda.out_dir) / cfg.experiment / "eda" / "duplicate_groups.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"folds.group_duplicates needs {path}: run the eda stage first")
+    dups = pd.read_csv(path, dtype={"id": str, "split": str})
+    dups = dups[dups["split"] == "train"].set_index("id")["dup_group"]
+    mapped = ids.map(dups)
+    return ("dup:" + mapped.astype("Int64").astype(str)).where(mapped.notna(), "id:" + ids)
+
+
+def merge_groups(*columns: pd.Series) -> pd.Series:
+    """One group per connected component: rows sharing a label in any column end up in the same group."""
+    labels = pd.concat([c.astype(str).radd(f"{k}:") for k, c in enumerate(columns)], ignore_index=True)
+    codes, uniques = pd.factorize(labels)
+    rows = np.tile(np.arange(len(columns[0])), len(columns))
+    graph = coo_matrix((np.ones(len(codes)), (rows, codes)), shape=(len(columns[0]), len(uniques)))
+    adjacency = bmat([[None, graph], [graph.T, None]])
+    _, component = connected_components(adjacency, directed=False)
+    return pd.Series(component[:len(columns[0])], index=columns[0].index, name="cv_group")
+
+
+def cv_groups(cfg: Config, index: pd.DataFrame) -> pd.Series | None:
+    """The groups folds must respect: data.group_col, EDA duplicates, both merged, or None."""
+    columns = [index["group"]] if "group" in index.columns else []
+    if cfg.folds.group_duplicates:
+        columns.append(duplicate_groups(cfg, index["id"]))
+    return merge_groups(*columns) if columns else None
+
+
+def _fingerprint(index: pd.DataFrame, cfg: Config, groups: pd.Series | None) -> str:
+    text = index[["id", "label"]].to_csv(index=False) + f"{cfg.folds.n_splits}/{cfg.folds.seed}"
+    if groups is not None:
+        text += groups.to_csv(index=False)
     return hashlib.sha1(text.encode()).hexdigest()
 
 
 def run(cfg: Config) -> pd.DataFrame:
     """Write (or reuse) ``folds.csv`` and return it."""
     _, index = load_split(cfg.run_dir, "train")
-    group_col = "group" if "group" in index.columns else None
+    groups = cv_groups(cfg, index)
     path, meta = cfg.run_dir / "folds.csv", cfg.run_dir / "folds.json"
-    fingerprint = _fingerprint(index, cfg, group_col)
+    fingerprint = _fingerprint(index, cfg, groups)
     if path.is_file() and meta.is_file() and read_json(meta).get("fingerprint") == fingerprint:
         log.info("folds up to date: %s", path)
         return pd.read_csv(path, dtype={"id": str, "label": str})
-    frame = index[["id", "label"] + ([group_col] if group_col else [])].copy()
-    frame["fold"] = assign_folds(index, cfg.folds.n_splits, cfg.folds.seed, group_col).to_numpy()
+    frame = index[["id", "label"] + (["group"] if "group" in index.columns else [])].copy()
+    group_col = "group" if "group" in frame.columns else None
+    if cfg.folds.group_duplicates:  # the merged groups are what the split respected: keep them visible
+        frame["cv_group"], group_col = groups.to_numpy(), "cv_group"
+    frame["fold"] = assign_folds(frame, cfg.folds.n_splits, cfg.folds.seed, group_col).to_numpy()
     write_csv(path, frame)
     write_json(meta, {"fingerprint": fingerprint, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed})
     log.info("folds: %d rows in %d %s folds -> %s", len(frame), cfg.folds.n_splits,
-             "grouped stratified" if group_col else "stratified", path)
+             "grouped stratified" if groups is not None else "stratified", path)
     return frame
 
 

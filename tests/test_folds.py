@@ -90,3 +90,43 @@ def test_folds_csv_is_reused_when_unchanged_and_rebuilt_when_n_splits_changes(tm
 def test_folds_need_preprocess_first(tmp_path, competition):
     with pytest.raises(FileNotFoundError, match="preprocess"):
         folds.run(make_cfg(tmp_path, competition))
+
+
+def test_merge_groups_joins_groups_linked_by_a_shared_member():
+    patient = pd.Series(["p1", "p1", "p2", "p3", "p4"])
+    duplicate = pd.Series(["id:a", "id:b", "dup:7", "dup:7", "id:e"])  # rows 2 and 3 are copies
+    merged = folds.merge_groups(patient, duplicate)
+    assert merged[0] == merged[1]  # same patient
+    assert merged[2] == merged[3]  # duplicates across two patients: one group
+    assert len({merged[0], merged[2], merged[4]}) == 3
+
+
+def test_folds_keep_eda_duplicates_together(tmp_path):
+    """A planted copy of a train image lands in the same fold as its original once EDA has found it."""
+    import shutil
+
+    from pipeline import eda
+
+    root = make_competition(tmp_path / "comp", n_per_class=12)
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    copies = train.groupby("label").head(1)  # one copy per class, same label, new ids
+    for k, (image_id, label) in enumerate(zip(copies["id"], copies["label"])):
+        shutil.copy(root / "train" / f"{image_id}.png", root / "train" / f"copy{k}.png")
+        train.loc[len(train)] = {"id": f"copy{k}", "label": label}
+    train.to_csv(root / "train.csv", index=False)
+    overrides = ("folds.n_splits=4", "folds.group_duplicates=true")
+    assert eda.main(stage_argv(tmp_path, root, *overrides)) == 0
+    assert preprocess.main(stage_argv(tmp_path, root, *overrides)) == 0
+    frame = folds.run(make_cfg(tmp_path, root, *overrides))
+    fold = frame.set_index("id")["fold"]
+    for k, image_id in enumerate(copies["id"]):
+        assert fold[f"copy{k}"] == fold[image_id]
+    assert frame["cv_group"].nunique() <= len(frame) - len(copies)  # at least the planted copies merged
+
+
+def test_group_duplicates_without_eda_says_what_to_run(tmp_path):
+    root = make_competition(tmp_path / "comp", n_per_class=6)
+    cfg = make_cfg(tmp_path, root, "folds.group_duplicates=true")
+    preprocess.run(cfg)
+    with pytest.raises(FileNotFoundError, match="run the eda stage first"):
+        folds.run(cfg)

@@ -66,8 +66,9 @@ def duplicates(dups: dict, has_group: bool) -> list[dict]:
         extra = " combined with your group column" if has_group else ""
         out.append(_item("cross-validation", f"{any_['within_train']['groups']} groups of (near-)duplicate train "
                          f"images ({any_['within_train']['images']} images) would land in different folds and "
-                         f"inflate CV: use StratifiedGroupKFold with groups = dup_group from duplicate_groups.csv"
-                         f"{extra}, or drop the redundant copies."))
+                         f"inflate CV: keep them in one fold with --set folds.group_duplicates=true "
+                         f"(StratifiedGroupKFold on dup_group from duplicate_groups.csv{extra}), or drop the "
+                         f"redundant copies."))
     if any_["train_test"]["groups"]:
         out.append(_item("leakage", f"{any_['train_test']['test_images']} test image(s) have a (near-)duplicate in "
                          "train: the leaderboard rewards memorising them, CV does not measure it. Check the "
