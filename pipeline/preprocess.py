@@ -34,8 +34,10 @@ def _decode_one(job: tuple[int, str, int]) -> tuple[int, Optional[np.ndarray], O
         return i, None, f"{type(err).__name__}: {err}"
 
 
-def decode_all(paths: list[str], size: int, out: Path, desc: str, workers: int = 0) -> list[str]:
-    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); return the failures."""
+def decode_all(paths: list[str], size: int, out: Path, desc: str, workers: int = 0) -> None:
+    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically).
+
+    Raises :class:`DataError` listing every unreadable file; ``out`` is then left as it was."""
     workers = workers or min(os.cpu_count() or 1, 8)
     failures: list[str] = []
     jobs = [(i, p, size) for i, p in enumerate(paths)]
@@ -52,7 +54,6 @@ def decode_all(paths: list[str], size: int, out: Path, desc: str, workers: int =
         del array
         if failures:
             raise DataError(failures)
-    return failures
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
