@@ -15,11 +15,10 @@
 * ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does.
 
 Training and inference call the train stage's building blocks (loader, :class:`~pipeline.train.TrainStep`,
-``predict_logits``) rather than copies of them, so the figures are those of a real run.
+``predict_tta``) rather than copies of them, so the figures are those of a real run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ import torch
 from . import augment
 from .config import Config
 from .data.cache import load_manifest, load_split
-from .utils import resolve_device, resolve_precision, seed_everything, write_json
+from .utils import autocast, resolve_device, resolve_precision, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +147,10 @@ def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[tor
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     x, _ = memory_batches(data["test"], np.zeros(len(data["test"]), dtype=np.int64), cfg.infer.batch_size, 1)[0]
     x = to_float(x, data["manifest"]["mean"], data["manifest"]["std"], device, channels_last)
-    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
     @torch.no_grad()
     def one() -> int:
-        with ctx():
+        with autocast(device, dtype):
             model(x)
         return len(x)
 

@@ -13,7 +13,6 @@ then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and o
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,13 +32,13 @@ from . import augment
 from .cli import stage_main
 from .config import Config, TrainConfig, to_dict, to_yaml
 from .data.cache import load_manifest, load_split
-from .data.dataset import ImageDataset, to_float
+from .data.dataset import ImageDataset, gather, to_float
 from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
-from .utils import atomic_path, read_json, resolve_device, resolve_precision, seed_everything, write_csv, \
-    write_json, write_text
+from .utils import (atomic_path, autocast, read_json, resolve_device, resolve_precision, seed_everything,
+                    write_csv, write_json, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +114,6 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.calls = 0
 
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, size: Optional[int] = None) -> float:
         x = to_float(images, self.mean, self.std, self.device, self.channels_last)
         if size is not None and size != x.shape[-1]:
@@ -127,7 +121,7 @@ class TrainStep:
         y = targets.to(self.device, non_blocking=True)
         if self.mixer is not None:
             x, y = self.mixer(x, y)
-        with self.autocast():
+        with autocast(self.device, self.dtype):
             loss = self.loss_fn(self.model(x), y)
         self.scaler.scale(loss / self.accum_steps).backward()
         self.calls += 1
@@ -143,26 +137,18 @@ class TrainStep:
 def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
     """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read."""
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        order = np.argsort(chunk)
-        batch = np.empty((len(chunk),) + images.shape[1:], dtype=np.uint8)
-        batch[order] = images[chunk[order]]
-        yield torch.from_numpy(batch).permute(0, 3, 1, 2)
+        yield torch.from_numpy(gather(images, rows[start:start + batch_size])).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
-                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512,
-                   view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """Logits (float32, CPU) for ``rows`` of the cache, optionally through one TTA ``view``."""
+                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """Logits (float32, CPU) for ``rows`` of the cache (TTA views: :func:`pipeline.tta.predict_tta`)."""
     model.eval()
     out = []
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     for batch in iter_batches(images, rows, batch_size):
         x = to_float(batch, mean, std, device, channels_last)
-        if view is not None:
-            x = view(x)
-        with ctx:
+        with autocast(device, dtype):
             out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -242,9 +228,10 @@ class FoldRun:
         logits = predict_logits(self.model, self.images, self.valid_rows, self.mean, self.std, self.device,
                                 self.dtype, self.channels_last, self.cfg.infer.batch_size)
         y = torch.from_numpy(self.labels[self.valid_rows])
-        metrics = score(self.labels[self.valid_rows], logits.softmax(1).numpy())
+        probs = logits.softmax(1).numpy()
+        metrics = score(self.labels[self.valid_rows], probs)
         metrics["loss"] = float(self.eval_loss(logits, y))
-        return logits.softmax(1).numpy(), metrics
+        return probs, metrics
 
     def monitor_value(self, metrics: dict) -> float:
         """Higher is better; with ``monitor: last`` every epoch improves on the one before."""

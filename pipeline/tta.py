@@ -6,7 +6,6 @@ padding; ``scale_up`` zooms in by 1/8 and ``scale_down`` out by 1/8, keeping the
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry
+from .utils import autocast
 
 View = Callable[[torch.Tensor], torch.Tensor]
 VIEWS: Registry[View] = Registry("TTA view")
@@ -78,11 +78,10 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")
     views = [get_view(n) for n in names]
     model.eval()
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     out = []
     for batch in iter_batches(images, np.asarray(rows), batch_size):
         x = to_float(batch, mean, std, device, channels_last)
-        with ctx:
+        with autocast(device, dtype):
             probs = sum(model(view(x)).float().softmax(1) for view in views) / len(views)
         out.append(probs.cpu())
     return torch.cat(out) if out else torch.empty(0, 0)

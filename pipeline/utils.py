@@ -115,3 +115,10 @@ def resolve_precision(precision: str, device: "torch.device") -> "torch.dtype | 
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+def autocast(device: "torch.device", dtype: "torch.dtype | None"):  # noqa: F821
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for plain fp32 (``dtype`` None)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -8,6 +8,15 @@ import torch
 from torch.utils.data import Dataset
 
 
+def gather(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``images[rows]`` as an in-memory uint8 array, read from the memory map in sorted row order."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows)
+    batch = np.empty((len(rows),) + images.shape[1:], dtype=np.uint8)
+    batch[order] = images[rows[order]]
+    return batch
+
+
 class ImageDataset(Dataset):
     """Rows ``indices`` of a cached N×H×W×3 uint8 array, optionally augmented per image.
 
@@ -29,10 +38,7 @@ class ImageDataset(Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, items: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        rows = self.indices[np.asarray(items)]
-        order = np.argsort(rows)
-        batch = np.empty((len(rows),) + self.images.shape[1:], dtype=np.uint8)
-        batch[order] = self.images[rows[order]]
+        batch = gather(self.images, self.indices[np.asarray(items)])
         if self.transform is not None:
             batch_fn = getattr(self.transform, "batch", None)  # augment.Policy.batch: whole-batch policies
             batch = batch_fn(batch) if batch_fn is not None else np.stack([self.transform(im) for im in batch])
