@@ -14,7 +14,7 @@
   the number of views (``tta_test_img_s`` is test images/s); ``tta_ratio`` = tta / floor;
 * ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does.
 
-Training and inference call the train stage's building blocks (loader, :class:`~pipeline.train.TrainStep`,
+Training and inference call the train stage's building blocks (loader, :class:`~pipeline.engine.TrainStep`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_step(cfg: Config, num_classes: int, labels: np.ndarray, manifest: dict
     """A fresh model wrapped in the train stage's :class:`TrainStep` (no LR schedule: throughput only)."""
     from .losses import build_loss
     from .models import create_model
-    from .train import TrainStep, build_optimizer
+    from .engine import TrainStep, build_optimizer
 
     model = create_model(cfg.model, num_classes).to(device)
     if channels_last:
@@ -101,7 +101,7 @@ def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[t
 def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                    channels_last: bool, batches: int) -> float:
     """Training images/s fed by the train stage's loader, policy and mixer."""
-    from .train import make_train_loader
+    from .engine import make_train_loader
 
     n_classes, labels = data["num_classes"], data["labels"]
     mixer = augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed)

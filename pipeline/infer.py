@@ -18,7 +18,7 @@ from .cli import stage_main
 from .config import Config
 from .data.cache import load_manifest, load_split
 from .models import create_model
-from .train import collect_oof, cv_report, load_weights
+from .engine import collect_oof, cv_report, load_weights
 from .tta import predict_tta
 from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
 

@@ -72,7 +72,7 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
     their forward passes.
     """
     from .data.dataset import to_float
-    from .train import iter_batches
+    from .engine import iter_batches
 
     if not names:
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import ensemble, folds, infer, preprocess, submit, train
+from pipeline import engine, ensemble, folds, infer, preprocess, submit, train
 from pipeline.config import load_config
 from pipeline.utils import read_json
 
@@ -145,10 +145,10 @@ def test_train_rerun_skips_finished_folds(chain, caplog):
 def test_changing_only_inference_settings_does_not_retrain(chain):
     cfg = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES,
                                                        "infer.tta=[identity, hflip]", "submit.format=probs"))
-    assert train.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
-    assert train.fold_done(cfg, 1) is not None
+    assert engine.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
+    assert engine.fold_done(cfg, 1) is not None
     retrain = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES, "train.lr=0.02"))
-    assert train.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
+    assert engine.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
 
 
 @pytest.mark.slow
@@ -242,7 +242,7 @@ def test_torch_load_is_only_called_with_weights_only_true():
         # no aliasing around the check (from torch import load / torch.load passed around)
         text = path.read_text()
         assert "from torch import load" not in text and "= torch.load\n" not in text, path
-    assert found >= 1  # train.load_state uses it
+    assert found >= 1  # engine.load_state uses it
 
 
 def test_yaml_is_only_loaded_safely():

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import augment
 from pipeline.config import from_dict
-from pipeline.train import make_train_loader
+from pipeline.engine import make_train_loader
 
 
 def _setup(n: int, batch_size: int, policy: str = "none"):

@@ -1,0 +1,364 @@
+"""The training engine shared by the train, search, infer and bench stages (a stage never imports another).
+
+Building blocks: the optimizer, the chunked shuffled loader, :class:`TrainStep` (one optimisation step under
+autocast), prediction over the uint8 cache, checkpoints (safetensors + JSON, atomic), :class:`FoldRun`
+(one fold: train, evaluate, checkpoint, resume), the training fingerprint that decides when a fold is up to
+date, and the out-of-fold table and CV report.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import augment
+from .config import Config, TrainConfig, to_dict
+from .data.dataset import ImageDataset, gather, to_float
+from .losses import build_loss
+from .metrics import score
+from .models import count_parameters, create_model
+from .schedulers import Schedule, build_scheduler
+from .utils import atomic_path, autocast, read_json, resolve_precision, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on norm layers and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class ChunkedLoader:
+    """Batches of ``batch_size`` cut from a loader that reads and augments ``chunk`` batches at a time.
+
+    The loader's sampler is a uniform random permutation, so consecutive slices of a big shuffled batch are
+    ordinary shuffled batches; augmenting 4× more images per call divides the per-call overhead of the
+    augmentation library (which dominates on small images, see ``python -m pipeline.bench``) by 4.
+    """
+
+    def __init__(self, loader: DataLoader, batch_size: int, drop_last: bool) -> None:
+        self.loader, self.batch_size, self.drop_last = loader, batch_size, drop_last
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        n = len(self.loader.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            for start in range(0, len(targets), self.batch_size):
+                if self.drop_last and start + self.batch_size > len(targets):
+                    break  # the tail of the epoch, as drop_last would drop it
+                yield images[start:start + self.batch_size], targets[start:start + self.batch_size]
+
+
+def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, cfg: Config,
+                      transform: Optional[Callable] = None, drop_last: bool = True, chunk: int = 4):
+    """Shuffled uint8 batches of ``rows``, read and augmented ``chunk`` batches at a time (in workers if
+    configured).
+
+    On 2 cores ``num_workers: 0`` measured fastest: a worker process, or a prefetch thread, competes with
+    torch's own threads for the cores (see ``python -m pipeline.bench``)."""
+    dataset = ImageDataset(images, rows, labels, transform)
+    workers, batch_size = cfg.data.num_workers, cfg.train.batch_size
+    drop_last = drop_last and len(rows) > batch_size
+    loader = DataLoader(dataset, batch_size=batch_size * chunk, shuffle=True, drop_last=False,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return ChunkedLoader(loader, batch_size, drop_last)
+
+
+class TrainStep:
+    """One optimisation step on a uint8 batch: normalise, (mix), forward/backward under autocast, step.
+
+    Gradient accumulation: the optimizer steps every ``accum_steps`` calls; the returned loss is the
+    unscaled batch loss.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                 schedule: Optional[Schedule], device: torch.device, dtype: Optional[torch.dtype],
+                 mean, std, channels_last: bool = True, accum_steps: int = 1,
+                 mixer: Optional[Callable] = None) -> None:
+        self.model, self.optimizer, self.loss_fn, self.schedule = model, optimizer, loss_fn, schedule
+        self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
+        self.channels_last, self.accum_steps, self.mixer = channels_last, max(1, accum_steps), mixer
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, size: Optional[int] = None) -> float:
+        x = to_float(images, self.mean, self.std, self.device, self.channels_last)
+        if size is not None and size != x.shape[-1]:
+            x = augment.resize_batch(x, size)
+        y = targets.to(self.device, non_blocking=True)
+        if self.mixer is not None:
+            x, y = self.mixer(x, y)
+        with autocast(self.device, self.dtype):
+            loss = self.loss_fn(self.model(x), y)
+        self.scaler.scale(loss / self.accum_steps).backward()
+        self.calls += 1
+        if self.calls % self.accum_steps == 0:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.schedule is not None:
+                self.schedule.step_batch()
+        return float(loss.detach())
+
+
+def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
+    """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read."""
+    for start in range(0, len(rows), batch_size):
+        yield torch.from_numpy(gather(images, rows[start:start + batch_size])).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
+                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """Logits (float32, CPU) for ``rows`` of the cache (TTA views: :func:`pipeline.tta.predict_tta`)."""
+    model.eval()
+    out = []
+    for batch in iter_batches(images, rows, batch_size):
+        x = to_float(batch, mean, std, device, channels_last)
+        with autocast(device, dtype):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(fold_dir: Path, name: str, model: nn.Module, meta: dict) -> None:
+    """Weights as safetensors plus a JSON sidecar; both written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(fold_dir / f"{name}.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(fold_dir / f"{name}.json", meta)
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+def save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+class FoldRun:
+    """Everything one fold needs; :meth:`fit` trains it (resuming if a last checkpoint exists)."""
+
+    def __init__(self, cfg: Config, fold: int, images: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
+                 manifest: dict, device: torch.device) -> None:
+        self.cfg, self.fold, self.images, self.device = cfg, fold, images, device
+        self.classes = manifest["classes"]
+        self.mean, self.std = manifest["mean"], manifest["std"]
+        self.labels = index["label_idx"].to_numpy()
+        self.train_rows = np.flatnonzero(folds["fold"].to_numpy() != fold)
+        self.valid_rows = np.flatnonzero(folds["fold"].to_numpy() == fold)
+        self.dir = cfg.run_dir / f"fold{fold}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = resolve_precision(cfg.train.precision, device)
+        self.channels_last = cfg.train.channels_last and device.type != "mps"
+        self.size = cfg.data.image_size
+        seed_everything(cfg.seed + fold)
+        self.model = create_model(cfg.model, len(self.classes)).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loader = make_train_loader(images, self.train_rows, self.labels[self.train_rows], cfg,
+                                        augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold))
+        self.optimizer = build_optimizer(cfg.train, self.model)
+        steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
+        self.schedule = build_scheduler(cfg.train, self.optimizer, steps)
+        loss_fn = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes)).to(device)
+        self.step = TrainStep(self.model, self.optimizer, loss_fn, self.schedule, device, self.dtype, self.mean,
+                              self.std, self.channels_last, cfg.train.accum_steps,
+                              augment.build_mixer(cfg.augment, len(self.classes), seed=cfg.seed + fold))
+        self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))
+        self.epoch, self.best, self.best_epoch, self.stale = 0, -math.inf, -1, 0
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
+        total, n = 0.0, 0
+        bar = tqdm(self.loader, desc=f"fold {self.fold} epoch {epoch + 1}/{self.cfg.train.epochs}",
+                   unit="batch", leave=False, mininterval=1.0)
+        for images, targets in bar:
+            total += self.step(images, targets, size) * len(targets)
+            n += len(targets)
+        return total / max(n, 1)
+
+    def evaluate(self) -> tuple[np.ndarray, dict]:
+        logits = predict_logits(self.model, self.images, self.valid_rows, self.mean, self.std, self.device,
+                                self.dtype, self.channels_last, self.cfg.infer.batch_size)
+        y = torch.from_numpy(self.labels[self.valid_rows])
+        probs = logits.softmax(1).numpy()
+        metrics = score(self.labels[self.valid_rows], probs)
+        metrics["loss"] = float(self.eval_loss(logits, y))
+        return probs, metrics
+
+    def monitor_value(self, metrics: dict) -> float:
+        """Higher is better; with ``monitor: last`` every epoch improves on the one before."""
+        monitor = self.cfg.train.monitor
+        return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[monitor]
+
+    def resume(self) -> None:
+        """Continue from ``last`` when it exists and was made with the same config."""
+        state_path = self.dir / "last_state.pt"
+        if not (self.cfg.train.resume and state_path.is_file() and (self.dir / "last.safetensors").is_file()):
+            return
+        state = load_state(state_path)
+        if state.get("fingerprint") != training_fingerprint(self.cfg):
+            log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
+            return
+        load_weights(self.model, self.dir / "last.safetensors")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
+                                                              state["stale"])
+        log.info("fold %d: resuming after epoch %d (best %.4f at epoch %d)", self.fold, self.epoch, self.best,
+                 self.best_epoch + 1)
+
+    def checkpoint(self, probs: np.ndarray, metrics: dict, improved: bool) -> None:
+        meta = {"fold": self.fold, "epoch": self.epoch, "classes": self.classes, "metrics": metrics,
+                "model": self.cfg.model.name, "image_size": self.size, "mean": self.mean, "std": self.std,
+                "config": to_dict(self.cfg)}
+        if improved:
+            save_checkpoint(self.dir, "best", self.model, meta)
+            with atomic_path(self.dir / "oof.npy") as tmp:
+                np.save(tmp, probs.astype(np.float32))
+        save_checkpoint(self.dir, "last", self.model, meta)
+        save_state(self.dir / "last_state.pt", {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+            "fingerprint": training_fingerprint(self.cfg)})
+
+    def fit(self) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.resume()
+        writer = SummaryWriter(str(self.cfg.run_dir / "tb" / f"fold{self.fold}"))
+        log_preview(writer, self.images, self.train_rows, self.cfg, self.size)
+        start = time.perf_counter()
+        while self.epoch < self.cfg.train.epochs:
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(self.epoch)
+            probs, metrics = self.evaluate()
+            self.schedule.step_epoch(metrics["loss"])
+            value = self.monitor_value(metrics)
+            improved = value > self.best
+            if improved:
+                self.best, self.best_epoch, self.stale = value, self.epoch, 0
+            else:
+                self.stale += 1
+            self.epoch += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            log.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f lr %.3g %.1fs%s",
+                     self.fold, self.epoch, self.cfg.train.epochs, train_loss, metrics["loss"],
+                     metrics["accuracy"], metrics["macro_f1"], lr, time.perf_counter() - t0,
+                     " *" if improved else "")
+            for key, val in {"loss/train": train_loss, "loss/valid": metrics["loss"], "lr": lr,
+                             "valid/accuracy": metrics["accuracy"], "valid/macro_f1": metrics["macro_f1"],
+                             "valid/log_loss": metrics["log_loss"]}.items():
+                writer.add_scalar(key, val, self.epoch)
+            self.checkpoint(probs, metrics, improved)
+            if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:  # never with "last"
+                log.info("fold %d: early stop, no improvement for %d epochs", self.fold, self.stale)
+                break
+        writer.close()
+        best = read_json(self.dir / "best.json")
+        result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
+                  "seconds": round(time.perf_counter() - start, 1), "parameters": count_parameters(self.model),
+                  "fingerprint": training_fingerprint(self.cfg)}
+        write_json(self.dir / "result.json", result)
+        return result
+
+
+def log_preview(writer, images: np.ndarray, rows: np.ndarray, cfg: Config, size: int) -> None:
+    """Log one grid of augmented training samples per fold, when the policy module offers one."""
+    preview = getattr(augment, "preview_grid", None)
+    if preview is None or len(rows) == 0:
+        return
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=min(32, len(rows)), replace=False))
+    grid = preview(np.asarray(images[pick]), cfg.augment, size, n=len(pick), seed=cfg.seed)
+    writer.add_image("augmented_samples", grid, 0, dataformats="HWC")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+# settings that cannot change a fold's weights: changing them must not retrain anything
+_NOT_TRAINING = {"data": ("cache_dir", "num_workers"), "train": ("folds", "resume", "threads", "device")}
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """The config sections that shape the trained weights (not inference, ensembling or paths), as YAML."""
+    full = to_dict(cfg)
+    keep = {k: full[k] for k in ("seed", "data", "folds", "model", "augment", "train")}
+    for section, keys in _NOT_TRAINING.items():
+        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    return yaml.safe_dump(keep, sort_keys=True)
+
+
+def fold_done(cfg: Config, fold: int) -> Optional[dict]:
+    """The fold's result when it finished with the same training settings (then it is skipped)."""
+    path = cfg.run_dir / f"fold{fold}" / "result.json"
+    if path.is_file():
+        result = read_json(path)
+        if result.get("fingerprint") == training_fingerprint(cfg):
+            return result
+    return None
+
+
+def collect_oof(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
+                name: str = "oof.npy") -> tuple[pd.DataFrame, np.ndarray]:
+    """Stitch every fold's held-out probabilities into one table aligned with the train index."""
+    probs = np.full((len(index), len(classes)), np.nan, dtype=np.float32)
+    fold_of = folds["fold"].to_numpy()
+    for fold in sorted(set(fold_of)):
+        path = cfg.run_dir / f"fold{fold}" / name
+        if path.is_file():
+            probs[fold_of == fold] = np.load(path)
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "fold", fold_of)
+    frame.insert(0, "label", index["label"].to_numpy())
+    frame.insert(0, "id", index["id"].to_numpy())
+    return frame, probs
+
+
+def cv_report(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, probs: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and log loss per fold and over all scored rows."""
+    labels, fold_of = index["label_idx"].to_numpy(), folds["fold"].to_numpy()
+    done = ~np.isnan(probs).any(axis=1)
+    per_fold = {int(f): score(labels[(fold_of == f) & done], probs[(fold_of == f) & done])
+                for f in sorted(set(fold_of[done]))}
+    return {"experiment": cfg.experiment, "model": cfg.model.name, "folds": per_fold,
+            "oof": score(labels[done], probs[done]) if done.any() else {}, "scored_rows": int(done.sum()),
+            "total_rows": len(labels)}
