@@ -54,6 +54,12 @@ class ModelConfig:
     pretrained: bool = False
     drop_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+    # an architecture spec (pipeline/arch.py): a YAML path or the mapping inline; setting it sets name: spec
+    spec: Optional[Union[str, dict]] = None
+
+    def __post_init__(self) -> None:
+        if self.spec is not None and self.name != "spec":
+            object.__setattr__(self, "name", "spec")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Models by name: compact CNNs registered here, or any timm model.
 
 ``create_model(cfg.model, num_classes)`` looks the name up in :data:`MODELS` first (small nets built for
-low-resolution images such as CIFAR, and searched compact models) and otherwise asks ``timm.create_model``.
+low-resolution images such as CIFAR), builds ``model.spec`` (an architecture spec, :mod:`pipeline.arch`, as
+the search stage exports) when ``name`` is ``spec``, and otherwise asks ``timm.create_model``.
 Pretrained weights are only fetched when ``model.pretrained`` is true; offline, that fails with a message
 saying how to get them (``python -m pipeline.models --download NAME`` on a connected machine).
 """
@@ -16,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from .arch import SpecNet
 from .config import ModelConfig
 from .registry import Registry
 from .utils import setup_logging
@@ -98,6 +100,10 @@ def airnet_tiny(num_classes: int, **kwargs) -> nn.Module:
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm)."""
     kwargs = dict(cfg.kwargs)
+    if cfg.name == "spec":
+        if cfg.spec is None:
+            raise ValueError("model.name: 'spec' needs model.spec (a YAML path or the spec inline)")
+        return SpecNet(cfg.spec, num_classes, drop_rate=cfg.drop_rate, **kwargs)
     if cfg.name in MODELS:
         if cfg.pretrained:
             raise ValueError(f"model.pretrained: '{cfg.name}' is a compact model trained from scratch; "
