@@ -51,7 +51,10 @@ class FoldsConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet18"  # a registered compact model or any timm model name
+    # ImageNet weights: shipped with a pip package for efficientnet_lite0 / tf_efficientnet_lite0 (offline),
+    # else timm's download (Hugging Face cache)
     pretrained: bool = False
+    weights: Optional[str] = None  # a local .safetensors/.pth to start from (any timm model; keys mapped)
     drop_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
     # an architecture spec (pipeline/arch.py): a YAML path or the mapping inline; setting it sets name: spec

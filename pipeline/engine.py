@@ -29,6 +29,7 @@ from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
+from .weights import normalization
 from .utils import atomic_path, autocast, read_json, resolve_precision, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class FoldRun:
                  manifest: dict, device: torch.device) -> None:
         self.cfg, self.fold, self.images, self.device = cfg, fold, images, device
         self.classes = manifest["classes"]
-        self.mean, self.std = manifest["mean"], manifest["std"]
+        self.mean, self.std = normalization(cfg.model, manifest)
         self.labels = index["label_idx"].to_numpy()
         self.train_rows = np.flatnonzero(folds["fold"].to_numpy() != fold)
         self.valid_rows = np.flatnonzero(folds["fold"].to_numpy() == fold)

@@ -20,6 +20,7 @@ from .data.cache import load_manifest, load_split
 from .models import create_model
 from .engine import collect_oof, cv_report, load_weights
 from .tta import predict_tta
+from .weights import normalization
 from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device) -
         log.info("fold %d: predictions up to date", fold)
         return
     model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
-    kwargs = dict(mean=manifest["mean"], std=manifest["std"], device=device, channels_last=cfg.train.channels_last,
+    mean, std = normalization(cfg.model, manifest)
+    kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
                   dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size)
     for split, out in jobs:
         images, _ = load_split(cfg.run_dir, split, manifest)

@@ -3,8 +3,10 @@
 ``create_model(cfg.model, num_classes)`` looks the name up in :data:`MODELS` first (small nets built for
 low-resolution images such as CIFAR), builds ``model.spec`` (an architecture spec, :mod:`pipeline.arch`, as
 the search stage exports) when ``name`` is ``spec``, and otherwise asks ``timm.create_model``.
-Pretrained weights are only fetched when ``model.pretrained`` is true; offline, that fails with a message
-saying how to get them (``python -m pipeline.models --download NAME`` on a connected machine).
+Pretrained weights are only used when ``model.pretrained`` is true or ``model.weights`` names a file: shipped
+weights (``pipeline.weights.SHIPPED``, e.g. efficientnet_lite0) and local files load offline; other timm models
+are fetched, and offline that fails with a message saying how to get them (``python -m pipeline.models
+--download NAME`` on a connected machine).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .arch import SpecNet
 from .config import ModelConfig
 from .registry import Registry
 from .utils import setup_logging
+from .weights import load_pretrained, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +108,18 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             raise ValueError("model.name: 'spec' needs model.spec (a YAML path or the spec inline)")
         return SpecNet(cfg.spec, num_classes, drop_rate=cfg.drop_rate, **kwargs)
     if cfg.name in MODELS:
-        if cfg.pretrained:
-            raise ValueError(f"model.pretrained: '{cfg.name}' is a compact model trained from scratch; "
+        if cfg.pretrained or cfg.weights:
+            raise ValueError(f"model.pretrained/weights: '{cfg.name}' is a compact model trained from scratch; "
                              "it has no pretrained weights")
         return MODELS.build(cfg.name, num_classes, drop_rate=cfg.drop_rate, **kwargs)
     if not timm.is_model(cfg.name):
         raise KeyError(_unknown_model_message(cfg.name))
+    local = pretrained_source(cfg)  # shipped (offline) weights or model.weights
+    if local is not None:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate,
+                                  **kwargs)
+        load_pretrained(model, local)
+        return model
     try:
         return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
                                  drop_rate=cfg.drop_rate, **kwargs)

