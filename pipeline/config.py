@@ -151,7 +151,9 @@ class EnsembleConfig:
 @dataclass(frozen=True)
 class SubmitConfig:
     dir: str = "submissions"
-    format: Literal["labels", "probs"] = "labels"
+    # labels: the label column holds the predicted class; probs: one probability column per class. "auto"
+    # follows the sample submission: probs when its columns (after the id) are the classes, else labels
+    format: Literal["auto", "labels", "probs"] = "auto"
 
 
 @dataclass(frozen=True)

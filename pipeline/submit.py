@@ -1,9 +1,9 @@
 """Submit stage: the submission CSV, in the sample submission's id order and columns, checked first.
 
 ``python -m pipeline.submit --config CONFIG`` reads ``ensemble.csv`` (or ``test_probs.csv``) and writes
-``submissions/<experiment>-<timestamp>.csv``; an earlier submission is never overwritten. With
-``submit.format=labels`` the label column holds the predicted class; with ``probs`` the sample's class
-columns hold probabilities. When the competition folder has a ``solution.csv`` (the embedded demo does),
+``submissions/<experiment>-<timestamp>.csv``; an earlier submission is never overwritten. The format follows
+the sample submission (``submit.format=auto``): when its columns after the id are the classes, they hold
+probabilities (``probs``), else the label column holds the predicted class (``labels``). When the competition folder has a ``solution.csv`` (the embedded demo does),
 the test score is logged. The last line printed is ``submission: <path>``.
 """
 from __future__ import annotations
@@ -29,6 +29,19 @@ def predictions(cfg: Config) -> pd.DataFrame:
         if path.is_file():
             return pd.read_csv(path, dtype={"id": str})
     raise FileNotFoundError(f"no ensemble.csv or test_probs.csv in {cfg.run_dir}: run infer and ensemble first")
+
+
+def resolve_format(fmt: str, sample: pd.DataFrame, classes: list[str], id_col: str, label_col: str) -> str:
+    """``labels`` or ``probs``: ``fmt`` itself, or for ``auto`` what the sample submission's columns ask for."""
+    if fmt != "auto":
+        return fmt
+    columns = [c for c in sample.columns if c != id_col]
+    if columns and set(columns) <= set(classes) and columns != [label_col]:
+        return "probs"
+    if label_col in columns:
+        return "labels"
+    raise ValueError(f"cannot tell the submission format from the sample submission's columns {list(sample.columns)}:"
+                     f" neither a '{label_col}' column nor class columns {classes}; set submit.format")
 
 
 def build_submission(preds: pd.DataFrame, sample: pd.DataFrame, classes: list[str], id_col: str,
@@ -100,11 +113,12 @@ def run(cfg: Config) -> Path:
     else:  # ImageFolder layout: the submission format is id,label over the test folder
         ids = pd.read_csv(cfg.run_dir / manifest["test"]["index"], dtype={"id": str})["id"]
         sample = pd.DataFrame({id_col: ids, label_col: ""})
-    sub = build_submission(predictions(cfg), sample, classes, id_col, label_col, cfg.submit.format)
-    validate(sub, sample, classes, id_col, label_col, cfg.submit.format)
+    fmt = resolve_format(cfg.submit.format, sample, classes, id_col, label_col)
+    sub = build_submission(predictions(cfg), sample, classes, id_col, label_col, fmt)
+    validate(sub, sample, classes, id_col, label_col, fmt)
     path = write_new(sub, Path(cfg.submit.dir), f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
-    log.info("submission written: %s (%d rows)", path, len(sub))
-    _score_against_solution(root / "solution.csv", sub, classes, id_col, label_col, cfg.submit.format)
+    log.info("submission written: %s (%d rows, %s)", path, len(sub), fmt)
+    _score_against_solution(root / "solution.csv", sub, classes, id_col, label_col, fmt)
     return path
 
 

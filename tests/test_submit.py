@@ -174,3 +174,22 @@ def test_imagefolder_competition_submits_id_label_over_the_test_folder(tmp_path)
     assert list(sub.columns) == ["id", "label"]
     assert list(sub["id"]) == ["t0", "t1", "t2"]
     assert list(sub["label"]) == [manifest["classes"][i] for i in (2, 0, 1)]
+
+
+def test_format_follows_the_sample_submission_without_submit_format(tmp_path):
+    probs_sample = pd.DataFrame({"id": IDS, "2": 0.0, "10": 0.0, "7": 0.0})
+    root, probs = setup_run(tmp_path, probs_sample)
+    sub = pd.read_csv(submit.run(make_cfg(tmp_path, root)), dtype={"id": str})  # submit.format left at auto
+    assert list(sub.columns) == ["id", "2", "10", "7"]
+    np.testing.assert_allclose(sub[CLASSES].to_numpy(), probs, rtol=1e-6)
+    labels_sample = pd.DataFrame({"id": IDS, "label": "2"})
+    (tmp_path / "b").mkdir()
+    root, probs = setup_run(tmp_path / "b", labels_sample)
+    sub = read(submit.run(make_cfg(tmp_path / "b", root)))
+    assert list(sub.columns) == ["id", "label"] and list(sub["label"]) == list(np.asarray(CLASSES)[probs.argmax(1)])
+
+
+def test_a_sample_of_neither_format_is_refused_naming_its_columns(tmp_path):
+    root, _ = setup_run(tmp_path, pd.DataFrame({"id": IDS, "target": "2"}))
+    with pytest.raises(ValueError, match=r"'target'.*submit.format"):
+        submit.run(make_cfg(tmp_path, root))
