@@ -7,6 +7,7 @@ a no-op: the cache is keyed by a fingerprint of the source files.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from multiprocessing import get_context
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from .cli import stage_main
 from .config import Config, to_yaml
 from .data.cache import MANIFEST, cache_path, decode, signature
-from .data.contract import Competition, DataError, check, load_competition
+from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from .utils import atomic_path, read_json, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -34,26 +35,34 @@ def _decode_one(job: tuple[int, str, int]) -> tuple[int, Optional[np.ndarray], O
         return i, None, f"{type(err).__name__}: {err}"
 
 
-def decode_all(paths: list[str], size: int, out: Path, desc: str, workers: int = 0) -> None:
-    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically).
+def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, workers: int = 0,
+               sources: Optional[list[str]] = None) -> None:
+    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); ``out`` None only
+    checks that every file decodes.
 
-    Raises :class:`DataError` listing every unreadable file; ``out`` is then left as it was."""
+    Raises :class:`DataError` listing every unreadable file (prefixed by its ``sources`` entry, e.g. the CSV
+    row); ``out`` is then left as it was."""
     workers = workers or min(os.cpu_count() or 1, 8)
-    failures: list[str] = []
+    sources = sources or [""] * len(paths)
+    failures: list[tuple[int, str]] = []
     jobs = [(i, p, size) for i, p in enumerate(paths)]
-    with atomic_path(out) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    with contextlib.ExitStack() as stack:
+        array = None
+        if out is not None:
+            tmp = stack.enter_context(atomic_path(out))
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         with get_context("fork").Pool(workers) as pool:
             results = pool.imap_unordered(_decode_one, jobs, chunksize=256)
             for i, image, error in tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0):
                 if error:
-                    failures.append(f"{paths[i]}: unreadable image ({error})")
-                else:
+                    failures.append((i, f"{sources[i]}{paths[i]}: unreadable image ({error})"))
+                elif array is not None:
                     array[i] = image
-        array.flush()
-        del array
+        if array is not None:
+            array.flush()
+            del array
         if failures:
-            raise DataError(failures)
+            raise DataError([message for _, message in sorted(failures)])
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -71,7 +80,8 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def _cache_split(frame: pd.DataFrame, split: str, cfg: Config, previous: dict) -> tuple[dict, list[str]]:
+def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> tuple[dict, list[str]]:
+    frame = comp.train if split == "train" else comp.test
     paths = frame["path"].tolist()
     size = cfg.data.image_size
     sig = signature(paths, size)
@@ -81,16 +91,30 @@ def _cache_split(frame: pd.DataFrame, split: str, cfg: Config, previous: dict) -
         log.info("%s cache up to date: %s", split, out)
         return entry, []
     try:
-        decode_all(paths, size, out, f"decode {split}")
+        decode_all(paths, size, out, f"decode {split}", sources=image_sources(comp, split, cfg.data))
     except DataError as err:
         return entry, err.problems
     return entry, []
 
 
+def unreadable_images(comp: Competition, cfg: Config) -> list[str]:
+    """Every listed image that exists but does not decode (checked without writing a cache), naming its row."""
+    problems: list[str] = []
+    for split in ("train", "test"):
+        frame = comp.train if split == "train" else comp.test
+        keep = frame["path"].notna().to_numpy()
+        sources = [s for s, k in zip(image_sources(comp, split, cfg.data), keep) if k]
+        try:
+            decode_all(frame.loc[keep, "path"].tolist(), 8, None, f"check {split}", sources=sources)
+        except DataError as err:
+            problems += err.problems
+    return problems
+
+
 def _index_frame(comp: Competition, split: str) -> pd.DataFrame:
     if split == "test":
         return comp.test[["id"]]
-    frame = comp.train.drop(columns=["path"]).copy()
+    frame = comp.train.drop(columns=["path", "csv_row"], errors="ignore").copy()
     frame.insert(2, "label_idx", frame["label"].map({c: i for i, c in enumerate(comp.classes)}))
     return frame
 
@@ -98,7 +122,9 @@ def _index_frame(comp: Competition, split: str) -> pd.DataFrame:
 def run(cfg: Config) -> dict:
     """Validate and cache the competition; return the manifest (also written to the run folder)."""
     comp = load_competition(cfg.data)
-    check(comp, cfg.folds.n_splits)  # structural problems first: decoding cannot fix them
+    structural = structural_problems(comp, cfg.folds.n_splits)
+    if structural:  # no cache can be built; still decode every image so that one report lists everything
+        raise DataError(structural + unreadable_images(comp, cfg))
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
@@ -108,7 +134,7 @@ def run(cfg: Config) -> dict:
                 "id_col": comp.id_col, "label_col": comp.label_col, "group_col": comp.group_col}
     problems: list[str] = []
     for split, frame in (("train", comp.train), ("test", comp.test)):
-        manifest[split], failed = _cache_split(frame, split, cfg, previous)
+        manifest[split], failed = _cache_split(comp, split, cfg, previous)
         problems += failed
         write_csv(run_dir / manifest[split]["index"], _index_frame(comp, split))
     if problems:

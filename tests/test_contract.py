@@ -249,3 +249,54 @@ def test_ids_written_with_their_extension(tmp_path, competition):
     # a test image missing from the sample is still reported
     (competition / "test" / "9999.png").write_bytes((competition / "test" / "0036.png").read_bytes())
     assert any("9999.png" in p and "absent" in p for p in load_competition(cfg.data).problems)
+
+
+def plant_image_and_csv_faults(root: Path) -> None:
+    """A truncated JPEG, random bytes, an empty file (train) and a truncated PNG (test), plus CSV problems."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(root / "train" / "0000.png").convert("RGB").save(buf, format="JPEG")
+    (root / "train" / "0000.png").unlink()
+    (root / "train" / "0000.jpg").write_bytes(buf.getvalue()[:200])  # truncated JPEG
+    (root / "train" / "0001.png").write_bytes(np.random.default_rng(0).bytes(500))  # random bytes
+    (root / "train" / "0002.png").write_bytes(b"")  # empty file
+    (root / "test" / "0036.png").write_bytes((root / "test" / "0036.png").read_bytes()[:60])
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    extra = pd.DataFrame([{"id": "7777", "label": "blob"}, {"id": "0003", "label": "blob"},
+                          {"id": "0004", "label": np.nan}])
+    pd.concat([train, extra], ignore_index=True).to_csv(root / "train.csv", index=False)
+
+
+def test_csv_and_image_problems_in_one_report_with_file_and_row(tmp_path, competition):
+    plant_image_and_csv_faults(competition)
+    cfg = make_cfg(tmp_path, competition)
+    with pytest.raises(DataError) as err:
+        preprocess.run(cfg)
+    problems = err.value.problems
+    train = pd.read_csv(competition / "train.csv", dtype=str)
+    row = {i: f"train.csv row {r + 2}: id '{i}'" for r, i in zip(train.index[::-1], train["id"][::-1])}  # first
+    n = len(train)
+    expected = [f"train.csv row {n - 1}: id '7777' has no image", f"train.csv row {n}: duplicate id '0003'",
+                f"train.csv row {n + 1}: empty or NaN label", f"train.csv row {n + 1}: duplicate id '0004'",
+                f"{row['0000']}: {competition / 'train' / '0000.jpg'}: unreadable image",
+                f"{row['0001']}: {competition / 'train' / '0001.png'}: unreadable image",
+                f"{row['0002']}: {competition / 'train' / '0002.png'}: unreadable image",
+                f"sample_submission.csv row 2: id '0036': {competition / 'test' / '0036.png'}: unreadable image"]
+    for text in expected:
+        assert any(text in p for p in problems), f"{text!r} not in:\n" + "\n".join(problems)
+    assert len(problems) == len(expected)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_image_problems_alone_name_their_rows_too(tmp_path, competition):
+    (competition / "train" / "0002.png").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        preprocess.run(make_cfg(tmp_path, competition))
+    train = pd.read_csv(competition / "train.csv", dtype=str)
+    line = int(train.index[train["id"] == "0002"][0]) + 2
+    assert err.value.problems == [f"{competition / 'train.csv'} row {line}: id '0002': "
+                                  f"{competition / 'train' / '0002.png'}: unreadable image "
+                                  + err.value.problems[0].split("unreadable image ")[1]]

@@ -223,3 +223,38 @@ def test_thumbnail_correlation_confirms_near_pairs():
                        bytes(256), bytes([3] * 256), bytes([200] * 256)], dtype=object)
     corr = thumb_correlation(thumbs, np.array([[0, 1], [0, 2], [3, 4], [3, 5], [0, 3]]))
     assert corr == pytest.approx([1.0, -1.0, 1.0, 0.0, 0.0], abs=1e-3)
+
+
+def test_every_count_names_its_files_in_json_html_csv_and_log(tmp_path, caplog):
+    img = {i: smooth_image(300 + i) for i in range(12)}
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    train = {f"ok{i}": ("cat" if i % 2 else "dog", img[i], "png") for i in range(6)}
+    train.update({"gray": ("cat", img[6].convert("L"), "png"), "rgba": ("dog", img[7].convert("RGBA"), "png"),
+                  "cmyk": ("cat", encoded(img[8].convert("CMYK"), "JPEG"), "jpg"),
+                  "deep": ("dog", Image.fromarray(np.asarray(img[9].convert("L"), np.uint16) * 257), "png"),
+                  "rot": ("cat", encoded(img[10], "JPEG", exif=exif), "jpg"),
+                  "fake": ("dog", encoded(img[11], "PNG"), "jpg"),  # a PNG named .jpg
+                  "trunc": ("cat", encoded(img[0], "JPEG")[:200], "jpg"),
+                  "noise": ("dog", np.random.default_rng(1).bytes(300), "png"), "empty": ("cat", b"", "png")})
+    root = write_competition(tmp_path / "comp", train, {"t0": (img[0], "png")})
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = eda.run(config(root, tmp_path / "out"))
+    report = json.loads(result.json.read_text())
+    props = report["images"]["train"]
+    path = lambda name, ext: str(root / "train" / f"{name}.{ext}")  # noqa: E731
+    assert props["mode_files"] == {"CMYK": [path("cmyk", "jpg")], "I;16": [path("deep", "png")],
+                                   "L": [path("gray", "png")], "RGBA": [path("rgba", "png")]}
+    assert props["high_depth_files"] == [path("deep", "png")]
+    assert props["exif_rotated"]["files"] == [path("rot", "jpg")]
+    assert props["extension_mismatch_files"] == [path("fake", "jpg")] and props["extension_mismatch"] == 1
+    bad = {f["path"] for f in report["unreadable"]["files"]}
+    assert bad == {path("trunc", "jpg"), path("noise", "png"), path("empty", "png")}
+    html = result.html.read_text()
+    for name, ext in (("cmyk", "jpg"), ("deep", "png"), ("gray", "png"), ("rgba", "png"), ("rot", "jpg"),
+                      ("fake", "jpg"), ("trunc", "jpg"), ("noise", "png"), ("empty", "png")):
+        assert path(name, ext) in html, name
+        assert path(name, ext) in caplog.text, name
+    flags = pd.read_csv(result.json.parent / "image_flags.csv")
+    assert set(flags.loc[flags["flag"] == "unreadable", "path"]) == bad
+    assert set(flags["flag"]) == {"unreadable", "mode", "high_depth", "exif_rotated", "extension_mismatch"}

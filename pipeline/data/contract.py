@@ -117,6 +117,7 @@ def _load_csv_layout(root: Path, cfg: DataConfig) -> Competition:
     if cfg.group_col:
         train = train.rename(columns={cfg.group_col: "group"})
     problems += _check_rows(train, csv_path, cfg)
+    train["csv_row"] = train.index + 2  # the row in train.csv (header is row 1), for problems found later
     train["path"] = _attach_paths(train["id"], ImageIndex(root / cfg.train_dir), csv_path, problems)
     test, columns = _load_test(root, cfg, problems)
     classes = sort_classes(train["label"].dropna().unique())
@@ -164,7 +165,7 @@ def _load_test(root: Path, cfg: DataConfig, problems: list[str]) -> tuple[pd.Dat
     sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False, na_values=[""])
     if cfg.id_col not in sample.columns:
         raise DataError([f"{sample_path}: column '{cfg.id_col}' not found (columns: {', '.join(sample.columns)})"])
-    test = pd.DataFrame({"id": sample[cfg.id_col]})
+    test = pd.DataFrame({"id": sample[cfg.id_col], "csv_row": sample.index + 2})
     for i in test.index[test["id"].duplicated()]:
         problems.append(f"{sample_path} row {i + 2}: duplicate id {test.at[i, 'id']!r}")
     test["path"] = _attach_paths(test["id"], index, sample_path, problems)
@@ -216,6 +217,13 @@ def stratified_subset(train: pd.DataFrame, size: int, seed: int) -> pd.DataFrame
 
 def check(comp: Competition, n_splits: int) -> None:
     """Raise :class:`DataError` listing every problem (structural ones plus too-small classes)."""
+    problems = structural_problems(comp, n_splits)
+    if problems:
+        raise DataError(problems)
+
+
+def structural_problems(comp: Competition, n_splits: int) -> list[str]:
+    """Every problem found without decoding an image: the loader's plus too-small classes."""
     problems = list(comp.problems)
     counts = comp.train["label"].value_counts()
     for label, count in counts.items():
@@ -223,5 +231,13 @@ def check(comp: Competition, n_splits: int) -> None:
             problems.append(f"class {label!r} has {count} image(s), fewer than folds.n_splits={n_splits}")
     if len(counts) < 2:
         problems.append(f"train has {len(counts)} class(es); classification needs at least 2")
-    if problems:
-        raise DataError(problems)
+    return problems
+
+
+def image_sources(comp: Competition, split: str, cfg: DataConfig) -> list[str]:
+    """Where each image of ``split`` is listed, for messages: ``train.csv row 7: id '0005'`` (CSV layout)."""
+    frame = comp.train if split == "train" else comp.test
+    if "csv_row" not in frame.columns:  # ImageFolder: the path says it all
+        return ["" for _ in range(len(frame))]
+    source = comp.root / (cfg.train_csv if split == "train" else cfg.sample_submission)
+    return [f"{source} row {r}: id {i!r}: " for r, i in zip(frame["csv_row"], frame["id"])]

@@ -3,7 +3,9 @@
 ``python -m pipeline.eda --config CONFIG [--set …] [--force]`` writes into
 ``<eda.out_dir>/<experiment>/eda/``: ``index.html`` (opens from disk; plots are embedded PNGs),
 ``eda.json`` (every number in the page, the suggestions, and ``normalization`` for the train stage) and
-``duplicate_groups.csv`` (each image in an exact/near duplicate group; ``dup_group`` is a CV group id).
+``duplicate_groups.csv`` (each image in an exact/near duplicate group; ``dup_group`` is a CV group id) and
+``image_flags.csv`` (every file behind a count: unreadable, not plain RGB, 16/32-bit, EXIF-rotated, extension
+≠ format; the log names them too).
 The data folder is only read. A rerun with the same files (names, sizes, mtimes) and settings is skipped.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .scan import default_workers, scan_paths
 
 log = logging.getLogger(__name__)
 
-EDA_VERSION = 1  # bump when the report changes, so that up-to-date checks rerun
+EDA_VERSION = 2  # bump when the report changes, so that up-to-date checks rerun
 MAX_LISTED = 200  # duplicate groups listed per kind in eda.json (counts are always exact)
 
 
@@ -104,7 +106,7 @@ def build_report(cfg: Config, comp: Competition, frame: pd.DataFrame) -> tuple[d
         "counts": {"train": len(comp.train), "test": len(comp.test), "classes": len(comp.classes)},
         "problems": list(comp.problems),
         "classes": stats.class_counts(comp.train, comp.classes), "groups": stats.group_counts(comp.train),
-        "images": {"train": stats.split_properties(train), "test": stats.split_properties(test)},
+        "images": {"train": stats.split_properties(train, MAX_LISTED), "test": stats.split_properties(test, MAX_LISTED)},
         "histograms": {c: stats.histogram(train.loc[train.readable, c].to_numpy(float),
                                           test.loc[test.readable, c].to_numpy(float)) for c in stats.NUMERIC},
         "channels": channels,
@@ -160,6 +162,18 @@ def summarize(report: dict) -> dict:
             "normalization": report["normalization"]}
 
 
+def log_flagged(problems: list[str], flags: pd.DataFrame, csv_path: Path, shown: int = 20) -> None:
+    """Name in the log the files behind the report's warnings (all of them are in ``csv_path``)."""
+    if problems:
+        log.warning("EDA: %d data-contract problem(s):\n  %s", len(problems), "\n  ".join(problems[:shown]))
+    for flag, rows in flags.groupby("flag", sort=False):
+        lines = [f"{r.path} ({r.detail})" for r in rows.head(shown).itertuples()]
+        more = f"\n  … and {len(rows) - shown} more" if len(rows) > shown else ""
+        (log.warning if flag == "unreadable" else log.info)(
+            "EDA: %d %s file(s) (all in %s):\n  %s%s", len(rows), flag.replace("_", " "), csv_path,
+            "\n  ".join(lines), more)
+
+
 def _up_to_date(json_path: Path, html_path: Path, sig: str) -> Optional[dict]:
     """The previous report when it was made from the same inputs and settings, else None."""
     if not (json_path.is_file() and html_path.is_file()):
@@ -194,6 +208,9 @@ def run(cfg: Config, force: bool = False) -> EdaResult:
     subtitle = (f"{comp.root} · {report['counts']['train']:,} train / {report['counts']['test']:,} test images · "
                 f"generated {report['created']} in {report['elapsed_s']:.1f} s")
     write_csv(out / "duplicate_groups.csv", groups)
+    flags = stats.flagged(frame)
+    write_csv(out / "image_flags.csv", flags)
+    log_flagged(report["problems"], flags, out / "image_flags.csv")
     write_json(json_path, report)
     write_text(html_path, page(f"EDA — {cfg.experiment}", subtitle, sections.build(report, figs)))
     summary = summarize(report)

@@ -65,13 +65,26 @@ def images(report: dict, figs: dict) -> str:
     keys = ["p0", "p5", "p50", "p95", "p100", "mean"]
     stats = [[feature, split, *(report["images"][split]["summary"][feature].get(k) for k in keys)]
              for feature in ("width", "height", "aspect", "file_bytes") for split in SPLITS]
-    rotated = [[s, ", ".join(report["images"][s]["exif_rotated"]["examples"])] for s in SPLITS
-               if report["images"][s]["exif_rotated"]["count"]]
     body = (table(["property", "train", "test"], rows) + figure(figs.get("geometry"), "image geometry")
             + table(["feature", "split", "min", "p5", "median", "p95", "max", "mean"], stats))
-    if rotated:
-        body += "<h3>EXIF-rotated images (first 20)</h3>" + table(["split", "ids"], rotated)
+    named = _files_behind_counts(report)
+    if named:
+        body += ("<h3>Files behind these counts</h3><p class=\"muted\">All of them are in image_flags.csv "
+                 "(and eda.json).</p>" + table(["count", "split", "files"], named, HTML_ROWS))
     return section("images", "Image properties", body)
+
+
+def _files_behind_counts(report: dict) -> list[list]:
+    """(count, split, file list) rows for every non-zero count of the image-properties table."""
+    rows = []
+    for s in SPLITS:
+        p = report["images"][s]
+        lists = [*((f"mode {m}", files) for m, files in p.get("mode_files", {}).items()),
+                 ("16/32-bit", p.get("high_depth_files", [])), ("EXIF-rotated", p["exif_rotated"].get("files", [])),
+                 ("extension ≠ format", p.get("extension_mismatch_files", []))]
+        rows += [[name, s, ", ".join(files[:HTML_ROWS]) + (" …" if len(files) > HTML_ROWS else "")]
+                 for name, files in lists if files]
+    return rows
 
 
 def colour(report: dict, figs: dict) -> str:
@@ -98,9 +111,9 @@ def files(report: dict) -> str:
     bad = report["unreadable"]["files"]
     if not bad:
         return section("files", "Unreadable files", '<p class="ok">Every image decodes.</p>')
-    rows = [[b["split"], b["id"], b["kind"], b["bytes"], b["error"]] for b in bad]
+    rows = [[b["split"], b["id"], b["path"], b["kind"], b["bytes"], b["error"]] for b in bad]
     return section("files", "Unreadable files", f'<p class="warn">{len(bad)} file(s) cannot be decoded.</p>'
-                   + table(["split", "id", "kind", "bytes", "error"], rows, HTML_ROWS))
+                   + table(["split", "id", "path", "kind", "bytes", "error"], rows, HTML_ROWS))
 
 
 def duplicates(report: dict, figs: dict) -> str:

@@ -69,18 +69,38 @@ def categorical(frame: pd.DataFrame, column: str) -> dict:
     return {str(k): int(v) for k, v in frame[column].value_counts(dropna=False).items()}
 
 
-def split_properties(frame: pd.DataFrame) -> dict:
-    """Per split: modes, formats, EXIF rotations, extension mismatches and numeric summaries."""
+def flagged(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row (split, id, path, flag, detail) per file behind a count of the report: unreadable, not plain
+    RGB (grayscale, RGBA, CMYK, palette, …), 16/32-bit, EXIF-rotated, extension ≠ actual format."""
     ok = frame[frame["readable"]]
     ext = ok["path"].str.rsplit(".", n=1).str[-1].str.lower().replace({"jpg": "jpeg", "tif": "tiff"})
+    parts = [(frame[~frame["readable"]], "unreadable", frame.loc[~frame["readable"], "error"]),
+             (ok[ok["mode"] != "RGB"], "mode", ok.loc[ok["mode"] != "RGB", "mode"]),
+             (ok[ok["mode"].str.startswith(HIGH_DEPTH)], "high_depth", ok["mode"]),
+             (ok[ok["orientation"] != 1], "exif_rotated", "orientation " + ok["orientation"].astype(str)),
+             (ok[ext != ok["format"].str.lower()], "extension_mismatch", "." + ext + " holds " + ok["format"])]
+    rows = [rows[["split", "id", "path"]].assign(flag=flag, detail=detail.reindex(rows.index).astype(str))
+            for rows, flag, detail in parts]
+    return pd.concat(rows, ignore_index=True)
+
+
+def split_properties(frame: pd.DataFrame, listed: int = 200) -> dict:
+    """Per split: modes, formats, EXIF rotations, extension mismatches and numeric summaries, each count with
+    the paths of (up to ``listed`` of) the files behind it."""
+    ok = frame[frame["readable"]]
+    flags = flagged(frame)
+    paths = lambda flag: flags.loc[flags["flag"] == flag, "path"].head(listed).tolist()  # noqa: E731
+    odd = flags[flags["flag"] == "mode"]
     rotated = ok[ok["orientation"] != 1]
     return {
         "images": int(len(frame)), "readable": int(len(ok)),
         "modes": categorical(ok, "mode"), "formats": categorical(ok, "format"),
-        "high_depth": int(ok["mode"].str.startswith(HIGH_DEPTH).sum()),
+        "mode_files": {m: g["path"].head(listed).tolist() for m, g in odd.groupby("detail")},
+        "high_depth": int(ok["mode"].str.startswith(HIGH_DEPTH).sum()), "high_depth_files": paths("high_depth"),
         "exif_rotated": {"count": int(len(rotated)), "orientations": categorical(rotated, "orientation"),
-                         "examples": rotated["id"].head(20).tolist()},
-        "extension_mismatch": int((ext != ok["format"].str.lower()).sum()),
+                         "examples": rotated["id"].head(20).tolist(), "files": paths("exif_rotated")},
+        "extension_mismatch": int((flags["flag"] == "extension_mismatch").sum()),
+        "extension_mismatch_files": paths("extension_mismatch"),
         "summary": {col: describe(ok[col].to_numpy()) for col in NUMERIC},
     }
 
