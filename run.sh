@@ -3,6 +3,7 @@
 #   ./run.sh full [CONFIG] [--set section.key=value ...]   every stage, ends with "submission: <path>"
 #   ./run.sh test [pytest args]                             the test suite
 #   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble submit
+#   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
 #   ./run.sh help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +13,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 
@@ -51,6 +52,11 @@ case "$cmd" in
       echo "== $stage" >&2
       "$PY" -m "pipeline.$stage" "${ARGS[@]}" || { echo "stage '$stage' failed" >&2; exit 1; }
     done ;;
+  search)
+    setup
+    stage_args "$@"
+    "$PY" -m pipeline.preprocess "${ARGS[@]}"
+    exec "$PY" -m pipeline.search "${ARGS[@]}" ;;
   eda|preprocess|folds|train|infer|ensemble|submit|bench|augment)
     setup
     stage_args "$@"

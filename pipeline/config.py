@@ -165,6 +165,67 @@ class EdaConfig:
     max_classes_in_grid: int = 20
 
 
+def _slot_channels() -> list[list[int]]:
+    return [[8, 16, 24, 32], [16, 24, 32, 48], [16, 24, 32, 48, 64], [24, 32, 48, 64, 96],
+            [32, 48, 64, 96, 128], [48, 64, 96, 128, 160], [64, 96, 128, 160, 256]]
+
+
+@dataclass(frozen=True)
+class ArchSpaceConfig:
+    """The architecture space of the search (seed notes: 7 block slots and a fixed head; pipeline/arch.py)."""
+    enabled: bool = True  # false: keep model.* as configured (plain hyperparameter search)
+    types: list[str] = field(default_factory=lambda: ["Conv", "DWConv", "InvertedResidualv2",
+                                                       "InvertedResidualv3", "Pass"])  # Pass never in slot 1
+    channels: list[list[int]] = field(default_factory=_slot_channels)  # output channel choices, one list a slot
+    repeats: list[int] = field(default_factory=lambda: [1, 3])  # [low, high]
+    kernels: list[int] = field(default_factory=lambda: [3, 5])
+    expansions: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0])
+    width_multipliers: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    depth_multipliers: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    max_downsample: Optional[int] = None  # cap on the product of strides; None: image side // 4
+
+    def __post_init__(self) -> None:
+        if not self.channels or len(self.repeats) != 2 or not set(self.types) - {"Pass"}:
+            raise ConfigError("search.arch: needs channel lists (one per slot), repeats [low, high] and a "
+                              "type other than Pass")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The search stage (pipeline/search.py): an Optuna study over architectures and any config key."""
+    n_trials: Optional[int] = 40  # finished trials the study stops at (all workers together); None: no cap
+    timeout: Optional[float] = None  # seconds this worker searches (the study time limit)
+    trial_timeout: Optional[float] = None  # seconds a trial trains; then it stops and is scored as it is
+    sampler: str = "nsga2"  # see pipeline.search.SAMPLERS: nsga2, motpe, random, tpe, cmaes
+    pruner: str = "median"  # single objective: none, median, hyperband (per-epoch validation scores)
+    seed: int = 0
+    worker: int = 0  # this worker's index: its sampler is seeded with seed + worker (workers sharing a study)
+    # maximize accuracy or macro_f1; minimize params, macs, latency_ms (1-thread CPU, batch 1)
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "params"])
+    constraints: dict = field(default_factory=dict)  # hard upper bounds checked before training: {params: 1e5}
+    hv_reference: dict = field(default_factory=dict)  # hypervolume reference per objective (defaults: 0 / bound)
+    space: dict = field(default_factory=dict)  # dotted key -> {uniform|log_uniform|int|choice: [...]}
+    arch: ArchSpaceConfig = field(default_factory=ArchSpaceConfig)
+    subsample: Optional[int] = 5000  # stratified images the trials use (held in memory); None: all
+    holdout: float = 0.2  # share of the subsample held out for scoring
+    epochs: int = 3
+    prune_dominated: int = 3  # multi-objective: stop a trial once this many smaller trials beat it at an epoch
+    population_size: int = 16  # nsga2
+    startup_trials: int = 8  # tpe/motpe random start
+    storage: Optional[str] = None  # Optuna storage URL or a journal file (*.log); default SQLite in search/
+    study_name: Optional[str] = None  # default: the experiment name
+    heartbeat: int = 30  # seconds; RDB storages mark a silent trial failed after 2 beats and retry it once
+    warm_start: Optional[str] = None  # another search folder: its pareto.csv is enqueued first
+    references: list[str] = field(default_factory=list)  # models scored with the same protocol (pareto.png)
+    best_within: float = 0.01  # rule smallest_within: accuracy within this of the most accurate
+    best_floor: float = 0.5  # rule smallest_above_floor
+    record_latency: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1 or self.epochs < 1:
+            raise ConfigError("search.holdout must be in (0, 1) and search.epochs >= 1")
+
+
 @dataclass(frozen=True)
 class Config:
     experiment: str = "demo"
@@ -179,6 +240,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     eda: EdaConfig = field(default_factory=EdaConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -285,6 +347,14 @@ def from_dict(values: dict, overrides: list[str] = ()) -> Config:
     tree = _deep_copy(values or {})
     for text in overrides:
         _set_path(tree, *parse_override(text))
+    return _build(Config, tree)
+
+
+def with_values(cfg: Config, values: dict) -> Config:
+    """``cfg`` with dotted keys set (``{"train.lr": 0.1}``), type-checked like ``--set`` overrides."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _set_path(tree, key, value)
     return _build(Config, tree)
 
 

@@ -1,0 +1,358 @@
+"""Search stage: an Optuna study over compact architectures and any config key (multi- or single-objective).
+
+``python -m pipeline.search --config CONFIG`` (``./run.sh search CONFIG``) reads the ``search:`` section and
+the preprocess cache. Each trial samples a spec (:mod:`pipeline.search_space`) and config values, measures
+parameters, MACs and 1-thread CPU latency, refuses models over the hard constraints before training, and
+trains the rest with the train stage's building blocks on a stratified subsample held in memory (one holdout,
+``search.epochs`` epochs, ``search.trial_timeout``). Single-objective studies prune with Optuna's pruners on
+per-epoch scores; multi-objective studies stop a trial once ``search.prune_dominated`` finished trials with
+no more parameters beat it at the same epoch.
+
+The study lives in Optuna storage (SQLite in ``runs/<experiment>/search/`` by default, or ``search.storage``:
+a journal file, any SQLAlchemy URL): the same command resumes it, several workers share it, and a trial
+whose worker died is failed by the heartbeat and retried once (RDB storages). Outputs: see
+:mod:`pipeline.search_report`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from . import augment
+from .arch import count_macs, cpu_latency_ms
+from .cli import stage_main
+from .config import Config, to_yaml, with_values
+from .data.cache import load_manifest, load_split
+from .engine import TrainStep, build_optimizer, make_train_loader, predict_logits
+from .losses import build_loss
+from .metrics import score
+from .models import count_parameters, create_model
+from .registry import Registry
+from .schedulers import build_scheduler
+from .search_report import write_outputs, trial_line
+from .search_space import OBJECTIVES, check_search, suggest, trial_config
+from .weights import normalization
+from .utils import read_json, resolve_device, resolve_precision, seed_everything, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+SAMPLERS: Registry = Registry("sampler")
+PRUNERS: Registry = Registry("pruner")
+
+
+@SAMPLERS.register("nsga2")
+def _nsga2(search):
+    return optuna.samplers.NSGAIISampler(population_size=search.population_size, seed=search.seed + search.worker)
+
+
+@SAMPLERS.register("motpe")
+@SAMPLERS.register("tpe")
+def _tpe(search):
+    return optuna.samplers.TPESampler(n_startup_trials=search.startup_trials, seed=search.seed + search.worker,
+                                      multivariate=True)
+
+
+@SAMPLERS.register("random")
+def _random(search):
+    return optuna.samplers.RandomSampler(seed=search.seed + search.worker)
+
+
+@SAMPLERS.register("cmaes")
+def _cmaes(search):
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("search.sampler: cmaes needs the 'cmaes' package (pip install cmaes)") from None
+    return optuna.samplers.CmaEsSampler(seed=search.seed + search.worker, n_startup_trials=search.startup_trials)
+
+
+@PRUNERS.register("none")
+def _no_pruner(search):
+    return optuna.pruners.NopPruner()
+
+
+@PRUNERS.register("median")
+def _median(search):
+    return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=0)
+
+
+@PRUNERS.register("hyperband")
+def _hyperband(search):
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.epochs)
+
+
+# --------------------------------------------------------------------------- data and one trial
+
+
+@dataclass
+class TrialData:
+    """The stratified subsample, in memory, split into train and holdout rows."""
+    images: np.ndarray
+    labels: np.ndarray
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    classes: list
+    manifest: dict  # the preprocess manifest (dataset mean/std; pretrained models use their own)
+
+
+def load_trial_data(cfg: Config) -> TrialData:
+    """Read ``search.subsample`` stratified images from the preprocess cache into memory; split a holdout."""
+    manifest = load_manifest(cfg.run_dir)
+    images, index = load_split(cfg.run_dir, "train", manifest)
+    labels = index["label_idx"].to_numpy()
+    rows = np.arange(len(labels))
+    search = cfg.search
+    if search.subsample and search.subsample < len(rows):
+        rows, _ = train_test_split(rows, train_size=search.subsample, stratify=labels, random_state=search.seed)
+    rows = np.sort(rows)
+    train_rows, valid_rows = train_test_split(np.arange(len(rows)), test_size=search.holdout,
+                                              stratify=labels[rows], random_state=search.seed)
+    return TrialData(np.ascontiguousarray(images[rows]), labels[rows], np.sort(train_rows), np.sort(valid_rows),
+                     manifest["classes"], manifest)
+
+
+def model_costs(model: nn.Module, size: int, latency: bool = True) -> dict:
+    """Parameters, MACs per image and (optionally) 1-thread CPU latency at the input size."""
+    costs = {"params": count_parameters(model), "macs": count_macs(model, size)}
+    if latency:
+        costs["latency_ms"] = round(cpu_latency_ms(model, size), 4)
+    return costs
+
+
+def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
+        on_epoch: Callable[[int, dict], None], deadline: Optional[float] = None) -> dict:
+    """Train ``model`` on the trial data for ``cfg.train.epochs`` (or until ``deadline``), scoring each epoch."""
+    dtype = resolve_precision(cfg.train.precision, device)
+    channels_last = cfg.train.channels_last and device.type != "mps"
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_classes, y_train = len(data.classes), data.labels[data.train_rows]
+    mean, std = normalization(cfg.model, data.manifest)
+    loader = make_train_loader(data.images, data.train_rows, y_train, cfg,
+                               augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed))
+    optimizer = build_optimizer(cfg.train, model)
+    schedule = build_scheduler(cfg.train, optimizer, max(1, len(loader) // max(1, cfg.train.accum_steps)))
+    step = TrainStep(model, optimizer, build_loss(cfg.train, y_train, n_classes).to(device), schedule, device,
+                     dtype, mean, std, channels_last, cfg.train.accum_steps,
+                     augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed))
+    metrics: dict = {}
+    for epoch in range(cfg.train.epochs):
+        model.train()
+        late = False
+        for images, targets in loader:
+            step(images, targets)
+            late = deadline is not None and time.monotonic() > deadline
+            if late:
+                break
+        logits = predict_logits(model, data.images, data.valid_rows, mean, std, device, dtype,
+                                channels_last, cfg.infer.batch_size)
+        metrics = score(data.labels[data.valid_rows], logits.softmax(1).numpy())
+        schedule.step_epoch(metrics["log_loss"])
+        on_epoch(epoch, metrics)
+        if late:
+            metrics["timed_out"] = True
+            break
+    return metrics
+
+
+def primary_metric(cfg: Config) -> str:
+    """The score curves and plots use: the first maximized objective (accuracy when there is none)."""
+    return next((o for o in cfg.search.objectives if OBJECTIVES[o] == "maximize"), "accuracy")
+
+
+class Objective:
+    """One trial: sample, build, measure, check the constraints, train, return the objective values."""
+
+    def __init__(self, cfg: Config, data: TrialData, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        self.metric = primary_metric(cfg)
+        self.multi = len(cfg.search.objectives) > 1
+
+    def __call__(self, trial: optuna.Trial) -> tuple | float:
+        search = self.cfg.search
+        cfg_t = trial_config(self.cfg, suggest(trial, search), epochs=search.epochs)
+        seed_everything(cfg_t.seed)
+        model = create_model(cfg_t.model, len(self.data.classes))
+        costs = model_costs(model, cfg_t.data.image_size, search.record_latency)
+        violations = {k: float(costs[k]) - float(bound) for k, bound in search.constraints.items()}
+        for key, value in violations.items():
+            trial.set_constraint(key, value)  # the samplers and best_trials rank infeasible trials last
+        feasible = all(v <= 0 for v in violations.values())
+        for key, value in {**costs, "feasible": feasible}.items():
+            trial.set_user_attr(key, value)
+        if not feasible:  # never trained: the constraint, not these placeholder scores, rules it out
+            return self.values({"accuracy": 0.0, "macro_f1": 0.0, **costs})
+        deadline = time.monotonic() + search.trial_timeout if search.trial_timeout else None
+        metrics = fit(model, cfg_t, self.data, self.device, partial(self.on_epoch, trial, costs["params"]),
+                      deadline)
+        trial.set_user_attr("timed_out", bool(metrics.get("timed_out")))
+        return self.values({**metrics, **costs})
+
+    def values(self, measured: dict) -> tuple | float:
+        out = tuple(float(measured[o]) for o in self.cfg.search.objectives)
+        return out if self.multi else out[0]
+
+    def on_epoch(self, trial: optuna.Trial, params: int, epoch: int, metrics: dict) -> None:
+        value = metrics[self.metric]
+        trial.set_user_attr("curve", list(trial.user_attrs.get("curve", [])) + [round(value, 5)])
+        last = epoch + 1 >= self.cfg.search.epochs
+        if not self.multi:
+            trial.report(value, epoch)
+            if not last and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+        elif not last and self.cfg.search.prune_dominated and losing(trial.study, params, epoch, value,
+                                                                     self.cfg.search.prune_dominated):
+            raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+
+
+def losing(study: optuna.Study, params: int, epoch: int, value: float, k: int) -> bool:
+    """True when ``k`` finished trials with no more parameters scored higher at the same epoch."""
+    beaten = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        curve = t.user_attrs.get("curve", [])
+        if t.user_attrs.get("feasible") and t.user_attrs["params"] <= params and len(curve) > epoch \
+                and curve[epoch] > value:
+            beaten += 1
+    return beaten >= k
+
+
+# --------------------------------------------------------------------------- storage and study
+
+
+def search_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "search"
+
+
+def build_storage(cfg: Config) -> optuna.storages.BaseStorage:
+    """SQLite in the search folder by default; a ``*.log``/``journal:`` path is a journal file (several
+    workers on one machine); anything else is an SQLAlchemy URL (PostgreSQL for workers on many machines).
+    RDB storages get a heartbeat: a trial whose worker died is failed and its parameters retried once."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    url = cfg.search.storage or f"sqlite:///{(search_dir(cfg) / 'study.db').resolve()}"
+    if url.startswith("journal:") or url.endswith(".log"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    beat = cfg.search.heartbeat
+    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+
+
+def open_study(cfg: Config) -> optuna.Study:
+    """Create the study or load it (resume, or join other workers); refuses changed objectives."""
+    search = cfg.search
+    multi = len(search.objectives) > 1
+    if not multi and search.sampler in ("nsga2", "motpe"):
+        log.warning("search.sampler %s is multi-objective; one objective is configured", search.sampler)
+    study = optuna.create_study(
+        storage=build_storage(cfg), study_name=search.study_name or cfg.experiment, load_if_exists=True,
+        sampler=SAMPLERS.build(search.sampler, search),
+        pruner=PRUNERS.build(search.pruner if not multi else "none", search),
+        directions=[OBJECTIVES[o] for o in search.objectives])
+    recorded = study.user_attrs.get("objectives")
+    if recorded is not None and recorded != list(search.objectives):
+        raise ValueError(f"study '{study.study_name}' was made with objectives {recorded}, not "
+                         f"{list(search.objectives)}: set search.study_name or search.storage for a new study")
+    study.set_user_attr("objectives", list(search.objectives))
+    return study
+
+
+def warm_start(study: optuna.Study, cfg: Config) -> int:
+    """Enqueue the Pareto set of another search folder (once per study); returns how many."""
+    source = Path(cfg.search.warm_start)
+    if study.user_attrs.get("warm_started_from") == str(source):
+        return 0
+    path = source / "pareto.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"search.warm_start: {path} not found (run that search first)")
+    pareto = pd.read_csv(path)
+    columns = [c for c in pareto.columns if c.startswith("params_")]
+    for _, row in pareto.iterrows():
+        params = {c[len("params_"):]: (v.item() if hasattr(v, "item") else v) for c, v in row[columns].items()
+                  if not pd.isna(v)}
+        study.enqueue_trial(params, skip_if_exists=True)
+    study.set_user_attr("warm_started_from", str(source))
+    log.info("search: warm start with %d Pareto trials of %s", len(pareto), source)
+    return len(pareto)
+
+
+def score_references(cfg: Config, data: TrialData, device: torch.device) -> list[dict]:
+    """The ``search.references`` models trained with the trials' protocol (cached in references.json)."""
+    path = search_dir(cfg) / "references.json"
+    protocol = to_yaml(with_values(cfg, {"search.references": [], "search.n_trials": None,
+                                         "search.timeout": None}))
+    cached = read_json(path) if path.is_file() else {}
+    if cached.get("protocol") != protocol:
+        cached = {"protocol": protocol, "models": {}}
+    for name in cfg.search.references:
+        if name not in cached["models"]:
+            cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": cfg.search.epochs})
+            seed_everything(cfg_r.seed)
+            model = create_model(cfg_r.model, len(data.classes))
+            costs = model_costs(model, cfg_r.data.image_size, cfg.search.record_latency)
+            start = time.perf_counter()
+            metrics = fit(model, cfg_r, data, device, lambda e, m: None)
+            cached["models"][name] = {**costs, **metrics, "seconds": round(time.perf_counter() - start, 1)}
+            log.info("reference %s: params %d, accuracy %.4f", name, costs["params"], metrics["accuracy"])
+            write_json(path, cached)
+    return [{"name": n, **cached["models"][n]} for n in cfg.search.references]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume, or join) the study, then write the tables, figures and best configs."""
+    check_search(cfg.search)
+    out = search_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(cfg))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    device = resolve_device(cfg.train.device)
+    data = load_trial_data(cfg)
+    study = open_study(cfg)
+    if cfg.search.warm_start:
+        warm_start(study, cfg)
+    references = score_references(cfg, data, device)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    n_trials = cfg.search.n_trials
+    log.info("search: study '%s' (%s, %s), %d trials done, %d train / %d holdout images, %d epochs a trial",
+             study.study_name, cfg.search.sampler, "/".join(cfg.search.objectives), done, len(data.train_rows),
+             len(data.valid_rows), cfg.search.epochs)
+    callbacks = [lambda s, t: log.info(trial_line(s, t, cfg))]
+    if n_trials is not None:
+        callbacks.insert(0, optuna.study.MaxTrialsCallback(n_trials, states=finished))
+    remaining = None if n_trials is None else max(0, n_trials - done)
+    if remaining != 0:
+        study.optimize(Objective(cfg, data, device), n_trials=remaining, timeout=cfg.search.timeout,
+                       callbacks=callbacks, catch=(RuntimeError, ValueError),
+                       show_progress_bar=remaining is not None or cfg.search.timeout is not None)
+    return write_outputs(study, cfg, references)
+
+
+def main(argv=None) -> int:
+    return stage_main(run, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""What the search stage writes into ``runs/<experiment>/search/``, and the comparison of several studies.
+
+* ``trials.csv``: one row per trial (state, seconds, objectives, params/MACs/latency, curve, parameters),
+* ``pareto.csv``: the feasible non-dominated trials, ``pareto.png``: parameters vs the score coloured by
+  trial order with the front drawn and the ``search.references`` models marked, ``hypervolume.png``,
+* ``best/<rule>.yaml``: complete configs (``./run.sh full`` trains them as they are) for the rules
+  ``most_accurate``, ``smallest_within`` (``search.best_within`` of the best score) and
+  ``smallest_above_floor`` (score >= ``search.best_floor``), ``summary.json``,
+* TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
+
+``python -m pipeline.search_report --compare DIR... --out FIG`` draws the hypervolume of several studies
+(e.g. NSGA-II, MOTPE, random at the same budget) against the same reference point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from .config import Config, load_config, to_yaml, with_values
+from .search_space import OBJECTIVES, trial_config
+from .utils import atomic_path, setup_logging, write_csv, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFERENCE = {"accuracy": 0.0, "macro_f1": 0.0, "params": 1_000_000, "macs": 100_000_000, "latency_ms": 10.0}
+RULES = ("most_accurate", "smallest_within", "smallest_above_floor")
+
+
+def metric_of(cfg: Config) -> str:
+    return next((o for o in cfg.search.objectives if OBJECTIVES[o] == "maximize"), "accuracy")
+
+
+def trials_table(study: optuna.Study, cfg: Config) -> pd.DataFrame:
+    """One row per trial, in trial order."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name,
+               "seconds": t.duration.total_seconds() if t.duration else None,
+               "start": t.datetime_start.isoformat() if t.datetime_start else None}
+        if t.values is not None:
+            row.update(zip(cfg.search.objectives, t.values))
+        row.update({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in t.user_attrs.items()})
+        row.update({f"params_{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def usable(table: pd.DataFrame) -> pd.DataFrame:
+    """Complete, feasible (trained) trials."""
+    if table.empty or "feasible" not in table:
+        return table.iloc[0:0]
+    return table[(table["state"] == "COMPLETE") & (table["feasible"] == True)]  # noqa: E712 (NaN-safe)
+
+
+def losses(table: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
+    """Objective values as minimisation losses (maximised ones negated)."""
+    sign = np.array([-1.0 if OBJECTIVES[o] == "maximize" else 1.0 for o in objectives])
+    return table[list(objectives)].to_numpy(dtype=float) * sign
+
+
+def pareto_mask(loss: np.ndarray) -> np.ndarray:
+    """True for the rows no other row dominates (no worse everywhere, better somewhere)."""
+    le = (loss[:, None, :] >= loss[None, :, :]).all(-1)
+    lt = (loss[:, None, :] > loss[None, :, :]).any(-1)
+    return ~(le & lt).any(1)
+
+
+def reference_point(cfg: Config) -> dict:
+    """Per objective: search.hv_reference, else the constraint bound, else a fixed default."""
+    search = cfg.search
+    return {o: float(search.hv_reference.get(o, search.constraints.get(o, DEFAULT_REFERENCE[o])))
+            for o in search.objectives}
+
+
+def hypervolume_curve(table: pd.DataFrame, cfg: Config, reference: Optional[dict] = None) -> pd.DataFrame:
+    """Hypervolume of the feasible trials up to each trial, minimised objectives scaled by their reference
+    (so the volume is in units of score × fraction of the reference budget)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    reference = reference or reference_point(cfg)
+    objectives = list(cfg.search.objectives)
+    ref = np.array([-reference[o] if OBJECTIVES[o] == "maximize" else 1.0 for o in objectives])
+    scale = np.array([1.0 if OBJECTIVES[o] == "maximize" else reference[o] for o in objectives])
+    good = usable(table).sort_values("number")
+    points = losses(good, objectives) / scale if len(good) else np.empty((0, len(objectives)))
+    rows, seconds = [], 0.0
+    inside = (points < ref).all(1) if len(points) else np.zeros(0, bool)
+    for number in table.sort_values("number")["number"]:
+        mask = inside & (good["number"].to_numpy() <= number)
+        value = float(compute_hypervolume(points[mask], ref)) if mask.any() else 0.0
+        seconds += float(table.loc[table["number"] == number, "seconds"].fillna(0).sum())
+        rows.append({"number": int(number), "hypervolume": value, "seconds": seconds})
+    return pd.DataFrame(rows)
+
+
+def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
+    """The three rules' trial rows (a rule with no qualifying trial is left out)."""
+    good = usable(table)
+    if good.empty or "params" not in good:
+        return {}
+    metric = metric_of(cfg)
+    ordered = good.sort_values([metric, "params"], ascending=[False, True])
+    top = ordered.iloc[0]
+    picks = {"most_accurate": top}
+    for rule, floor in (("smallest_within", top[metric] - cfg.search.best_within),
+                        ("smallest_above_floor", cfg.search.best_floor)):
+        ok = good[good[metric] >= floor - 1e-12].sort_values(["params", metric], ascending=[True, False])
+        if len(ok):
+            picks[rule] = ok.iloc[0]
+    return picks
+
+
+def export_best(study: optuna.Study, cfg: Config, picks: dict, out: Path) -> dict:
+    """``best/<rule>.yaml``: the trial's full config at the configured (not the search's) epochs."""
+    exported = {}
+    for rule, row in picks.items():
+        trial = study.get_trials(deepcopy=False)[int(row["number"])]
+        config = with_values(trial_config(cfg, trial.params), {"experiment": f"{cfg.experiment}-{rule}"})
+        header = (f"# search '{study.study_name}' trial {trial.number} ({rule}): "
+                  + ", ".join(f"{k} {row[k]:.6g}" for k in ("accuracy", "macro_f1", "params", "macs")
+                              if k in row and pd.notna(row[k]))
+                  + f"\n# searched on {cfg.search.subsample} images, {cfg.search.epochs} epochs; trains at "
+                    f"train.epochs={config.train.epochs}: ./run.sh full {out / 'best' / (rule + '.yaml')}\n")
+        write_text(out / "best" / f"{rule}.yaml", header + to_yaml(config))
+        exported[rule] = {"trial": trial.number, **{k: row[k] for k in ("accuracy", "params") if k in row}}
+    return exported
+
+
+def plot_pareto(table: pd.DataFrame, cfg: Config, references: list[dict], path: Path) -> None:
+    """The seed notes' figure: parameters vs score, coloured by trial order, front drawn, references marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric_of(cfg)
+    good = usable(table)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(good):
+        dots = ax.scatter(good["params"], good[metric], c=good["number"], cmap="viridis", s=22)
+        fig.colorbar(dots, ax=ax, label="trial")
+        front = good[pareto_mask(losses(good, [metric, "params"]))].sort_values("params")
+        ax.step(front["params"], front[metric], where="post", color="crimson", lw=1.2, label="Pareto front")
+    for ref in references:
+        ax.scatter(ref["params"], ref[metric], marker="*", s=160, color="black", zorder=3)
+        ax.annotate(ref["name"], (ref["params"], ref[metric]), textcoords="offset points", xytext=(6, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"holdout {metric} ({cfg.search.epochs} epochs, {cfg.search.subsample} images)")
+    ax.set_title(f"{cfg.experiment}: {len(good)} trained trials, {cfg.search.sampler}")
+    ax.grid(alpha=0.3)
+    if len(good):
+        ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_hypervolume(curves: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in curves.items():
+        axes[0].plot(curve["number"] + 1, curve["hypervolume"], label=name)
+        axes[1].plot(curve["seconds"] / 60, curve["hypervolume"], label=name)
+    axes[0].set_xlabel("trials")
+    axes[1].set_xlabel("trial minutes (sum of trial durations)")
+    for ax in axes:
+        ax.set_ylabel("hypervolume")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(study: optuna.Study, cfg: Config, references: list[dict]) -> dict:
+    """Every table, figure and config of the search folder, and the summary (returned)."""
+    out = cfg.run_dir / "search"
+    table = trials_table(study, cfg)
+    write_csv(out / "trials.csv", table)
+    good = usable(table)
+    pareto = good[pareto_mask(losses(good, cfg.search.objectives))] if len(good) else good
+    write_csv(out / "pareto.csv", pareto.sort_values(list(cfg.search.objectives)[-1]) if len(pareto) else pareto)
+    curve = hypervolume_curve(table, cfg)
+    plot_pareto(table, cfg, references, out / "pareto.png")
+    plot_hypervolume({cfg.search.sampler: curve}, out / "hypervolume.png", f"{cfg.experiment}: hypervolume")
+    states = table["state"].value_counts().to_dict() if len(table) else {}
+    summary = {"study": study.study_name, "sampler": cfg.search.sampler, "objectives": list(cfg.search.objectives),
+               "trials": len(table), "states": states, "trained": len(good),
+               "infeasible": int((table.get("feasible") == False).sum()) if len(table) else 0,  # noqa: E712
+               "hypervolume": float(curve["hypervolume"].iloc[-1]) if len(curve) else 0.0,
+               "reference_point": reference_point(cfg), "pareto": pareto["number"].tolist(),
+               "best": export_best(study, cfg, best_trials(table, cfg), out), "references": references}
+    write_json(out / "summary.json", summary)
+    log.info("search: %d trials (%s), %d on the Pareto front, hypervolume %.4f; best configs in %s", len(table),
+             states, len(pareto), summary["hypervolume"], out / "best")
+    return summary
+
+
+def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config) -> str:
+    """The per-trial log line (and its TensorBoard hparams when it trained)."""
+    attrs, metric = trial.user_attrs, metric_of(cfg)
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    head = f"trial {trial.number} {trial.state.name.lower()}: params {attrs.get('params', 0):,}"
+    if trial.state == optuna.trial.TrialState.COMPLETE and not attrs.get("feasible", True):
+        bounds = ", ".join(f"{k} {attrs.get(k)} > {v}" for k, v in cfg.search.constraints.items()
+                           if float(attrs.get(k, 0)) > float(v))
+        return f"{head}, infeasible ({bounds}): not trained, {seconds:.1f}s"
+    curve = attrs.get("curve", [])
+    score = f"{metric} {curve[-1]:.4f} after {len(curve)} epochs" if curve else "no score"
+    pareto = ""
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        log_hparams(trial, cfg)
+        best = study.best_trials if len(cfg.search.objectives) > 1 else [study.best_trial]
+        pareto = ", Pareto" if any(b.number == trial.number for b in best) else ""
+    return f"{head}, macs {attrs.get('macs', 0) / 1e6:.2f}M, {score}, {seconds:.1f}s{pareto}"
+
+
+def log_hparams(trial: optuna.trial.FrozenTrial, cfg: Config) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    hparams = {k: v for k, v in trial.params.items() if isinstance(v, (int, float, str, bool))}
+    metrics = {f"hparam/{k}": float(v) for k, v in zip(cfg.search.objectives, trial.values or [])}
+    metrics.update({f"hparam/{k}": float(trial.user_attrs[k]) for k in ("params", "macs", "latency_ms")
+                    if k in trial.user_attrs})
+    with SummaryWriter(str(cfg.run_dir / "search" / "tb")) as writer:
+        writer.add_hparams(hparams, metrics, run_name=f"trial{trial.number:04d}")
+
+
+def compare(dirs: Sequence[str | Path], out: str | Path) -> dict:
+    """Hypervolume curves of several search folders against the first one's reference point."""
+    configs = [load_config(Path(d) / "config.yaml") for d in dirs]
+    reference = reference_point(configs[0])
+    curves, finals = {}, {}
+    for d, cfg in zip(dirs, configs):
+        table = pd.read_csv(Path(d) / "trials.csv")
+        name = f"{cfg.search.sampler} ({Path(d).parent.name})"
+        curves[name] = hypervolume_curve(table, configs[0], reference)
+        finals[name] = {"trials": len(table), "trained": len(usable(table)),
+                        "hypervolume": float(curves[name]["hypervolume"].iloc[-1]) if len(table) else 0.0}
+    plot_hypervolume(curves, Path(out), f"hypervolume, reference {reference}")
+    return {"reference_point": reference, "studies": finals}
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(description="Compare the hypervolume of several search folders.")
+    parser.add_argument("--compare", nargs="+", required=True, metavar="SEARCH_DIR")
+    parser.add_argument("--out", required=True, help="figure path (.png)")
+    args = parser.parse_args(argv)
+    result = compare(args.compare, args.out)
+    write_json(Path(args.out).with_suffix(".json"), result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

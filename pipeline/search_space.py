@@ -1,0 +1,96 @@
+"""The search space: Optuna parameters → an architecture spec and config values → a trial's Config.
+
+The space is static (every trial suggests every parameter), which suits NSGA-II and multivariate TPE;
+:func:`trial_config` maps a parameter dict to a Config deterministically, so a finished trial (or a row of
+``pareto.csv``) always rebuilds the same model and settings. Parameters a block does not use (Pass, the
+expansion of a Conv) are ignored, and a stride is dropped to 1 once the downsampling cap is reached.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from .config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
+
+# objective name → Optuna direction
+OBJECTIVES = {"accuracy": "maximize", "macro_f1": "maximize", "params": "minimize", "macs": "minimize",
+              "latency_ms": "minimize"}
+DISTRIBUTIONS = ("uniform", "log_uniform", "int", "choice")
+
+
+def check_search(search: SearchConfig) -> None:
+    """Clear errors for unknown objectives, constraint metrics and distribution kinds."""
+    for name in list(search.objectives) + list(search.constraints) + list(search.hv_reference):
+        if name not in OBJECTIVES:
+            raise ConfigError(f"search: unknown objective/metric '{name}'; valid: {', '.join(OBJECTIVES)}")
+    if len(set(search.objectives)) != len(search.objectives) or not search.objectives:
+        raise ConfigError(f"search.objectives: must be distinct and non-empty, got {search.objectives}")
+    for key, dist in search.space.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"search.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, "
+                              f"got {dist!r}")
+
+
+def suggest(trial: optuna.Trial, search: SearchConfig) -> dict:
+    """Ask the trial for every parameter of the space; returns ``trial.params``."""
+    if search.arch.enabled:
+        suggest_arch(trial, search.arch)
+    for key, dist in search.space.items():
+        (kind, args), = dist.items()
+        if kind == "choice":
+            trial.suggest_categorical(key, list(args))
+        elif kind == "int":
+            trial.suggest_int(key, int(args[0]), int(args[1]), step=int(args[2]) if len(args) > 2 else 1)
+        else:
+            trial.suggest_float(key, float(args[0]), float(args[1]), log=kind == "log_uniform")
+    return dict(trial.params)
+
+
+def suggest_arch(trial: optuna.Trial, space: ArchSpaceConfig) -> None:
+    trial.suggest_categorical("width", list(space.width_multipliers))
+    trial.suggest_categorical("depth", list(space.depth_multipliers))
+    for i, channels in enumerate(space.channels):
+        types = [t for t in space.types if t != "Pass"] if i == 0 else list(space.types)
+        trial.suggest_categorical(f"b{i}_type", types)
+        trial.suggest_int(f"b{i}_repeats", int(space.repeats[0]), int(space.repeats[1]))
+        trial.suggest_categorical(f"b{i}_out", list(channels))
+        trial.suggest_categorical(f"b{i}_kernel", list(space.kernels))
+        trial.suggest_categorical(f"b{i}_stride", [1, 2])
+        trial.suggest_categorical(f"b{i}_expansion", list(space.expansions))
+        trial.suggest_categorical(f"b{i}_se", [False, True])
+        trial.suggest_categorical(f"b{i}_act", ["relu", "hard_swish"])
+
+
+def arch_spec(params: dict, space: ArchSpaceConfig, image_size: int) -> dict:
+    """The architecture spec the ``b<i>_*`` parameters describe, strides capped at ``max_downsample``."""
+    cap = space.max_downsample or max(1, image_size // 4)
+    blocks, down = [], 1
+    for i in range(len(space.channels)):
+        kind = params[f"b{i}_type"]
+        if kind == "Pass":
+            blocks.append({"type": "Pass"})
+            continue
+        stride = 2 if params[f"b{i}_stride"] == 2 and down * 2 <= cap else 1
+        down *= stride
+        block = {"type": kind, "repeats": int(params[f"b{i}_repeats"]), "out": int(params[f"b{i}_out"]),
+                 "kernel": int(params[f"b{i}_kernel"]), "stride": stride}
+        if kind.startswith("InvertedResidual"):
+            block["expansion"] = float(params[f"b{i}_expansion"])
+        if kind in ("DWConv", "InvertedResidualv3"):
+            block["se"] = bool(params[f"b{i}_se"])
+        if kind == "InvertedResidualv3":
+            block["act"] = params[f"b{i}_act"]
+        blocks.append(block)
+    return {"width_multiplier": float(params["width"]), "depth_multiplier": float(params["depth"]),
+            "max_downsample": cap, "blocks": blocks}
+
+
+def trial_config(cfg: Config, params: dict, epochs: int | None = None) -> Config:
+    """``cfg`` with a trial's parameters applied: the spec inline in ``model.spec``, the other keys set."""
+    values: dict[str, Any] = {key: params[key] for key in cfg.search.space if key in params}
+    if cfg.search.arch.enabled:
+        values["model.spec"] = arch_spec(params, cfg.search.arch, cfg.data.image_size)
+    if epochs is not None:
+        values["train.epochs"] = epochs
+    return with_values(cfg, values)
