@@ -16,7 +16,8 @@ Interface used by the train stage (keep it stable):
   ``resize_batch(images NCHW, size) -> images`` (progressive resizing from the one cached size)
 * ``preview_grid(images NHWC uint8, cfg, image_size, n=32, seed=0) -> HWC uint8``
 
-Policies (``augment.policy``): ``none``; ``basic`` (flip, shift/scale/rotate, pad-and-crop);
+Policies (``augment.policy``): ``none``; ``basic`` (flip, shift/scale/rotate, pad-and-crop); ``resized_crop``
+(random-resized crop + flip, for photos cached with a margin);
 ``randaugment`` (below); ``autoaugment`` (timm's AutoAugment, ``augment.autoaugment_policy`` picks
 ``original``/``v0``/``3a``…) and ``trivialaugment`` (timm's RandAugment with one op per image at a magnitude
 drawn uniformly up to the maximum, applied always: TrivialAugment's recipe). Albumentations 2.0 has neither
@@ -180,6 +181,15 @@ def _basic(cfg: AugmentConfig, size: int) -> A.Compose:
         A.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=0),
         A.RandomCrop(size, size),
     ])
+
+
+@POLICIES.register("resized_crop")
+def _resized_crop(cfg: AugmentConfig, size: int) -> A.Compose:
+    """Random-resized crop to ``size`` (area 35–100 %, aspect 3/4–4/3) and a horizontal flip: the photo
+    fine-tuning recipe (fastai's min_scale 0.35; timm's 0.08 suits long training from scratch). It reads the
+    whole cached square, so it uses the margin of ``data.crop_pct`` < 1."""
+    return A.Compose([A.RandomResizedCrop((size, size), scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)),
+                      A.HorizontalFlip(p=0.5)])
 
 
 def _timm_hparams(size: int) -> dict:

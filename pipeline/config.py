@@ -32,12 +32,22 @@ class DataConfig:
     train_dir: str = "train"
     test_dir: str = "test"
     sample_submission: str = "sample_submission.csv"
-    image_size: int = 32  # side of the square images stored in the cache
+    image_size: int = 32  # side of the square images the model sees
+    # how a non-square image becomes a square: squash (stretch; small fixed-size images like CIFAR), crop (short
+    # side to size, centre square), pad (long side to size, letterboxed)
+    resize: Literal["squash", "crop", "pad"] = "squash"
+    # the cache stores image_size / crop_pct: training takes random(-resized) crops of image_size from the margin
+    # (augment.policy: resized_crop, basic), evaluation and TTA the centre (timm's crop_pct; 1.0: no margin)
+    crop_pct: float = 1.0
     cache_dir: str = "cache"
     subset: Optional[int] = None  # keep a fixed stratified random subset of train (e.g. "small CIFAR-10")
     subset_seed: int = 0
     num_workers: int = 0  # DataLoader workers; 0 loads in the training process
 
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct: must be in (0, 1], got {self.crop_pct}")
 
 @dataclass(frozen=True)
 class FoldsConfig:

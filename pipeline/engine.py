@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import augment
 from .config import Config, TrainConfig, to_dict
-from .data.dataset import ImageDataset, gather, to_float
+from .data.dataset import ImageDataset, center_crop, gather, to_float
 from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
@@ -126,19 +126,21 @@ class TrainStep:
         return float(loss.detach())
 
 
-def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int):
-    """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read."""
+def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, size: Optional[int] = None):
+    """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read;
+    the centre ``size`` square when the cache holds a margin (``data.crop_pct``)."""
     for start in range(0, len(rows), batch_size):
-        yield torch.from_numpy(gather(images, rows[start:start + batch_size])).permute(0, 3, 1, 2)
+        yield center_crop(torch.from_numpy(gather(images, rows[start:start + batch_size])).permute(0, 3, 1, 2), size)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
-                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512) -> torch.Tensor:
-    """Logits (float32, CPU) for ``rows`` of the cache (TTA views: :func:`pipeline.tta.predict_tta`)."""
+                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512,
+                   size: Optional[int] = None) -> torch.Tensor:
+    """Logits (float32, CPU) for ``rows`` of the cache, centre ``size`` (TTA views: :func:`pipeline.tta.predict_tta`)."""
     model.eval()
     out = []
-    for batch in iter_batches(images, rows, batch_size):
+    for batch in iter_batches(images, rows, batch_size, size):
         x = to_float(batch, mean, std, device, channels_last)
         with autocast(device, dtype):
             out.append(model(x).float().cpu())
@@ -218,7 +220,7 @@ class FoldRun:
 
     def evaluate(self) -> tuple[np.ndarray, dict]:
         logits = predict_logits(self.model, self.images, self.valid_rows, self.mean, self.std, self.device,
-                                self.dtype, self.channels_last, self.cfg.infer.batch_size)
+                                self.dtype, self.channels_last, self.cfg.infer.batch_size, self.size)
         y = torch.from_numpy(self.labels[self.valid_rows])
         probs = logits.softmax(1).numpy()
         metrics = score(self.labels[self.valid_rows], probs)

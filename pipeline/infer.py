@@ -70,7 +70,8 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device) -
     model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
     mean, std = normalization(cfg.model, manifest)
     kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
-                  dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size)
+                  dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size,
+                  size=cfg.data.image_size)
     for split, out in jobs:
         images, _ = load_split(cfg.run_dir, split, manifest)
         rows = np.arange(len(images))

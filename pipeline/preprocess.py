@@ -20,32 +20,32 @@ from tqdm import tqdm
 
 from .cli import stage_main
 from .config import Config, to_yaml
-from .data.cache import MANIFEST, cache_path, decode, signature
+from .data.cache import MANIFEST, cache_path, cache_side, decode, signature
 from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from .utils import atomic_path, read_json, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 
-def _decode_one(job: tuple[int, str, int]) -> tuple[int, Optional[np.ndarray], Optional[str]]:
-    i, path, size = job
+def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, Optional[np.ndarray], Optional[str]]:
+    i, path, size, resize = job
     try:
-        return i, decode(path, size), None
+        return i, decode(path, size, resize), None
     except Exception as err:  # any decoder failure is a data problem to report, not a crash
         return i, None, f"{type(err).__name__}: {err}"
 
 
 def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, workers: int = 0,
-               sources: Optional[list[str]] = None) -> None:
-    """Decode ``paths`` into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); ``out`` None only
-    checks that every file decodes.
+               sources: Optional[list[str]] = None, resize: str = "squash") -> None:
+    """Decode ``paths`` (``data.resize``) into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); ``out``
+    None only checks that every file decodes.
 
     Raises :class:`DataError` listing every unreadable file (prefixed by its ``sources`` entry, e.g. the CSV
     row); ``out`` is then left as it was."""
     workers = workers or min(os.cpu_count() or 1, 8)
     sources = sources or [""] * len(paths)
     failures: list[tuple[int, str]] = []
-    jobs = [(i, p, size) for i, p in enumerate(paths)]
+    jobs = [(i, p, size, resize) for i, p in enumerate(paths)]
     with contextlib.ExitStack() as stack:
         array = None
         if out is not None:
@@ -83,15 +83,16 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
 def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> tuple[dict, list[str]]:
     frame = comp.train if split == "train" else comp.test
     paths = frame["path"].tolist()
-    size = cfg.data.image_size
-    sig = signature(paths, size)
+    size = cache_side(cfg.data.image_size, cfg.data.crop_pct)
+    sig = signature(paths, size, cfg.data.resize)
     out = cache_path(cfg.data.cache_dir, split, sig, size)
     entry = {"array": str(out), "index": f"{split}_index.csv", "signature": sig, "n": len(paths), "size": size}
     if out.is_file() and previous.get(split, {}).get("signature") == sig:
         log.info("%s cache up to date: %s", split, out)
         return entry, []
     try:
-        decode_all(paths, size, out, f"decode {split}", sources=image_sources(comp, split, cfg.data))
+        decode_all(paths, size, out, f"decode {split}", sources=image_sources(comp, split, cfg.data),
+                   resize=cfg.data.resize)
     except DataError as err:
         return entry, err.problems
     return entry, []
@@ -130,6 +131,7 @@ def run(cfg: Config) -> dict:
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     previous = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
     manifest = {"root": str(comp.root), "layout": comp.layout, "image_size": cfg.data.image_size,
+                "cache_size": cache_side(cfg.data.image_size, cfg.data.crop_pct), "resize": cfg.data.resize,
                 "classes": comp.classes, "submission_columns": comp.submission_columns,
                 "id_col": comp.id_col, "label_col": comp.label_col, "group_col": comp.group_col}
     problems: list[str] = []

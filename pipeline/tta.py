@@ -6,7 +6,7 @@ padding; ``scale_up`` zooms in by 1/8 and ``scale_down`` out by 1/8, keeping the
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -65,11 +65,11 @@ def get_view(name: str) -> View:
 
 @torch.no_grad()
 def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.device, dtype=None,
-                channels_last: bool = True, batch_size: int = 512) -> torch.Tensor:
+                channels_last: bool = True, batch_size: int = 512, size: Optional[int] = None) -> torch.Tensor:
     """Mean softmax over the TTA views ``names`` for ``rows`` of a uint8 N×H×W×3 cache (float32, CPU).
 
-    Each batch is read and normalised once and then goes through every view, so extra views cost only
-    their forward passes.
+    Each batch is read (its centre ``size`` square when the cache holds a margin) and normalised once, then
+    goes through every view, so extra views cost only their forward passes.
     """
     from .data.dataset import to_float
     from .engine import iter_batches
@@ -79,7 +79,7 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
     views = [get_view(n) for n in names]
     model.eval()
     out = []
-    for batch in iter_batches(images, np.asarray(rows), batch_size):
+    for batch in iter_batches(images, np.asarray(rows), batch_size, size):
         x = to_float(batch, mean, std, device, channels_last)
         with autocast(device, dtype):
             probs = sum(model(view(x)).float().softmax(1) for view in views) / len(views)

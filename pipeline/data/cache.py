@@ -19,8 +19,17 @@ from ..utils import read_json
 MANIFEST = "preprocess.json"
 
 
-def decode(path: str | Path, size: int) -> np.ndarray:
-    """One image as uint8 HWC RGB at ``size``×``size``: EXIF orientation applied, any mode converted."""
+RESIZE_MODES = ("squash", "crop", "pad")
+PAD_FILL = (128, 128, 128)  # letterbox bars: mid-grey, what augmentation fills with too
+
+
+def decode(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:
+    """One image as uint8 HWC RGB at ``size``×``size``: EXIF orientation applied, any mode converted.
+
+    ``resize``: ``squash`` stretches to the square (small fixed-size images such as CIFAR), ``crop`` resizes the
+    short side to ``size`` and keeps the centre square, ``pad`` fits the long side and letterboxes the rest."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"data.resize: {resize!r} is not one of {list(RESIZE_MODES)}")
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greys: scale to 8 bits, don't clip
@@ -32,13 +41,24 @@ def decode(path: str | Path, size: int) -> np.ndarray:
             img = Image.alpha_composite(background, img)
         img = img.convert("RGB")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+            if resize == "crop":
+                img = ImageOps.fit(img, (size, size), Image.BICUBIC, centering=(0.5, 0.5))
+            elif resize == "pad":
+                img = ImageOps.pad(img, (size, size), Image.BICUBIC, color=PAD_FILL, centering=(0.5, 0.5))
+            else:
+                img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
 
 
-def signature(paths: list[str], size: int) -> str:
-    """A fingerprint of the source files (names, sizes, mtimes) and the target size: cache validity."""
-    h = hashlib.sha1(f"size={size}".encode())
+def cache_side(image_size: int, crop_pct: float) -> int:
+    """The side the cache stores: ``image_size / crop_pct``, a margin for random-resized crops in training
+    while evaluation takes the centre ``image_size`` (timm's ``crop_pct``, fastai's presizing)."""
+    return int(round(image_size / crop_pct))
+
+
+def signature(paths: list[str], size: int, resize: str = "squash") -> str:
+    """A fingerprint of the source files (names, sizes, mtimes), the target size and resize mode: cache validity."""
+    h = hashlib.sha1(f"size={size}".encode() + (b"" if resize == "squash" else f" resize={resize}".encode()))
     for p in paths:
         st = Path(p).stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

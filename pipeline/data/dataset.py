@@ -56,3 +56,13 @@ def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], 
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
     s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
     return (images.float() - m) / s
+
+
+def center_crop(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """The centre ``size``×``size`` of an N×C×H×W batch (unchanged when ``size`` is None or not smaller):
+    how evaluation reads a cache stored with a margin (``data.crop_pct``)."""
+    h, w = images.shape[-2:]
+    if size is None or (h <= size and w <= size):
+        return images
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]

@@ -32,11 +32,28 @@ def input_size(props: dict, cfg: Config) -> Optional[dict]:
     spread = width["p95"] / max(width["p5"], 1)
     if spread > 2:
         why += f"; widths vary {spread:.1f}× (p5–p95), so resize with random-resized-crop or letterbox"
+    size, why = _hardware_cap(size, why)
+    overrides = [f"data.image_size={size}"]
     aspect = props["summary"]["aspect"].get("p50", 1.0)
     if not 0.8 <= aspect <= 1.25:
-        why += f"; median aspect ratio {aspect:.2f} is far from square (pad rather than squash)"
+        why += f"; median aspect ratio {aspect:.2f} is far from square: pad (or crop) rather than squash"
+        overrides.append("data.resize=pad")
     current = f" (data.image_size is {cfg.data.image_size})" if cfg.data.image_size != size else ""
-    return _item("input size", f"Use {size}×{size}: {why}{current}.", [f"data.image_size={size}"])
+    return _item("input size", f"Use {size}×{size}: {why}{current}.", overrides)
+
+
+def _hardware_cap(size: int, why: str, cap: int = 224) -> tuple[int, str]:
+    """Cap the suggested side at ``cap`` on a CPU-only machine of a few cores, saying what the larger one costs
+    (compute grows with the pixel count)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    if size <= cap or torch.cuda.is_available() or cores > 8:
+        return size, why
+    return cap, (why + f"; but this machine has {cores} CPU cores and no GPU: {size} px costs {(size / cap) ** 2:.1f}× "
+                 f"the compute of {cap} px per image, so {cap} is suggested (use {size} on a GPU)")
 
 
 def imbalance(classes: dict) -> Optional[dict]:
