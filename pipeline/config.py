@@ -142,6 +142,11 @@ class TrainConfig:
     # on the held-out fold flatters the OOF score a little; "last" keeps it unbiased.
     monitor: Literal["accuracy", "loss", "last"] = "accuracy"
     resume: bool = True  # continue from a fold's last checkpoint when one exists
+    # finetune: train the whole model per fold; features: embed every image once per TTA view with the frozen
+    # pretrained backbone (cached) and fit only a head per fold (pipeline/features.py): minutes on a CPU
+    mode: Literal["finetune", "features"] = "finetune"
+    head: str = "logreg"  # features mode: see pipeline.features.HEADS
+    head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
 
 
 @dataclass(frozen=True)

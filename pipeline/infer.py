@@ -19,6 +19,7 @@ from .config import Config
 from .data.cache import load_manifest, load_split
 from .models import create_model
 from .engine import collect_oof, cv_report, load_weights
+from . import features
 from .tta import predict_tta
 from .weights import normalization
 from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
@@ -67,7 +68,7 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device) -
     if not jobs:
         log.info("fold %d: predictions up to date", fold)
         return
-    model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
+    model = None if cfg.train.mode == "features" else load_fold_model(cfg, fold, len(manifest["classes"]), device)
     mean, std = normalization(cfg.model, manifest)
     kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
                   dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size,
@@ -78,7 +79,10 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device) -
         if split == "train":
             folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str})
             rows = np.flatnonzero(folds["fold"].to_numpy() == fold)
-        probs = predict_tta(model, images, rows, views, **kwargs).numpy()
+        if model is None:  # train.mode=features: the fold's head on the cached embeddings of every view
+            probs = features.predict_fold(cfg, fold, manifest, split, rows, views, device)
+        else:
+            probs = predict_tta(model, images, rows, views, **kwargs).numpy()
         _save(out, probs, views)
         log.info("fold %d: %s probabilities for %d images with TTA %s", fold, split, len(rows), views)
 

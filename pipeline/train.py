@@ -21,6 +21,7 @@ import torch
 from .cli import stage_main
 from .config import Config, to_yaml
 from .data.cache import load_manifest, load_split
+from .features import fit_folds
 from .engine import FoldRun, collect_oof, cv_report, fold_done
 from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
 
@@ -44,13 +45,16 @@ def run(cfg: Config) -> dict:
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
     log.info("train: %s on %s (%s), folds %s, %d images", cfg.model.name, device,
              resolve_precision(cfg.train.precision, device) or "fp32", list(wanted), len(index))
-    trained = 0
-    for fold in wanted:
-        if fold_done(cfg, fold):
-            log.info("fold %d already trained with these settings: skipped", fold)
-            continue
-        FoldRun(cfg, fold, images, index, folds, manifest, device).fit()
-        trained += 1
+    if cfg.train.mode == "features":
+        trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
+    else:
+        trained = 0
+        for fold in wanted:
+            if fold_done(cfg, fold):
+                log.info("fold %d already trained with these settings: skipped", fold)
+                continue
+            FoldRun(cfg, fold, images, index, folds, manifest, device).fit()
+            trained += 1
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)

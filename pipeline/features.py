@@ -1,0 +1,195 @@
+"""The frozen-feature fast path (``train.mode: features``), shared by the train and infer stages.
+
+Every cached image is embedded once per TTA view by the frozen pretrained backbone (``model.name`` with
+``model.pretrained`` / ``model.weights``, its classifier removed); the embeddings are cached beside the image
+cache, under ``<data.cache_dir>/features/``, keyed by the backbone, its weights, the image size, the view and
+the image cache's signature, so a second run (or another head) reuses them and any change of those recomputes
+them. A head per fold is then fitted on the other folds' embeddings in seconds: ``train.head: logreg``
+(scikit-learn's LogisticRegression on standardised features, ``train.head_c``) folded into one ``nn.Linear``
+and saved like any checkpoint (``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work
+unchanged. Training rows are embedded under every TTA view and all of them train the head (flips as free
+augmentation); the OOF uses the identity view, ``infer`` averages the views as for a fine-tuned model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import Config
+from .data.dataset import to_float
+from .models import create_model
+from .registry import Registry
+from .tta import get_view
+from .utils import atomic_path, autocast, resolve_precision, write_json
+from .weights import is_pretrained, normalization, weights_id
+
+log = logging.getLogger(__name__)
+
+HEADS: Registry = Registry("feature head")
+
+
+def train_views(cfg: Config) -> list[str]:
+    """The views the head trains on: identity first (it scores the OOF), then the other TTA views."""
+    return ["identity"] + [v for v in cfg.infer.tta if v != "identity"]
+
+
+def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
+              manifest: dict, device: torch.device) -> int:
+    """Fit the head of every wanted fold not already done with these settings; return how many were fitted."""
+    from .engine import fold_done
+
+    todo = [f for f in wanted if not fold_done(cfg, f)]
+    if todo:
+        feats = embeddings(cfg, manifest, "train", train_views(cfg), device)
+        for fold in todo:
+            fit_fold(cfg, fold, feats, index, folds, classes)
+    for fold in sorted(set(wanted) - set(todo)):
+        log.info("fold %d already fitted with these settings: skipped", fold)
+    return len(todo)
+
+
+def features_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
+    """Where the embeddings of ``split`` under ``view`` live: the key names everything they depend on."""
+    key = (f"{split}-{cfg.model.name}-{weights_id(cfg.model)}-{cfg.data.image_size}px-{view.replace('+', '_')}-"
+           f"{manifest[split]['signature'][:12]}")
+    return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
+
+
+def backbone(cfg: Config, device: torch.device) -> nn.Module:
+    """The pretrained model without its classifier (pooled features), frozen, in eval mode."""
+    if not is_pretrained(cfg.model):
+        raise ValueError("train.mode=features needs a pretrained backbone: set model.pretrained=true "
+                         "(efficientnet_lite0 ships offline) or model.weights=PATH")
+    model = create_model(cfg.model, num_classes=1)
+    model.reset_classifier(0)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
+           device: torch.device, desc: str) -> list[np.ndarray]:
+    from .engine import iter_batches  # the engine imports the model stack; keep this module light to import
+
+    dtype = resolve_precision(cfg.train.precision, device)
+    fns = [get_view(v) for v in views]
+    out: list[list[np.ndarray]] = [[] for _ in views]
+    batches = iter_batches(images, np.arange(len(images)), cfg.infer.batch_size, cfg.data.image_size)
+    for batch in tqdm(batches, total=-(-len(images) // cfg.infer.batch_size), desc=desc, unit="batch",
+                      leave=False, mininterval=1.0):
+        x = to_float(batch, mean, std, device, cfg.train.channels_last)
+        with autocast(device, dtype):
+            for slot, fn in zip(out, fns):
+                slot.append(model(fn(x)).float().cpu().numpy())
+    return [np.concatenate(o) if o else np.zeros((0, 0), np.float32) for o in out]
+
+
+def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
+    """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached."""
+    from .data.cache import load_split
+
+    paths = {v: features_path(cfg, manifest, split, v) for v in views}
+    missing = [v for v, p in paths.items() if not p.is_file()]
+    if missing:
+        images, _ = load_split(cfg.run_dir, split, manifest)
+        start = time.perf_counter()
+        model = backbone(cfg, device)
+        mean, std = normalization(cfg.model, manifest)
+        arrays = _embed(model, images, missing, cfg, mean, std, device, f"embed {split}")
+        seconds = time.perf_counter() - start
+        for view, array in zip(missing, arrays):
+            paths[view].parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(paths[view]) as tmp:
+                np.save(tmp, array.astype(np.float32))
+        log.info("features: %s %d images × %d view(s) %s embedded in %.1fs (%.1f img/s), %d dims", split,
+                 len(images), len(missing), missing, seconds, len(images) * len(missing) / max(seconds, 1e-9),
+                 arrays[0].shape[1])
+    if len(missing) < len(views):
+        log.info("features: %s cached for %s", split, [v for v in views if v not in missing])
+    return {v: np.load(p) for v, p in paths.items()}
+
+
+# --------------------------------------------------------------------------- heads
+
+
+@HEADS.register("logreg")
+def logreg_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int) -> nn.Module:
+    """Multinomial logistic regression on standardised features, as one ``nn.Linear`` on raw features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=cfg.train.head_c, max_iter=2000).fit(scaler.transform(x), y)
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary: sigmoid(z) = softmax([-z/2, z/2])
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((num_classes, x.shape[1]))
+    bias = np.full(num_classes, -1e4)  # a class absent from the training folds is never predicted
+    weight[clf.classes_] = coef / scaler.scale_
+    bias[clf.classes_] = intercept - (coef / scaler.scale_) @ scaler.mean_
+    head = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    return head
+
+
+def build_head(cfg: Config, dim: int, num_classes: int) -> nn.Module:
+    """An empty head of the configured kind, to load a fold's saved weights into."""
+    HEADS.get(cfg.train.head)  # unknown names list the valid ones
+    return nn.Linear(dim, num_classes)
+
+
+@torch.no_grad()
+def head_probs(head: nn.Module, feats: list[np.ndarray]) -> np.ndarray:
+    """Mean softmax of the head over the views' embeddings (rows aligned)."""
+    head.eval()
+    return np.mean([head(torch.from_numpy(np.asarray(f))).softmax(1).numpy() for f in feats], axis=0)
+
+
+def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.DataFrame, folds: pd.DataFrame,
+             classes: list[str]) -> dict:
+    """Fit the head on the other folds (every view), score the fold (identity view), save like a checkpoint."""
+    from .engine import save_checkpoint, training_fingerprint
+    from .metrics import score
+
+    start = time.perf_counter()
+    labels = index["label_idx"].to_numpy()
+    fold_of = folds["fold"].to_numpy()
+    train_rows, valid_rows = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+    x = np.concatenate([f[train_rows] for f in feats.values()])
+    y = np.tile(labels[train_rows], len(feats))
+    head = HEADS.build(cfg.train.head, cfg, x, y, len(classes))
+    first = next(iter(feats.values()))
+    probs = head_probs(head, [first[valid_rows]])
+    metrics = score(labels[valid_rows], probs)
+    fold_dir = cfg.run_dir / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"fold": fold, "epoch": 0, "classes": classes, "metrics": metrics, "model": cfg.model.name,
+            "head": cfg.train.head, "views": list(feats), "image_size": cfg.data.image_size}
+    save_checkpoint(fold_dir, "best", head, meta)
+    with atomic_path(fold_dir / "oof.npy") as tmp:
+        np.save(tmp, probs.astype(np.float32))
+    result = {"fold": fold, "best_epoch": 0, "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
+              "parameters": sum(p.numel() for p in head.parameters()), "fingerprint": training_fingerprint(cfg)}
+    write_json(fold_dir / "result.json", result)
+    log.info("fold %d: %s head on %d×%d features: acc %.4f log_loss %.4f (%.1fs)", fold, cfg.train.head,
+             *x.shape, metrics["accuracy"], metrics["log_loss"], result["seconds"])
+    return result
+
+
+def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.ndarray, views: list[str],
+                 device: torch.device) -> np.ndarray:
+    """A fold head's probabilities for ``rows`` of ``split``, averaged over the TTA ``views``."""
+    from .engine import load_weights
+
+    feats = embeddings(cfg, manifest, split, views, device)
+    dim = next(iter(feats.values())).shape[1]
+    head = load_weights(build_head(cfg, dim, len(manifest["classes"])), cfg.run_dir / f"fold{fold}" / "best.safetensors")
+    return head_probs(head, [feats[v][rows] for v in views])

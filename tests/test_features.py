@@ -1,0 +1,73 @@
+"""train.mode=features: embeddings cached per backbone/weights/size/view, a head per fold, the chain unchanged."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import timm
+from safetensors.torch import save_file
+
+from pipeline import ensemble, folds, infer, preprocess, submit, train
+from pipeline.utils import read_json
+
+from conftest import make_cfg
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    path = tmp_path / "test_efficientnet.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
+    return path
+
+
+def _chain(cfg):
+    preprocess.run(cfg)
+    folds.run(cfg)
+    report = train.run(cfg)
+    infer.run(cfg)
+    return report
+
+
+def _feature_files(tmp_path):
+    return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").glob("*.npy")}
+
+
+def test_features_mode_end_to_end(tmp_path, competition, tiny_weights, caplog):
+    caplog.set_level(logging.INFO)
+    base = ["train.mode=features", "model.name=test_efficientnet", f"model.weights={tiny_weights}",
+            "infer.tta=[identity,hflip]"]
+    cfg = make_cfg(tmp_path, competition, *base)
+    report = _chain(cfg)
+    assert report["scored_rows"] == report["total_rows"] == 36
+    cv = read_json(cfg.run_dir / "cv.json")
+    assert cv["oof_tta"]["tta"] == ["identity", "hflip"] and 0 <= cv["oof_tta"]["accuracy"] <= 1
+    for fold in range(3):
+        assert (cfg.run_dir / f"fold{fold}" / "best.safetensors").is_file()
+        assert np.load(cfg.run_dir / f"fold{fold}" / "test.npy").shape == (6, 3)
+    ensemble.run(cfg)
+    assert submit.run(cfg).is_file()
+    files = _feature_files(tmp_path)
+    assert len(files) == 4  # train and test × identity and hflip
+
+    # another head: refitted from the cached embeddings, nothing re-embedded
+    caplog.clear()
+    _chain(make_cfg(tmp_path, competition, *base, "train.head_c=0.1"))
+    assert _feature_files(tmp_path) == files
+    assert "embedded" not in caplog.text and "cached" in caplog.text
+
+    # another backbone (the shipped Lite0 weights) or another size: new embeddings
+    _chain(make_cfg(tmp_path, competition, "train.mode=features", "model.name=efficientnet_lite0",
+                    "model.pretrained=true", "infer.tta=[identity,hflip]"))
+    assert len(_feature_files(tmp_path)) == 8
+    _chain(make_cfg(tmp_path, competition, *base, "data.image_size=24"))
+    after = _feature_files(tmp_path)
+    assert len(after) == 12 and all(after[name] == t for name, t in files.items())
+
+
+def test_features_mode_needs_pretrained_weights(tmp_path, competition):
+    cfg = make_cfg(tmp_path, competition, "train.mode=features", "model.name=test_efficientnet")
+    preprocess.run(cfg)
+    folds.run(cfg)
+    with pytest.raises(ValueError, match="pretrained backbone"):
+        train.run(cfg)
