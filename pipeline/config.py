@@ -145,6 +145,11 @@ class TrainConfig:
     # finetune: train the whole model per fold; features: embed every image once per TTA view with the frozen
     # pretrained backbone (cached) and fit only a head per fold (pipeline/features.py): minutes on a CPU
     mode: Literal["finetune", "features"] = "finetune"
+    # fine-tuning a pretrained backbone (pipeline/finetune.py)
+    freeze_epochs: int = 0  # train only the classifier for this many first epochs
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate = lr × this
+    ema_decay: float = 0.0  # weight EMA (timm ModelEmaV3, warmed up) evaluated and kept as best; 0: off
+    bn: Literal["train", "frozen"] = "train"  # frozen: batch norm keeps pretrained statistics (tiny batches)
     head: str = "logreg"  # features mode: see pipeline.features.HEADS
     head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
 

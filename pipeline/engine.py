@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import augment
+from . import augment, finetune
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
 from .losses import build_loss
@@ -39,10 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW; no weight decay on norm layers and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on norm layers and biases; the backbone's learning
+    rate scaled by ``train.backbone_lr_mult``."""
+    groups = finetune.param_groups(cfg, model)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -99,8 +98,9 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                  schedule: Optional[Schedule], device: torch.device, dtype: Optional[torch.dtype],
                  mean, std, channels_last: bool = True, accum_steps: int = 1,
-                 mixer: Optional[Callable] = None) -> None:
+                 mixer: Optional[Callable] = None, ema: Optional[nn.Module] = None) -> None:
         self.model, self.optimizer, self.loss_fn, self.schedule = model, optimizer, loss_fn, schedule
+        self.ema, self.updates = ema, 0  # weight average updated after every optimizer step
         self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
         self.channels_last, self.accum_steps, self.mixer = channels_last, max(1, accum_steps), mixer
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -121,6 +121,9 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.updates)
             if self.schedule is not None:
                 self.schedule.step_batch()
         return float(loss.detach())
@@ -201,14 +204,20 @@ class FoldRun:
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
         self.schedule = build_scheduler(cfg.train, self.optimizer, steps)
         loss_fn = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes)).to(device)
+        self.ema = finetune.build_ema(cfg.train, self.model)
         self.step = TrainStep(self.model, self.optimizer, loss_fn, self.schedule, device, self.dtype, self.mean,
                               self.std, self.channels_last, cfg.train.accum_steps,
-                              augment.build_mixer(cfg.augment, len(self.classes), seed=cfg.seed + fold))
+                              augment.build_mixer(cfg.augment, len(self.classes), seed=cfg.seed + fold), self.ema)
         self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))
         self.epoch, self.best, self.best_epoch, self.stale = 0, -math.inf, -1, 0
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and kept as the best model: the weight average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def train_epoch(self, epoch: int) -> float:
-        self.model.train()
+        finetune.train_mode(self.model, self.cfg.train, epoch)
         size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
         total, n = 0.0, 0
         bar = tqdm(self.loader, desc=f"fold {self.fold} epoch {epoch + 1}/{self.cfg.train.epochs}",
@@ -219,7 +228,7 @@ class FoldRun:
         return total / max(n, 1)
 
     def evaluate(self) -> tuple[np.ndarray, dict]:
-        logits = predict_logits(self.model, self.images, self.valid_rows, self.mean, self.std, self.device,
+        logits = predict_logits(self.eval_model, self.images, self.valid_rows, self.mean, self.std, self.device,
                                 self.dtype, self.channels_last, self.cfg.infer.batch_size, self.size)
         y = torch.from_numpy(self.labels[self.valid_rows])
         probs = logits.softmax(1).numpy()
@@ -242,6 +251,9 @@ class FoldRun:
             log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
             return
         load_weights(self.model, self.dir / "last.safetensors")
+        if self.ema is not None:
+            load_weights(self.ema.module, self.dir / "last_ema.safetensors")
+        self.step.updates = int(state.get("updates", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
@@ -254,14 +266,16 @@ class FoldRun:
                 "model": self.cfg.model.name, "image_size": self.size, "mean": self.mean, "std": self.std,
                 "config": to_dict(self.cfg)}
         if improved:
-            save_checkpoint(self.dir, "best", self.model, meta)
+            save_checkpoint(self.dir, "best", self.eval_model, meta)
             with atomic_path(self.dir / "oof.npy") as tmp:
                 np.save(tmp, probs.astype(np.float32))
         save_checkpoint(self.dir, "last", self.model, meta)
+        if self.ema is not None:
+            save_checkpoint(self.dir, "last_ema", self.ema.module, meta)
         save_state(self.dir / "last_state.pt", {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-            "fingerprint": training_fingerprint(self.cfg)})
+            "fingerprint": training_fingerprint(self.cfg), "updates": self.step.updates})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter

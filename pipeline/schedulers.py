@@ -52,7 +52,7 @@ def _cosine(cfg: TrainConfig, opt: Optimizer, steps_per_epoch: int) -> Schedule:
 @SCHEDULERS.register("onecycle")
 def _onecycle(cfg: TrainConfig, opt: Optimizer, steps_per_epoch: int) -> Schedule:
     pct = min(max(cfg.warmup_epochs / max(cfg.epochs, 1), 0.01), 0.99) if cfg.warmup_epochs else 0.25
-    return Schedule(S.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+    return Schedule(S.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                  pct_start=pct), per_step=True)
 
 

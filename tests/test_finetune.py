@@ -1,0 +1,77 @@
+"""Fine-tuning recipes: frozen first epochs, a lower backbone learning rate, batch norm kept frozen, and a
+weight EMA that is evaluated, checkpointed and resumed."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import engine, finetune, folds, preprocess, train
+from pipeline.data.cache import load_split
+from pipeline.models import create_model
+from pipeline.utils import read_json
+
+from conftest import make_cfg
+
+
+def _fold_run(cfg) -> engine.FoldRun:
+    manifest = preprocess.run(cfg)
+    folds.run(cfg)
+    images, index = load_split(cfg.run_dir, "train", manifest)
+    table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
+    return engine.FoldRun(cfg, 0, images, index, table, manifest, torch.device("cpu"))
+
+
+def _copy(module: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_freeze_then_unfreeze(tmp_path, competition):
+    run = _fold_run(make_cfg(tmp_path, competition, "train.freeze_epochs=1", "train.epochs=2"))
+    body, head = _copy(run.model.stem), _copy(run.model.head)
+    run.train_epoch(0)
+    assert all(torch.equal(v, run.model.stem.state_dict()[k]) for k, v in body.items())  # weights and BN stats
+    assert not torch.equal(head["weight"], run.model.head.weight)
+    run.train_epoch(1)
+    assert not torch.equal(body["0.weight"], run.model.stem[0].weight)
+    assert all(p.requires_grad for p in run.model.parameters())
+
+
+def test_backbone_lr_mult_and_frozen_batch_norm():
+    from pipeline.config import ModelConfig, TrainConfig
+
+    model = create_model(ModelConfig(name="airnet_tiny"), 3)
+    cfg = TrainConfig(lr=0.1, backbone_lr_mult=0.1, bn="frozen", scheduler="onecycle", epochs=2)
+    optimizer = engine.build_optimizer(cfg, model)
+    head_ids = {id(p) for p in model.head.parameters()}
+    for group in optimizer.param_groups:
+        is_head = any(id(p) in head_ids for p in group["params"])
+        assert group["lr"] == pytest.approx(0.1 if is_head else 0.01)
+    from pipeline.schedulers import build_scheduler
+
+    build_scheduler(cfg, optimizer, 5)  # one-cycle keeps each group's own peak
+    assert sorted({round(g["max_lr"], 6) for g in optimizer.param_groups}) == [0.01, 0.1]
+    finetune.train_mode(model, cfg, epoch=0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and model.head.training
+
+
+def test_ema_is_evaluated_checkpointed_and_resumed(tmp_path, competition):
+    cfg = make_cfg(tmp_path, competition, "train.ema_decay=0.9", "train.epochs=2", "train.folds=[0]",
+                   "train.monitor=last")
+    preprocess.run(cfg)
+    folds.run(cfg)
+    train.run(cfg)
+    fold = cfg.run_dir / "fold0"
+    ema, raw, best = (load_file(str(fold / f"{n}.safetensors")) for n in ("last_ema", "last", "best"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
+    assert all(torch.equal(best[k], ema[k]) for k in ema)  # the average is what is kept
+    state = torch.load(fold / "last_state.pt", weights_only=True)
+    assert state["updates"] > 0
+
+    run = _fold_run(cfg)
+    run.resume()
+    assert run.epoch == 2 and run.step.updates == state["updates"]
+    assert all(torch.equal(v, ema[k]) for k, v in run.ema.module.state_dict().items())
+    assert read_json(fold / "result.json")["fingerprint"] == engine.training_fingerprint(cfg)
