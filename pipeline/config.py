@@ -152,6 +152,8 @@ class TrainConfig:
     bn: Literal["train", "frozen"] = "train"  # frozen: batch norm keeps pretrained statistics (tiny batches)
     head: str = "logreg"  # features mode: see pipeline.features.HEADS
     head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
+    head_hidden: int = 256  # mlp: hidden units
+    head_steps: int = 300  # mlp: full-batch AdamW steps
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ Every cached image is embedded once per TTA view by the frozen pretrained backbo
 cache, under ``<data.cache_dir>/features/``, keyed by the backbone, its weights, the image size, the view and
 the image cache's signature, so a second run (or another head) reuses them and any change of those recomputes
 them. A head per fold is then fitted on the other folds' embeddings in seconds: ``train.head: logreg``
-(scikit-learn's LogisticRegression on standardised features, ``train.head_c``) folded into one ``nn.Linear``
-and saved like any checkpoint (``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work
+(scikit-learn's LogisticRegression on standardised features, ``train.head_c``) folded into one ``nn.Linear``,
+or ``mlp`` (a small torch MLP, ``train.head_hidden``, ``train.head_steps``), saved like any checkpoint (``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work
 unchanged. Training rows are embedded under every TTA view and all of them train the head (flips as free
 augmentation); the OOF uses the identity view, ``infer`` averages the views as for a fine-tuned model.
 """
@@ -140,9 +140,42 @@ def logreg_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int) -> 
     return head
 
 
+class MLPHead(nn.Sequential):
+    """Standardise (statistics of the training folds, kept as buffers), one hidden GELU layer, dropout, linear."""
+
+    def __init__(self, dim: int, num_classes: int, hidden: int, dropout: float = 0.2) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.mean) / self.scale)
+
+
+@HEADS.register("mlp")
+def mlp_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int) -> nn.Module:
+    """A small MLP (``train.head_hidden`` units) trained full-batch with AdamW for ``train.head_steps`` steps
+    (``train.weight_decay``, label smoothing ``train.label_smoothing``); seeded, seconds on a CPU."""
+    torch.manual_seed(cfg.seed)
+    head = MLPHead(x.shape[1], num_classes, cfg.train.head_hidden)
+    xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    head.mean.copy_(xt.mean(0))
+    head.scale.copy_(xt.std(0).clamp_min(1e-6))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=cfg.train.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    head.train()
+    for _ in range(cfg.train.head_steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(head(xt), yt).backward()
+        optimizer.step()
+    return head.eval()
+
+
 def build_head(cfg: Config, dim: int, num_classes: int) -> nn.Module:
     """An empty head of the configured kind, to load a fold's saved weights into."""
     HEADS.get(cfg.train.head)  # unknown names list the valid ones
+    if cfg.train.head == "mlp":
+        return MLPHead(dim, num_classes, cfg.train.head_hidden)
     return nn.Linear(dim, num_classes)
 
 

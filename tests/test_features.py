@@ -56,6 +56,10 @@ def test_features_mode_end_to_end(tmp_path, competition, tiny_weights, caplog):
     assert _feature_files(tmp_path) == files
     assert "embedded" not in caplog.text and "cached" in caplog.text
 
+    # the MLP head: same embeddings, its own checkpoints, the chain unchanged
+    report = _chain(make_cfg(tmp_path, competition, *base, "train.head=mlp", "train.head_steps=20"))
+    assert report["scored_rows"] == 36 and _feature_files(tmp_path) == files
+
     # another backbone (the shipped Lite0 weights) or another size: new embeddings
     _chain(make_cfg(tmp_path, competition, "train.mode=features", "model.name=efficientnet_lite0",
                     "model.pretrained=true", "infer.tta=[identity,hflip]"))
