@@ -166,8 +166,11 @@ class InferConfig:
 @dataclass(frozen=True)
 class EnsembleConfig:
     members: list[str] = field(default_factory=list)  # other experiments' run folders; this run is always in
-    weights: Optional[list[float]] = None
-    method: str = "soft"  # see pipeline.ensemble.ENSEMBLERS
+    weights: Optional[list[float]] = None  # soft/hard only: one per experiment, this run first
+    method: str = "soft"  # soft, hard, hill_climb, stack (see pipeline.ensemble.ENSEMBLERS)
+    metric: Literal["log_loss", "accuracy"] = "log_loss"  # what hill_climb improves on the OOF
+    hill_climb_steps: int = 50  # at most this many picks (with replacement) after the best member
+    stack_cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # stack: C chosen by CV
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,22 @@
-"""Ensemble stage: vote across every fold model of this experiment and of other experiments.
+"""Ensemble stage: combine this experiment's fold models with other experiments', weights chosen on the OOF.
 
 ``python -m pipeline.ensemble --config CONFIG --set ensemble.members=[runs/exp_b,exp_c]`` reads each
-member's per-fold test probabilities (``fold<k>/test.npy``) and combines them with the configured
-ensembler (``soft``: weighted mean of probabilities; ``hard``: weighted majority vote, as vote shares).
-``ensemble.weights`` gives one weight per experiment (this run first), shared equally by its folds.
-Members must have the same class list and test ids. When every member has out-of-fold predictions on
-the same ids, the ensemble's OOF score is reported too. Writes ``ensemble.csv`` and ``ensemble.json``.
+member's per-fold test probabilities (``fold<k>/test.npy``) and out-of-fold table (``oof_tta.csv``, else
+``oof.csv``) and combines them with ``ensemble.method``:
+
+* ``soft``: weighted mean of probabilities; ``hard``: weighted majority vote, as vote shares. Weights are
+  ``ensemble.weights`` (one per experiment, this run first), shared equally by an experiment's folds.
+* ``hill_climb``: Caruana et al. (2004) greedy forward selection with replacement: starting from the best
+  member, repeatedly add the member whose addition most improves the OOF ``ensemble.metric``; the weights
+  are how often each member was picked (a member that never helps gets 0).
+* ``stack``: a multinomial logistic regression on the members' OOF log-probabilities, its regularisation
+  chosen by cross-validation on the same folds.
+
+The reported OOF score is honest: for the fitted methods the weights are fitted on all folds but one and
+scored on the held-out fold, fold by fold (nested over folds); the in-sample score, the plain average and
+every member's own score stand beside it in ``ensemble.json``. Members must have the same class list and
+test ids (and, for the fitted methods, the same folds). Writes ``ensemble.csv``, ``ensemble.json`` and
+``ensemble_oof.csv`` (the nested OOF probabilities: a teacher for ``train.teacher``).
 """
 from __future__ import annotations
 
@@ -15,33 +26,162 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import PredefinedSplit
 
 from .cli import stage_main
-from .config import Config
+from .config import Config, EnsembleConfig
 from .data.cache import load_manifest
-from .metrics import score
+from .metrics import metric_loss, score
 from .registry import Registry
 from .utils import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-Ensembler = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
-ENSEMBLERS: Registry[Ensembler] = Registry("ensembler")
 
-
-@ENSEMBLERS.register("soft")
 def soft_vote(probs: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     """Weighted mean of class probabilities."""
     return np.tensordot(weights / weights.sum(), np.stack(probs), axes=1)
 
 
-@ENSEMBLERS.register("hard")
 def hard_vote(probs: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     """Weighted majority vote; returns each class's share of the votes (ties go to the lower index)."""
     votes = np.zeros_like(probs[0])
     for p, w in zip(probs, weights):
         votes[np.arange(len(p)), p.argmax(1)] += w
     return votes / weights.sum()
+
+
+# --------------------------------------------------------------------------- ensemblers
+
+
+class Ensembler:
+    """Combines members' probabilities (one (N, C) array per experiment) with per-member weights.
+
+    :meth:`fit` learns from the members' OOF probabilities (nothing for fixed weights); :meth:`predict`
+    combines member-level probabilities; :meth:`predict_folds` combines every fold model of every member
+    (the test set), each member's weight shared by its folds.
+    """
+
+    vote: Callable[[list[np.ndarray], np.ndarray], np.ndarray] = staticmethod(soft_vote)
+    fitted = False  # True: weights come from the OOF, so the OOF score is nested over folds
+
+    def __init__(self, cfg: EnsembleConfig, n_members: int) -> None:
+        self.cfg = cfg
+        weights = cfg.weights or [1.0] * n_members
+        if len(weights) != n_members:
+            raise ValueError(f"ensemble.weights has {len(weights)} values for {n_members} experiments")
+        self.weights = np.asarray(weights, dtype=float)
+
+    def fit(self, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> "Ensembler":
+        return self
+
+    def predict(self, probs: list[np.ndarray]) -> np.ndarray:
+        return self.vote(probs, self.weights)
+
+    def predict_folds(self, member_folds: list[list[np.ndarray]]) -> np.ndarray:
+        spread = np.concatenate([np.full(len(f), w / len(f)) for w, f in zip(self.weights, member_folds)])
+        return self.vote([p for folds in member_folds for p in folds], spread)
+
+    def member_weights(self) -> list[float]:
+        """Each member's share of the combination (sums to 1)."""
+        return (self.weights / self.weights.sum()).tolist()
+
+
+ENSEMBLERS: Registry[type[Ensembler]] = Registry("ensembler")
+ENSEMBLERS.register("soft")(Ensembler)
+
+
+@ENSEMBLERS.register("hard")
+class HardVote(Ensembler):
+    vote = staticmethod(hard_vote)
+
+
+class FittedEnsembler(Ensembler):
+    """An ensembler whose weights :meth:`fit` learns from the OOF (set weights are refused)."""
+
+    fitted = True
+
+    def __init__(self, cfg: EnsembleConfig, n_members: int) -> None:
+        if cfg.weights is not None:
+            raise ValueError(f"ensemble.weights is set, but ensemble.method={cfg.method} fits its own weights "
+                             "on the OOF predictions: drop ensemble.weights or use method soft/hard")
+        super().__init__(cfg, n_members)
+
+
+@ENSEMBLERS.register("hill_climb")
+class HillClimb(FittedEnsembler):
+    """Greedy forward selection with replacement (Caruana et al., 2004) on the OOF ``ensemble.metric``."""
+
+    def fit(self, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> "HillClimb":
+        losses = [metric_loss(self.cfg.metric, labels, p) for p in probs]
+        counts = np.zeros(len(probs))
+        first = int(np.argmin(losses))  # ties: the first member (so a duplicate is never preferred)
+        counts[first], current, best = 1, probs[first].astype(np.float64), losses[first]
+        for _ in range(self.cfg.hill_climb_steps):
+            n = counts.sum()
+            trials = [metric_loss(self.cfg.metric, labels, (current * n + p) / (n + 1)) for p in probs]
+            pick = int(np.argmin(trials))
+            if trials[pick] >= best:
+                break  # no member improves the ensemble any more
+            counts[pick] += 1
+            current, best = (current * n + probs[pick]) / (n + 1), trials[pick]
+        self.weights = counts
+        return self
+
+
+@ENSEMBLERS.register("stack")
+class Stack(FittedEnsembler):
+    """Multinomial logistic regression on the members' log-probabilities; C chosen by CV on the folds."""
+
+    def __init__(self, cfg: EnsembleConfig, n_members: int) -> None:
+        super().__init__(cfg, n_members)
+        self.model = None
+        self.keep: list[int] = list(range(n_members))
+
+    @staticmethod
+    def features(probs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.log(np.clip(p, 1e-7, 1.0)) for p in probs], axis=1)
+
+    def fit(self, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> "Stack":
+        # an exact copy of an earlier member adds nothing but would halve its features' penalty: drop it
+        self.keep = [i for i, p in enumerate(probs) if not any(np.array_equal(p, probs[j]) for j in range(i))]
+        x = self.features([probs[i] for i in self.keep])
+        if len(np.unique(folds)) >= 2:
+            self.model = LogisticRegressionCV(Cs=list(self.cfg.stack_cs), cv=PredefinedSplit(folds),
+                                              scoring="neg_log_loss", max_iter=2000,
+                                              l1_ratios=(0.0,), use_legacy_attributes=False)
+        else:
+            self.model = LogisticRegression(C=1.0, max_iter=2000)
+        self.model.fit(x, labels)
+        coef = np.abs(self.model.coef_).reshape(len(self.model.classes_), len(self.keep), -1).sum(axis=(0, 2))
+        self.weights = np.zeros(len(probs))
+        self.weights[self.keep] = coef
+        return self
+
+    def predict(self, probs: list[np.ndarray]) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("stack: fit before predict")
+        out = np.zeros((len(probs[0]), probs[0].shape[1]))
+        out[:, self.model.classes_] = self.model.predict_proba(self.features([probs[i] for i in self.keep]))
+        return out
+
+    def predict_folds(self, member_folds: list[list[np.ndarray]]) -> np.ndarray:
+        return self.predict([np.mean(folds, axis=0) for folds in member_folds])
+
+
+def nested_oof(cfg: EnsembleConfig, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """OOF probabilities of the ensemble with its weights fitted on every fold but the row's own."""
+    out = np.zeros_like(probs[0], dtype=np.float64)
+    for fold in np.unique(folds):
+        held = folds == fold
+        fitted = ENSEMBLERS.build(cfg.method, cfg, len(probs)).fit(
+            [p[~held] for p in probs], labels[~held], folds[~held])
+        out[held] = fitted.predict([p[held] for p in probs])
+    return out
+
+
+# --------------------------------------------------------------------------- members
 
 
 def member_dirs(cfg: Config) -> list[Path]:
@@ -68,7 +208,7 @@ def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
         raise FileNotFoundError(f"ensemble member {run_dir} has no fold*/test.npy: run its infer stage")
     ids = pd.read_csv(run_dir / manifest["test"]["index"], dtype={"id": str})["id"].to_numpy()
     oof_path = next((p for p in (run_dir / "oof_tta.csv", run_dir / "oof.csv") if p.is_file()), None)
-    return {"dir": run_dir, "classes": manifest["classes"], "ids": ids,
+    return {"dir": run_dir, "name": run_dir.name, "classes": manifest["classes"], "ids": ids,
             "folds": [np.load(p) for p in fold_files], "oof": oof_path}
 
 
@@ -81,48 +221,82 @@ def _aligned(member: dict, ids: np.ndarray) -> list[np.ndarray]:
     return [p[order] for p in member["folds"]]
 
 
-def _weights(cfg: Config, members: list[dict]) -> np.ndarray:
-    per_member = cfg.ensemble.weights or [1.0] * len(members)
-    if len(per_member) != len(members):
-        raise ValueError(f"ensemble.weights has {len(per_member)} values for {len(members)} experiments "
-                         f"({', '.join(str(m['dir']) for m in members)})")
-    return np.concatenate([np.full(len(m["folds"]), w / len(m["folds"])) for w, m in zip(per_member, members)])
-
-
-def oof_score(cfg: Config, members: list[dict], classes: list[str]) -> Optional[dict]:
-    """The ensemble's OOF score when every member has OOF probabilities for the same ids."""
+def load_oof(members: list[dict], classes: list[str], same_folds: bool) -> Optional[dict]:
+    """Every member's OOF probabilities on the first member's ids, the labels and folds (None if any is
+    missing or partial). With ``same_folds``, members whose folds differ are an error."""
     if any(m["oof"] is None for m in members):
         return None
     tables = [pd.read_csv(m["oof"], dtype={"id": str, "label": str}).set_index("id") for m in members]
     if any(set(t.index) != set(tables[0].index) for t in tables):
         return None
     ids = tables[0].index
-    probs = [t.loc[ids, classes].to_numpy() for t in tables]
+    probs = [t.loc[ids, classes].to_numpy(dtype=np.float64) for t in tables]
     if any(np.isnan(p).any() for p in probs):
         return None
-    weights = np.asarray(cfg.ensemble.weights or [1.0] * len(members), dtype=float)
-    combined = ENSEMBLERS.get(cfg.ensemble.method)(probs, weights)
+    folds = tables[0]["fold"].to_numpy()
+    for m, t in zip(members, tables):
+        if same_folds and not np.array_equal(t.loc[ids, "fold"].to_numpy(), folds):
+            raise ValueError(f"ensemble member {m['dir']} was cross-validated on other folds than {members[0]['dir']}:"
+                             " weights fitted on the OOF need the same folds (same data, folds.* and seed)")
     labels = tables[0].loc[ids, "label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return score(labels, combined)
+    return {"ids": ids.to_numpy(), "label": tables[0].loc[ids, "label"].to_numpy(), "labels": labels,
+            "folds": folds, "probs": probs}
+
+
+def oof_report(cfg: Config, members: list[dict], oof: dict, fitted: Ensembler) -> tuple[dict, np.ndarray]:
+    """The honest OOF score (nested over folds for fitted weights) next to the in-sample one, the plain
+    average and every member's own score; returns the report and the honest OOF probabilities."""
+    labels, probs = oof["labels"], oof["probs"]
+    in_sample = fitted.predict(probs)
+    honest = nested_oof(cfg.ensemble, probs, labels, oof["folds"]) if fitted.fitted else in_sample
+    own = {m["name"]: score(labels, p) for m, p in zip(members, probs)}
+    best = max(own, key=lambda name: own[name]["accuracy"])
+    report = {"oof": score(labels, honest), "oof_scoring": "nested over folds" if fitted.fitted else "fixed weights",
+              "oof_in_sample": score(labels, in_sample), "oof_average": score(labels, soft_vote(probs, np.ones(len(probs)))),
+              "oof_members": own, "best_member": best}
+    return report, honest
 
 
 def run(cfg: Config) -> pd.DataFrame:
-    """Combine the members' fold predictions; write and return ``ensemble.csv``."""
-    combine = ENSEMBLERS.get(cfg.ensemble.method)
+    """Fit the combination on the members' OOF, combine their fold predictions; write ``ensemble.csv``."""
+    method = ENSEMBLERS.get(cfg.ensemble.method)
     members: list[dict] = []
     for path in member_dirs(cfg):
         members.append(load_member(path, members[0]["classes"] if members else None))
+    if cfg.ensemble.weights is not None and len(cfg.ensemble.weights) != len(members) and not method.fitted:
+        raise ValueError(f"ensemble.weights has {len(cfg.ensemble.weights)} values for {len(members)} experiments "
+                         f"({', '.join(str(m['dir']) for m in members)})")
     classes, ids = members[0]["classes"], members[0]["ids"]
-    probs = [p for m in members for p in _aligned(m, ids)]
-    combined = combine(probs, _weights(cfg, members))
-    frame = pd.DataFrame(combined, columns=classes)
+    ensembler = method(cfg.ensemble, len(members))
+    oof = load_oof(members, classes, same_folds=method.fitted)
+    if method.fitted:
+        if oof is None:
+            raise FileNotFoundError(f"ensemble.method={cfg.ensemble.method} fits weights on the OOF predictions, "
+                                    "but a member has no complete oof.csv: train every fold of every member")
+        ensembler.fit(oof["probs"], oof["labels"], oof["folds"])
+    member_folds = [_aligned(m, ids) for m in members]
+    frame = pd.DataFrame(ensembler.predict_folds(member_folds), columns=classes)
     frame.insert(0, "id", ids)
     write_csv(cfg.run_dir / "ensemble.csv", frame)
     report = {"method": cfg.ensemble.method, "members": [str(m["dir"]) for m in members],
-              "models": len(probs), "weights": cfg.ensemble.weights, "oof": oof_score(cfg, members, classes)}
+              "models": sum(len(f) for f in member_folds), "weights": cfg.ensemble.weights,
+              "member_weights": dict(zip([m["name"] for m in members], ensembler.member_weights())), "oof": None}
+    if oof is not None:
+        scores, honest = oof_report(cfg, members, oof, ensembler)
+        report.update(scores)
+        table = pd.DataFrame(honest, columns=classes)
+        table.insert(0, "fold", oof["folds"])
+        table.insert(0, "label", oof["label"])
+        table.insert(0, "id", oof["ids"])
+        write_csv(cfg.run_dir / "ensemble_oof.csv", table)
     write_json(cfg.run_dir / "ensemble.json", report)
-    log.info("ensemble: %s vote of %d fold models from %d experiment(s); OOF %s", cfg.ensemble.method,
-             len(probs), len(members), report["oof"])
+    log.info("ensemble: %s of %d fold models from %d experiment(s), member weights %s; OOF %s",
+             cfg.ensemble.method, report["models"], len(members), report["member_weights"], report["oof"])
+    if oof is not None:
+        log.info("ensemble OOF accuracy %.4f (%s) vs in-sample %.4f, plain average %.4f, best member %s %.4f",
+                 report["oof"]["accuracy"], report["oof_scoring"], report["oof_in_sample"]["accuracy"],
+                 report["oof_average"]["accuracy"], report["best_member"],
+                 report["oof_members"][report["best_member"]]["accuracy"])
     return frame
 
 

@@ -5,6 +5,20 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 
+def _clipped(probs: np.ndarray) -> np.ndarray:
+    clipped = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1.0)
+    return clipped / clipped.sum(1, keepdims=True)  # scikit-learn no longer renormalises (it warns)
+
+
+def metric_loss(name: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """Lower is better: ``log_loss``, or ``accuracy`` as the error rate (what a search or a fit minimises)."""
+    if name == "accuracy":
+        return 1.0 - float(accuracy_score(labels, np.asarray(probs).argmax(1)))
+    if name == "log_loss":
+        return float(log_loss(labels, _clipped(probs), labels=np.arange(np.asarray(probs).shape[1])))
+    raise KeyError(f"unknown metric '{name}'; valid names: accuracy, log_loss")
+
+
 def score(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Accuracy, macro-F1 and log loss (probabilities clipped to [1e-7, 1] and renormalised)."""
     labels = np.asarray(labels)
@@ -12,8 +26,7 @@ def score(labels: np.ndarray, probs: np.ndarray) -> dict:
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "log_loss": float("nan"), "n": 0}
     preds = probs.argmax(1)
     classes = np.arange(probs.shape[1])
-    clipped = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1.0)
-    clipped /= clipped.sum(1, keepdims=True)  # scikit-learn no longer renormalises (it warns)
+    clipped = _clipped(probs)
     return {"accuracy": float(accuracy_score(labels, preds)),
             "macro_f1": float(f1_score(labels, preds, average="macro", labels=np.unique(labels))),
             "log_loss": float(log_loss(labels, clipped, labels=classes)),

@@ -152,3 +152,120 @@ def test_member_without_predictions_is_refused(tmp_path):
     fake_run(Path(cfg.runs_dir) / "exp_b", [])
     with pytest.raises(FileNotFoundError, match="infer"):
         ensemble.run(cfg)
+
+
+# --------------------------------------------------------------------------- weights fitted on the OOF
+
+
+def synthetic_oof(n: int = 600, c: int = 4, seed: int = 0, n_folds: int = 5):
+    """Labels, folds and three members: two informative ones (right about 70% of the time, their mistakes
+    independent, so averaging them helps) and a useless one (random probabilities)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    folds = np.arange(n) % n_folds
+
+    def member(acc):
+        noisy = np.where(rng.random(n) < acc, labels, rng.integers(0, c, n))
+        logits = 2.0 * np.eye(c)[noisy] + rng.normal(0, 1.0, (n, c))
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+    useless = rng.random((n, c)) + 0.05
+    return labels, folds, [member(0.7), member(0.7), useless / useless.sum(1, keepdims=True)]
+
+
+def ens_cfg(**values):
+    from pipeline.config import EnsembleConfig
+
+    return EnsembleConfig(**values)
+
+
+@pytest.mark.parametrize("metric", ["log_loss", "accuracy"])
+def test_hill_climb_gives_a_useless_member_weight_zero(metric):
+    labels, folds, probs = synthetic_oof()
+    fitted = ensemble.HillClimb(ens_cfg(method="hill_climb", metric=metric), 3).fit(probs, labels, folds)
+    weights = fitted.member_weights()
+    assert weights[2] == 0.0 and weights[0] > 0 and weights[1] > 0
+    combined = fitted.predict(probs)
+    # better than either informative member alone, on the metric it climbed
+    from pipeline.metrics import metric_loss
+    assert metric_loss(metric, labels, combined) < min(metric_loss(metric, labels, p) for p in probs[:2])
+
+
+@pytest.mark.parametrize("method", ["hill_climb", "stack"])
+def test_a_duplicated_member_changes_nothing(method):
+    labels, folds, probs = synthetic_oof(seed=1)
+    cfg = ens_cfg(method=method)
+    once = ensemble.ENSEMBLERS.build(method, cfg, 3).fit(probs, labels, folds)
+    twice = ensemble.ENSEMBLERS.build(method, cfg, 4).fit(probs + [probs[0].copy()], labels, folds)
+    np.testing.assert_allclose(twice.predict(probs + [probs[0]]), once.predict(probs), atol=1e-9)
+    assert twice.member_weights()[3] == 0.0
+    nested_once = ensemble.nested_oof(cfg, probs, labels, folds)
+    np.testing.assert_allclose(ensemble.nested_oof(cfg, probs + [probs[0]], labels, folds), nested_once, atol=1e-9)
+
+
+def test_stack_learns_to_ignore_a_useless_member_and_fixes_calibration():
+    labels, folds, probs = synthetic_oof(seed=2)
+    fitted = ensemble.Stack(ens_cfg(method="stack"), 3).fit(probs, labels, folds)
+    weights = fitted.member_weights()
+    assert weights[2] < 0.5 * min(weights[:2])  # its coefficients are noise-sized
+    combined = fitted.predict(probs)
+    np.testing.assert_allclose(combined.sum(1), 1.0, rtol=1e-6)
+    average = ensemble.soft_vote(probs[:2], np.ones(2))
+    from pipeline.metrics import metric_loss
+    assert metric_loss("log_loss", labels, combined) < metric_loss("log_loss", labels, average)
+
+
+@pytest.mark.parametrize("method", ["hill_climb", "stack"])
+def test_nested_score_is_not_above_the_in_sample_one(method):
+    """Weights fitted on the rows they score flatter the ensemble; fitted on the other folds they cannot."""
+    from pipeline.metrics import metric_loss
+
+    cfg = ens_cfg(method=method)
+    differs = []
+    for seed in range(4):
+        labels, folds, probs = synthetic_oof(n=300, seed=10 + seed)
+        in_sample = ensemble.ENSEMBLERS.build(method, cfg, 3).fit(probs, labels, folds).predict(probs)
+        nested = ensemble.nested_oof(cfg, probs, labels, folds)
+        assert metric_loss("log_loss", labels, nested) >= metric_loss("log_loss", labels, in_sample) - 1e-9
+        differs.append(not np.allclose(nested, in_sample))
+    assert any(differs)  # the folds really are scored by weights fitted without them
+
+
+def oof_table(labels: np.ndarray, folds: np.ndarray, probs: np.ndarray, classes=CLASSES) -> pd.DataFrame:
+    ids = [f"{i:04d}" for i in range(len(labels))]
+    return pd.DataFrame({"id": ids, "label": np.asarray(classes)[labels], "fold": folds,
+                         **dict(zip(classes, probs.T))})
+
+
+@pytest.mark.parametrize("method", ["hill_climb", "stack"])
+def test_run_fits_on_the_oof_and_reports_honest_scores(tmp_path, method):
+    labels, folds, probs = synthetic_oof(n=300, c=3, seed=3)
+    cfg = make_cfg(tmp_path, None, "experiment=exp_a", "ensemble.members=[exp_b, exp_c]", f"ensemble.method={method}")
+    for name, p in zip(("exp_a", "exp_b", "exp_c"), probs):
+        fake_run(Path(cfg.runs_dir) / name, [random_probs(len(name)), random_probs(7)], oof=oof_table(labels, folds, p))
+    ensemble.run(cfg)
+    report = json.loads((cfg.run_dir / "ensemble.json").read_text())
+    assert report["oof_scoring"] == "nested over folds" and report["best_member"] in ("exp_a", "exp_b")
+    assert report["oof"]["log_loss"] >= report["oof_in_sample"]["log_loss"] - 1e-9
+    assert report["oof"]["accuracy"] > max(report["oof_members"][m]["accuracy"] for m in ("exp_a", "exp_c"))
+    assert set(report["member_weights"]) == {"exp_a", "exp_b", "exp_c"}
+    assert sum(report["member_weights"].values()) == pytest.approx(1.0)
+    honest = pd.read_csv(cfg.run_dir / "ensemble_oof.csv", dtype={"id": str})
+    assert list(honest.columns) == ["id", "label", "fold"] + CLASSES and len(honest) == 300
+    from pipeline.metrics import score
+    assert score(labels, honest[CLASSES].to_numpy())["accuracy"] == pytest.approx(report["oof"]["accuracy"])
+
+
+def test_fitted_methods_refuse_other_folds_missing_oof_and_fixed_weights(tmp_path):
+    labels, folds, probs = synthetic_oof(n=60, c=3, seed=4)
+    cfg = make_cfg(tmp_path, None, "experiment=exp_a", "ensemble.members=[exp_b]", "ensemble.method=hill_climb")
+    fake_run(cfg.run_dir, [random_probs(0)], oof=oof_table(labels, folds, probs[0]))
+    fake_run(Path(cfg.runs_dir) / "exp_b", [random_probs(1)], oof=oof_table(labels, (folds + 1) % 5, probs[1]))
+    with pytest.raises(ValueError, match="other folds"):
+        ensemble.run(cfg)
+    (Path(cfg.runs_dir) / "exp_b" / "oof.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="oof"):
+        ensemble.run(cfg)
+    with pytest.raises(ValueError, match="fits its own weights"):
+        ensemble.run(make_cfg(tmp_path, None, "experiment=exp_a", "ensemble.method=stack", "ensemble.weights=[1]"))
