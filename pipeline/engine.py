@@ -247,7 +247,7 @@ class FoldRun:
         if not (self.cfg.train.resume and state_path.is_file() and (self.dir / "last.safetensors").is_file()):
             return
         state = load_state(state_path)
-        if state.get("fingerprint") != training_fingerprint(self.cfg):
+        if not same_training(state.get("fingerprint"), self.cfg):
             log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
             return
         load_weights(self.model, self.dir / "last.safetensors")
@@ -344,12 +344,31 @@ def training_fingerprint(cfg: Config) -> str:
     return yaml.safe_dump(keep, sort_keys=True)
 
 
+def same_training(stored: Optional[str], cfg: Config) -> bool:
+    """True when a stored fingerprint describes the same training as ``cfg``.
+
+    A key the stored fingerprint lacks (added to the config after that fold was trained) counts as the same
+    when ``cfg`` leaves it at its default: a new option's default keeps the old behaviour, so adding one must
+    not retrain every finished experiment."""
+    if stored is None:
+        return False
+    current = yaml.safe_load(training_fingerprint(cfg))
+    default = yaml.safe_load(training_fingerprint(Config()))
+    old = yaml.safe_load(stored)
+    for section, values in current.items():
+        if isinstance(values, dict) and isinstance(old.get(section), dict):
+            for key in set(values) - set(old[section]):
+                if values[key] == default[section].get(key):
+                    old[section][key] = values[key]
+    return old == current
+
+
 def fold_done(cfg: Config, fold: int) -> Optional[dict]:
     """The fold's result when it finished with the same training settings (then it is skipped)."""
     path = cfg.run_dir / f"fold{fold}" / "result.json"
     if path.is_file():
         result = read_json(path)
-        if result.get("fingerprint") == training_fingerprint(cfg):
+        if same_training(result.get("fingerprint"), cfg):
             return result
     return None
 

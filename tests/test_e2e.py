@@ -252,3 +252,17 @@ def test_yaml_is_only_loaded_safely():
         unsafe = list(calls(tree, "yaml", {"load", "load_all", "unsafe_load", "full_load", "unsafe_load_all"}))
         assert not unsafe, f"{path.relative_to(REPO)}:{unsafe[0].lineno}: unsafe YAML loading"
         assert "yaml.load(" not in text and "yaml.Loader" not in text and "UnsafeLoader" not in text, path
+
+
+def test_a_config_key_added_at_its_default_does_not_retrain(tmp_path):
+    """Folds trained before a new option existed stay finished while the option keeps its default."""
+    import yaml
+
+    cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None))
+    old = yaml.safe_load(engine.training_fingerprint(cfg))
+    del old["model"]["kwargs"]  # as if model.kwargs had been added after this fold was trained
+    stored = yaml.safe_dump(old, sort_keys=True)
+    assert engine.same_training(stored, cfg)
+    changed = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, "model.kwargs={stem: 8}"))
+    assert not engine.same_training(stored, changed)
+    assert not engine.same_training(engine.training_fingerprint(cfg), changed) and not engine.same_training(None, cfg)
