@@ -34,6 +34,7 @@ import torch
 from . import augment
 from .config import Config
 from .data.cache import load_manifest, load_split
+from .tta import configured_views
 from .utils import autocast, resolve_device, resolve_precision, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[
     from .tta import predict_tta
 
     model = eval_model(cfg, data["num_classes"], device, channels_last)
-    views = list(cfg.infer.tta)
+    views = configured_views(cfg.infer)
     rows = np.arange(min(len(data["test"]), batches * cfg.infer.batch_size // max(1, len(views)) + 1))
     kwargs = dict(mean=data["manifest"]["mean"], std=data["manifest"]["std"], device=device, dtype=dtype,
                   channels_last=channels_last, batch_size=cfg.infer.batch_size)
@@ -260,12 +261,12 @@ def summary(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], cha
         "experiment": cfg.experiment, "model": cfg.model.name, "policy": cfg.augment.policy,
         "mixer": augment.build_mixer(cfg.augment, 2) is not None, "image_size": cfg.data.image_size,
         "batch_size": cfg.train.batch_size, "infer_batch_size": cfg.infer.batch_size,
-        "tta_views": list(cfg.infer.tta), "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
+        "tta_views": cfg.infer.tta, "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
         "cpu_count": os.cpu_count(), "device": _device_name(device),
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
         "train_floor_img_s": round(floor, 1), "train_img_s": round(train, 1), "train_ratio": round(train / floor, 3),
         "tta_floor_img_s": round(t_floor, 1), "tta_img_s": round(tta, 1), "tta_ratio": round(tta / t_floor, 3),
-        "tta_test_img_s": round(tta / max(1, len(cfg.infer.tta)), 1), "preprocess_img_s": None,
+        "tta_test_img_s": round(tta / max(1, len(configured_views(cfg.infer))), 1), "preprocess_img_s": None,
         "floors": {k: round(v, 1) for k, v in floors.items()}, "best_floor": max(floors, key=floors.get),
         "configured_floor": configured,
     }

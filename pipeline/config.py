@@ -158,7 +158,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    tta: list[str] = field(default_factory=lambda: ["identity", "hflip"])
+    # the TTA views, or "auto": from tta_candidates, greedily keep the views that improve the OOF tta_metric
+    tta: Union[Literal["auto"], list[str]] = field(default_factory=lambda: ["identity", "hflip"])
+    tta_candidates: list[str] = field(default_factory=lambda: [
+        "identity", "hflip", "shift_left", "shift_right", "shift_up", "shift_down", "scale_up", "scale_down"])
+    tta_metric: Literal["accuracy", "log_loss"] = "accuracy"
     batch_size: int = 512
     oof_tta: bool = True  # score the OOF predictions with the same TTA views
 
@@ -298,6 +302,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as err:
+                if isinstance(value, (list, tuple)) and typing.get_origin(arg) in (list, tuple):
+                    raise  # a list with a bad item: name the item
                 errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:

@@ -3,7 +3,10 @@
 ``python -m pipeline.infer --config CONFIG [--set infer.tta=[identity,hflip,shift_left]]`` writes
 ``fold<k>/test.npy`` per fold and ``test_probs.csv`` (id + one column per class, mean over folds). With
 ``infer.oof_tta`` it also scores the held-out folds through the same views (``oof_tta.csv`` and the
-``oof_tta`` entry of ``cv.json``), so the TTA gain is measured, not assumed.
+``oof_tta`` entry of ``cv.json``), so the TTA gain is measured, not assumed. With ``infer.tta: auto`` the
+views are chosen on the OOF: every candidate of ``infer.tta_candidates`` predicts the held-out folds
+(``fold<k>/oof_views.npy``), then views are added greedily from identity while the OOF ``infer.tta_metric``
+improves (:func:`pipeline.tta.select_views`); ``cv.json``'s ``tta_auto`` shows each view's effect and the steps.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from .data.cache import load_manifest, load_split
 from .models import create_model
 from .engine import collect_oof, cv_report, load_weights
 from . import features
-from .tta import predict_tta
+from .tta import predict_tta, select_views
 from .weights import normalization
 from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
 
@@ -57,32 +60,43 @@ def _save(out: Path, probs: np.ndarray, views: list[str]) -> None:
     write_json(out.with_suffix(".json"), {"tta": views, "rows": len(probs)})
 
 
-def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device) -> None:
+def fold_predictor(cfg: Config, fold: int, manifest: dict, device: torch.device):
+    """``predict(split, rows, views) -> probabilities`` with the fold's model (or, in ``train.mode=features``,
+    its head on the cached embeddings), the mean over the TTA views."""
+    if cfg.train.mode == "features":
+        return lambda split, rows, views: features.predict_fold(cfg, fold, manifest, split, rows, views, device)
+    model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
+    mean, std = normalization(cfg.model, manifest)
+    kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
+                  dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size,
+                  size=cfg.data.image_size)
+
+    def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:
+        images, _ = load_split(cfg.run_dir, split, manifest)
+        return predict_tta(model, images, rows, views, **kwargs).numpy()
+
+    return predict
+
+
+def _fold_rows(cfg: Config, fold: int) -> np.ndarray:
+    folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str})
+    return np.flatnonzero(folds["fold"].to_numpy() == fold)
+
+
+def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device, views: list[str]) -> None:
     """Write ``test.npy`` (and ``oof_tta.npy``) for one fold unless they are up to date."""
     fold_dir = cfg.run_dir / f"fold{fold}"
-    views = list(cfg.infer.tta)
     jobs = [("test", fold_dir / "test.npy")]
-    if cfg.infer.oof_tta:
+    if cfg.infer.oof_tta or cfg.infer.tta == "auto":
         jobs.append(("train", fold_dir / "oof_tta.npy"))
     jobs = [(split, out) for split, out in jobs if not _up_to_date(out, fold_dir / "best.safetensors", views)]
     if not jobs:
         log.info("fold %d: predictions up to date", fold)
         return
-    model = None if cfg.train.mode == "features" else load_fold_model(cfg, fold, len(manifest["classes"]), device)
-    mean, std = normalization(cfg.model, manifest)
-    kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
-                  dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size,
-                  size=cfg.data.image_size)
+    predict = fold_predictor(cfg, fold, manifest, device)
     for split, out in jobs:
-        images, _ = load_split(cfg.run_dir, split, manifest)
-        rows = np.arange(len(images))
-        if split == "train":
-            folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str})
-            rows = np.flatnonzero(folds["fold"].to_numpy() == fold)
-        if model is None:  # train.mode=features: the fold's head on the cached embeddings of every view
-            probs = features.predict_fold(cfg, fold, manifest, split, rows, views, device)
-        else:
-            probs = predict_tta(model, images, rows, views, **kwargs).numpy()
+        rows = _fold_rows(cfg, fold) if split == "train" else np.arange(manifest[split]["n"])
+        probs = predict(split, rows, views)
         _save(out, probs, views)
         log.info("fold %d: %s probabilities for %d images with TTA %s", fold, split, len(rows), views)
 
@@ -92,19 +106,49 @@ def run(cfg: Config) -> pd.DataFrame:
     manifest = load_manifest(cfg.run_dir)
     device = resolve_device(cfg.train.device)
     folds = trained_folds(cfg.run_dir)
+    views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
     for fold in folds:
-        predict_fold(cfg, fold, manifest, device)
+        predict_fold(cfg, fold, manifest, device, views)
     _, test_index = load_split(cfg.run_dir, "test", manifest)
     probs = np.mean([np.load(cfg.run_dir / f"fold{f}" / "test.npy") for f in folds], axis=0)
     frame = pd.DataFrame(probs, columns=manifest["classes"])
     frame.insert(0, "id", test_index["id"].to_numpy())
     write_csv(cfg.run_dir / "test_probs.csv", frame)
-    if cfg.infer.oof_tta:
-        _score_oof_tta(cfg, manifest)
+    if cfg.infer.oof_tta or cfg.infer.tta == "auto":
+        _score_oof_tta(cfg, manifest, views)
     return frame
 
 
-def _score_oof_tta(cfg: Config, manifest: dict) -> None:
+def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.device) -> list[str]:
+    """``infer.tta: auto``: every candidate view's OOF probabilities, then greedy selection on the OOF.
+
+    Writes each fold's ``oof_tta.npy`` for the chosen views (the mean of their probabilities) and the
+    selection report into ``cv.json`` (``tta_auto``)."""
+    candidates = list(dict.fromkeys(cfg.infer.tta_candidates))
+    _, index = load_split(cfg.run_dir, "train", manifest)
+    per_view = np.full((len(candidates), len(index), len(manifest["classes"])), np.nan, dtype=np.float32)
+    for fold in folds:
+        fold_dir, rows = cfg.run_dir / f"fold{fold}", _fold_rows(cfg, fold)
+        out = fold_dir / "oof_views.npy"
+        if not _up_to_date(out, fold_dir / "best.safetensors", candidates):
+            predict = fold_predictor(cfg, fold, manifest, device)
+            _save(out, np.stack([predict("train", rows, [v]) for v in candidates]), candidates)
+            log.info("fold %d: OOF probabilities of %d candidate TTA views", fold, len(candidates))
+        per_view[:, rows] = np.load(out)
+    scored = ~np.isnan(per_view[0]).any(axis=1)
+    labels = index["label_idx"].to_numpy()[scored]
+    views, report = select_views(dict(zip(candidates, per_view[:, scored])), labels, cfg.infer.tta_metric)
+    chosen = per_view[[candidates.index(v) for v in views]].mean(axis=0)
+    for fold in folds:
+        _save(cfg.run_dir / f"fold{fold}" / "oof_tta.npy", chosen[_fold_rows(cfg, fold)], views)
+    cv_path = cfg.run_dir / "cv.json"
+    cv = read_json(cv_path) if cv_path.is_file() else {}
+    write_json(cv_path, {**cv, "tta_auto": report})
+    log.info("auto TTA chose %s from %s on the OOF %s", views, candidates, cfg.infer.tta_metric)
+    return views
+
+
+def _score_oof_tta(cfg: Config, manifest: dict, views: list[str]) -> None:
     _, index = load_split(cfg.run_dir, "train", manifest)
     folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"], name="oof_tta.npy")
@@ -112,9 +156,9 @@ def _score_oof_tta(cfg: Config, manifest: dict) -> None:
     cv_path = cfg.run_dir / "cv.json"
     cv = read_json(cv_path) if cv_path.is_file() else {}
     tta = cv_report(cfg, index, folds, probs)
-    cv["oof_tta"] = {"tta": list(cfg.infer.tta), **tta["oof"], "folds": tta["folds"]}
+    cv["oof_tta"] = {"tta": views, **tta["oof"], "folds": tta["folds"]}
     write_json(cv_path, cv)
-    log.info("CV with TTA %s: %s (without: %s)", list(cfg.infer.tta), tta["oof"], cv.get("oof"))
+    log.info("CV with TTA %s: %s (without: %s)", views, tta["oof"], cv.get("oof"))
 
 
 def main(argv=None) -> int:

@@ -59,8 +59,8 @@ def run(cfg: Config) -> dict:
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
     previous = cfg.run_dir / "cv.json"
-    if not trained and previous.is_file() and "oof_tta" in read_json(previous):
-        report["oof_tta"] = read_json(previous)["oof_tta"]  # still valid: no fold changed
+    if not trained and previous.is_file():  # still valid: no fold changed
+        report.update({k: v for k, v in read_json(previous).items() if k in ("oof_tta", "tta_auto")})
     write_json(cfg.run_dir / "cv.json", report)
     log.info("CV (%d/%d rows): %s", report["scored_rows"], report["total_rows"], report["oof"])
     return report

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import metric_loss, score
 from .registry import Registry
 from .utils import autocast
 
@@ -85,3 +86,40 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
             probs = sum(model(view(x)).float().softmax(1) for view in views) / len(views)
         out.append(probs.cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def configured_views(infer_cfg) -> list[str]:
+    """The views ``infer.tta`` names; with ``auto``, every candidate (what selection may use)."""
+    return list(infer_cfg.tta_candidates if infer_cfg.tta == "auto" else infer_cfg.tta)
+
+
+def select_views(view_probs: dict[str, np.ndarray], labels: np.ndarray, metric: str = "accuracy") -> tuple[list[str], dict]:
+    """Greedy forward selection of TTA views on OOF probabilities (one (N, C) array per candidate view).
+
+    Starts from ``identity`` (or the first candidate) and adds, one at a time, the view whose addition most
+    improves ``metric`` on the averaged probabilities; stops when no view improves it, so the result is never
+    worse than identity alone on the OOF. Returns the chosen views and a report: every view's score alone
+    and added to identity alone (its own effect), and the selection steps.
+    """
+    names = list(view_probs)
+    start = "identity" if "identity" in view_probs else names[0]
+    chosen, total = [start], view_probs[start].astype(np.float64)  # total: the sum of the chosen views
+    best = metric_loss(metric, labels, total)
+    steps = [{"views": [start], **score(labels, total), "kept": True}]
+    while True:
+        trials = {v: metric_loss(metric, labels, (total + view_probs[v]) / (len(chosen) + 1))
+                  for v in names if v not in chosen}
+        if not trials:
+            break
+        view = min(trials, key=trials.get)
+        candidate = (total + view_probs[view]) / (len(chosen) + 1)
+        kept = trials[view] < best
+        steps.append({"views": chosen + [view], **score(labels, candidate), "kept": kept})
+        if not kept:
+            break
+        chosen.append(view)
+        total, best = total + view_probs[view], trials[view]
+    base = view_probs[start]
+    effect = {v: {"alone": score(labels, p), f"with_{start}": score(labels, (base + p) / 2)}
+              for v, p in view_probs.items()}
+    return chosen, {"candidates": names, "metric": metric, "chosen": chosen, "steps": steps, "views": effect}

@@ -114,3 +114,62 @@ def test_predict_tta_needs_a_view():
     with pytest.raises(ValueError, match="at least one view"):
         predict_tta(tiny_model(), IMAGES, np.arange(2), [], mean=[0] * 3, std=[1] * 3,
                     device=torch.device("cpu"), dtype=None)
+
+
+# --------------------------------------------------------------------------- infer.tta: auto
+
+
+def test_select_views_keeps_views_that_help_and_drops_one_that_hurts():
+    from pipeline.tta import select_views
+
+    rng = np.random.default_rng(0)
+    n, c = 2000, 5
+    labels = rng.integers(0, c, n)
+
+    def view(signal):  # a view's probabilities: the truth plus independent noise
+        logits = signal * np.eye(c)[labels] + rng.normal(0, 1.0, (n, c))
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+    probs = {"identity": view(1.5), "hflip": view(1.5), "shift_left": view(1.4), "scale_down": view(0.0)}
+    chosen, report = select_views(probs, labels, "accuracy")
+    assert chosen[0] == "identity" and "hflip" in chosen and "scale_down" not in chosen
+    assert set(report["views"]) == set(probs)  # every candidate's own effect is reported
+    steps = report["steps"]
+    assert steps[0]["views"] == ["identity"] and all(s["kept"] for s in steps[:-1])
+    assert steps[-1]["kept"] is False or len(chosen) == len(probs)
+    kept_accuracy = [s["accuracy"] for s in steps if s["kept"]]
+    assert kept_accuracy == sorted(kept_accuracy) and kept_accuracy[-1] > kept_accuracy[0]
+    # alone, the useless view is at chance; added to identity it lowers the accuracy
+    assert report["views"]["scale_down"]["alone"]["accuracy"] < 0.35
+    assert report["views"]["scale_down"]["with_identity"]["accuracy"] < report["views"]["identity"]["alone"]["accuracy"]
+    # nothing helps: identity alone
+    assert select_views({"identity": probs["identity"], "scale_down": probs["scale_down"]}, labels)[0] == ["identity"]
+
+
+def test_infer_auto_chooses_views_on_the_oof(tmp_path, shared_competition):
+    import json
+
+    from pipeline import folds, infer, preprocess, train
+    from pipeline.utils import read_json
+
+    from conftest import stage_argv
+
+    argv = stage_argv(tmp_path, shared_competition, "experiment=auto", "infer.tta=auto",
+                      "infer.tta_candidates=[identity, hflip, vflip, scale_down]")
+    for stage in (preprocess, folds, train, infer):
+        assert stage.main(argv) == 0, stage.__name__
+    run_dir = tmp_path / "runs" / "auto"
+    cv = read_json(run_dir / "cv.json")
+    auto = cv["tta_auto"]
+    assert auto["candidates"] == ["identity", "hflip", "vflip", "scale_down"]
+    assert cv["oof_tta"]["tta"] == auto["chosen"] and auto["chosen"][0] == "identity"
+    assert cv["oof_tta"]["accuracy"] >= auto["views"]["identity"]["alone"]["accuracy"]
+    for k in range(3):
+        assert json.loads((run_dir / f"fold{k}" / "test.json").read_text())["tta"] == auto["chosen"]
+        assert np.load(run_dir / f"fold{k}" / "oof_views.npy").shape[0] == 4
+    # a re-run predicts nothing again and keeps the choice
+    before = (run_dir / "fold0" / "oof_views.npy").stat().st_mtime_ns
+    assert infer.main(argv) == 0
+    assert (run_dir / "fold0" / "oof_views.npy").stat().st_mtime_ns == before
+    assert read_json(run_dir / "cv.json")["tta_auto"]["chosen"] == auto["chosen"]
