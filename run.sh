@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point: sets itself up (.venv, installs), then runs stages, the whole chain, or the tests.
 #   ./run.sh full [CONFIG] [--set section.key=value ...]   every stage, ends with "submission: <path>"
+#   ./run.sh full A.yaml B.yaml ... [--set ...]             every member's stages, then A's ensemble of all, one submission
 #   ./run.sh test [pytest args]                             the test suite
 #   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble submit
 #   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
@@ -30,11 +31,36 @@ setup() {
   fi
 }
 
-# split "[CONFIG] [--set k=v ...]" into python -m arguments
+# split "[CONFIG ...] [--set k=v ...]" into CONFIGS and SETS; ARGS: python -m arguments for the first config
 stage_args() {
+  CONFIGS=()
+  while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do CONFIGS+=("$1"); shift; done
+  SETS=("$@")
   ARGS=()
-  if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then ARGS+=(--config "$1"); shift; fi
-  ARGS+=("$@")
+  if [ ${#CONFIGS[@]} -gt 0 ]; then ARGS+=(--config "${CONFIGS[0]}"); fi
+  ARGS+=("${SETS[@]}")
+}
+
+run_stage() {  # run_stage STAGE ARGS...: one stage, stop the chain when it fails
+  local stage=$1; shift
+  echo "== $stage $*" >&2
+  "$PY" -m "pipeline.$stage" "$@" || { echo "stage '$stage' failed" >&2; exit 1; }
+}
+
+# several configs: every member's stages on its own run folder (finished folds are skipped as always), then
+# the first config's ensemble of all members and one submission
+full_members() {
+  local members i stages
+  members=$("$PY" -c 'import sys; from pipeline.cli import members_main; sys.exit(members_main())' \
+    "${CONFIGS[@]}" "${SETS[@]}") || exit 1
+  for i in "${!CONFIGS[@]}"; do
+    stages="preprocess folds train infer"
+    [ "$i" -eq 0 ] && stages="eda $stages"
+    for stage in $stages; do run_stage "$stage" --config "${CONFIGS[$i]}" "${SETS[@]}"; done
+  done
+  for stage in ensemble submit; do
+    run_stage "$stage" --config "${CONFIGS[0]}" "${SETS[@]}" --set "ensemble.members=$members"
+  done
 }
 
 cmd=${1:-help}
@@ -48,10 +74,8 @@ case "$cmd" in
     setup
     stage_args "$@"
     [ -d data/demo ] || "$PY" -m pipeline.data.demo --out data/demo   # the embedded default competition
-    for stage in $STAGES; do
-      echo "== $stage" >&2
-      "$PY" -m "pipeline.$stage" "${ARGS[@]}" || { echo "stage '$stage' failed" >&2; exit 1; }
-    done ;;
+    if [ ${#CONFIGS[@]} -gt 1 ]; then full_members; exit 0; fi
+    for stage in $STAGES; do run_stage "$stage" "${ARGS[@]}"; done ;;
   search)
     setup
     stage_args "$@"
@@ -60,6 +84,7 @@ case "$cmd" in
   eda|preprocess|folds|train|infer|ensemble|submit|bench|augment)
     setup
     stage_args "$@"
+    [ ${#CONFIGS[@]} -le 1 ] || { echo "'$cmd' takes one config (several: ./run.sh full A.yaml B.yaml)" >&2; exit 2; }
     exec "$PY" -m "pipeline.$cmd" "${ARGS[@]}" ;;
   *) echo "unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

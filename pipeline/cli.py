@@ -49,3 +49,22 @@ def stage_main(run: Callable[[Config], Any], description: str, argv: Optional[Se
         print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def members_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``run.sh full A.yaml B.yaml …``: print the YAML list of the run folders of B, … (the ensemble members
+    of A's run), every config loaded with the same ``--set`` overrides; refuse two configs sharing a folder."""
+    parser = build_parser("run folders of the member configs")
+    parser.add_argument("configs", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        dirs = [load_config(path, args.overrides).run_dir for path in args.configs]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if len(set(dirs)) < len(dirs):
+        print(f"error: the configs {args.configs} share run folders {[str(d) for d in dirs]}: give each its own "
+              "experiment name (and do not --set experiment for several configs)", file=sys.stderr)
+        return 1
+    print("[" + ", ".join(repr(str(d)) for d in dirs[1:]) + "]")
+    return 0
