@@ -443,7 +443,8 @@ class Mixer:
         return max(cy - ch // 2, 0), min(cy + ch // 2 + ch % 2, h), max(cx - cw // 2, 0), min(cx + cw // 2 + cw % 2, w)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        one_hot = F.one_hot(targets.long(), self.num_classes).float()
+        # class indices, or soft targets already (distillation)
+        one_hot = targets.float() if targets.ndim == 2 else F.one_hot(targets.long(), self.num_classes).float()
         mode = self._mode()
         self.last = {"mode": mode, "lam": 1.0}
         if mode is None or len(images) < 2:

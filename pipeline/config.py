@@ -154,6 +154,17 @@ class TrainConfig:
     head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
     head_hidden: int = 256  # mlp: hidden units
     head_steps: int = 300  # mlp: full-batch AdamW steps
+    # distillation: a teacher's OOF probabilities (a run folder, an experiment name, or an OOF CSV such as an
+    # ensemble's ensemble_oof.csv) mixed with the hard labels, see pipeline.distill
+    teacher: Optional[str] = None
+    distill_alpha: float = 0.5  # weight of the teacher's probabilities in the targets (1 - alpha: the label)
+    distill_temperature: float = 1.0  # > 1 softens the teacher's probabilities
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import augment, finetune
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
+from .distill import teacher_signature
 from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
@@ -182,7 +183,8 @@ class FoldRun:
     """Everything one fold needs; :meth:`fit` trains it (resuming if a last checkpoint exists)."""
 
     def __init__(self, cfg: Config, fold: int, images: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
-                 manifest: dict, device: torch.device) -> None:
+                 manifest: dict, device: torch.device, targets: Optional[np.ndarray] = None) -> None:
+        """``targets``: soft training targets per train-index row (distillation); None trains on the labels."""
         self.cfg, self.fold, self.images, self.device = cfg, fold, images, device
         self.classes = manifest["classes"]
         self.mean, self.std = normalization(cfg.model, manifest)
@@ -198,7 +200,8 @@ class FoldRun:
         self.model = create_model(cfg.model, len(self.classes)).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loader = make_train_loader(images, self.train_rows, self.labels[self.train_rows], cfg,
+        train_targets = (self.labels if targets is None else targets)[self.train_rows]
+        self.loader = make_train_loader(images, self.train_rows, train_targets, cfg,
                                         augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold))
         self.optimizer = build_optimizer(cfg.train, self.model)
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
@@ -341,6 +344,8 @@ def training_fingerprint(cfg: Config) -> str:
     keep = {k: full[k] for k in ("seed", "data", "folds", "model", "augment", "train")}
     for section, keys in _NOT_TRAINING.items():
         keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    if cfg.train.teacher:  # the teacher's predictions themselves: a retrained teacher retrains the student
+        keep["train"]["teacher_oof_sha1"] = teacher_signature(cfg)
     return yaml.safe_dump(keep, sort_keys=True)
 
 

@@ -9,7 +9,8 @@ the other folds and scores the held-out one, keeping
 * ``fold<k>/oof.npy`` (held-out probabilities of the best epoch) and ``fold<k>/result.json`` (done marker),
 * TensorBoard scalars under ``runs/<experiment>/tb/fold<k>`` (``tensorboard --logdir runs``),
 
-then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and overall).
+then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and overall). With
+``train.teacher`` the targets mix a teacher's out-of-fold probabilities with the labels (pipeline.distill).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from .cli import stage_main
 from .config import Config, to_yaml
 from .data.cache import load_manifest, load_split
+from .distill import distill_targets, teacher_probs, teacher_table
 from .features import fit_folds
 from .engine import FoldRun, collect_oof, cv_report, fold_done
 from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
@@ -45,6 +47,16 @@ def run(cfg: Config) -> dict:
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
     log.info("train: %s on %s (%s), folds %s, %d images", cfg.model.name, device,
              resolve_precision(cfg.train.precision, device) or "fp32", list(wanted), len(index))
+    teacher = teacher_probs(cfg, index, folds, manifest["classes"])
+    targets = None
+    if teacher is not None:
+        if cfg.train.mode == "features":
+            raise ValueError("train.teacher: distillation trains a model on soft targets; train.mode=features fits "
+                             "heads on hard labels only: use train.mode=finetune for a student")
+        targets = distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
+                                  cfg.train.distill_temperature)
+        log.info("distilling from %s (alpha %.2f, temperature %.2f)", teacher_table(cfg), cfg.train.distill_alpha,
+                 cfg.train.distill_temperature)
     if cfg.train.mode == "features":
         trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
     else:
@@ -53,7 +65,7 @@ def run(cfg: Config) -> dict:
             if fold_done(cfg, fold):
                 log.info("fold %d already trained with these settings: skipped", fold)
                 continue
-            FoldRun(cfg, fold, images, index, folds, manifest, device).fit()
+            FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
             trained += 1
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)

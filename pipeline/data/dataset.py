@@ -28,7 +28,10 @@ class ImageDataset(Dataset):
                  transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
         self.images = images
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        # class indices (N,), or soft targets (N, C) such as a teacher's (see pipeline.distill)
+        self.labels = None if labels is None else np.asarray(labels)
+        if self.labels is not None:
+            self.labels = self.labels.astype(np.float32 if self.labels.ndim == 2 else np.int64)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -43,7 +46,12 @@ class ImageDataset(Dataset):
             batch_fn = getattr(self.transform, "batch", None)  # augment.Policy.batch: whole-batch policies
             batch = batch_fn(batch) if batch_fn is not None else np.stack([self.transform(im) for im in batch])
         tensors = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-        labels = [-1] * len(items) if self.labels is None else self.labels[np.asarray(items)].tolist()
+        if self.labels is None:
+            labels = [-1] * len(items)
+        elif self.labels.ndim == 2:
+            labels = list(torch.from_numpy(self.labels[np.asarray(items)]))
+        else:
+            labels = self.labels[np.asarray(items)].tolist()
         return list(zip(tensors, labels))
 
 
