@@ -3,18 +3,18 @@
 #   ./run.sh full [CONFIG] [--set section.key=value ...]   every stage, ends with "submission: <path>"
 #   ./run.sh full A.yaml B.yaml ... [--set ...]             every member's stages, then A's ensemble of all, one submission
 #   ./run.sh test [pytest args]                             the test suite
-#   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble submit
+#   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble results submit
 #   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
 #   ./run.sh help
 set -euo pipefail
 cd "$(dirname "$0")"
 
-STAGES="eda preprocess folds train infer ensemble submit"
+STAGES="eda preprocess folds train infer ensemble results submit"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 
@@ -58,7 +58,7 @@ full_members() {
     [ "$i" -eq 0 ] && stages="eda $stages"
     for stage in $stages; do run_stage "$stage" --config "${CONFIGS[$i]}" "${SETS[@]}"; done
   done
-  for stage in ensemble submit; do
+  for stage in ensemble results submit; do
     run_stage "$stage" --config "${CONFIGS[0]}" "${SETS[@]}" --set "ensemble.members=$members"
   done
 }
@@ -81,7 +81,7 @@ case "$cmd" in
     stage_args "$@"
     "$PY" -m pipeline.preprocess "${ARGS[@]}"
     exec "$PY" -m pipeline.search "${ARGS[@]}" ;;
-  eda|preprocess|folds|train|infer|ensemble|submit|bench|augment)
+  eda|preprocess|folds|train|infer|ensemble|results|submit|bench|augment)
     setup
     stage_args "$@"
     [ ${#CONFIGS[@]} -le 1 ] || { echo "'$cmd' takes one config (several: ./run.sh full A.yaml B.yaml)" >&2; exit 2; }

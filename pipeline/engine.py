@@ -312,6 +312,7 @@ class FoldRun:
             if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:  # never with "last"
                 log.info("fold %d: early stop, no improvement for %d epochs", self.fold, self.stale)
                 break
+        log_confusion(writer, self.labels[self.valid_rows], np.load(self.dir / "oof.npy"), self.classes, self.epoch)
         writer.close()
         best = read_json(self.dir / "best.json")
         result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
@@ -329,6 +330,16 @@ def log_preview(writer, images: np.ndarray, rows: np.ndarray, cfg: Config, size:
     pick = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=min(32, len(rows)), replace=False))
     grid = preview(np.asarray(images[pick]), cfg.augment, size, n=len(pick), seed=cfg.seed)
     writer.add_image("augmented_samples", grid, 0, dataformats="HWC")
+
+
+def log_confusion(writer, labels: np.ndarray, probs: np.ndarray, classes: list[str], step: int) -> None:
+    """The fold's confusion matrix (of the kept OOF predictions) as a TensorBoard image."""
+    from sklearn.metrics import confusion_matrix
+
+    from .figures import confusion_figure, figure_array
+
+    cm = confusion_matrix(labels, probs.argmax(1), labels=np.arange(len(classes)))
+    writer.add_image("confusion_matrix", figure_array(confusion_figure(cm, classes)), step, dataformats="HWC")
 
 
 # --------------------------------------------------------------------------- the stage

@@ -20,6 +20,7 @@ test ids (and, for the fitted methods, the same folds). Writes ``ensemble.csv``,
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -253,8 +254,24 @@ def oof_report(cfg: Config, members: list[dict], oof: dict, fitted: Ensembler) -
     best = max(own, key=lambda name: own[name]["accuracy"])
     report = {"oof": score(labels, honest), "oof_scoring": "nested over folds" if fitted.fitted else "fixed weights",
               "oof_in_sample": score(labels, in_sample), "oof_average": score(labels, soft_vote(probs, np.ones(len(probs)))),
-              "oof_members": own, "best_member": best}
+              "oof_members": own, "best_member": best, "oof_without": contributions(cfg, members, oof)}
     return report, honest
+
+
+def contributions(cfg: Config, members: list[dict], oof: dict) -> dict:
+    """Each member's contribution: the in-sample OOF score of the ensemble refitted without it."""
+    if len(members) < 2:
+        return {}
+    out = {}
+    for drop, member in enumerate(members):
+        keep = [i for i in range(len(members)) if i != drop]
+        ens = cfg.ensemble
+        if ens.weights is not None:
+            ens = dataclasses.replace(ens, weights=[ens.weights[i] for i in keep])
+        probs = [oof["probs"][i] for i in keep]
+        fitted = ENSEMBLERS.build(ens.method, ens, len(keep)).fit(probs, oof["labels"], oof["folds"])
+        out[member["name"]] = score(oof["labels"], fitted.predict(probs))
+    return out
 
 
 def run(cfg: Config) -> pd.DataFrame:

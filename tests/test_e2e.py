@@ -266,3 +266,26 @@ def test_a_config_key_added_at_its_default_does_not_retrain(tmp_path):
     changed = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, "model.kwargs={stem: 8}"))
     assert not engine.same_training(stored, changed)
     assert not engine.same_training(engine.training_fingerprint(cfg), changed) and not engine.same_training(None, cfg)
+
+
+@pytest.mark.slow
+def test_results_report_and_tensorboard_confusion(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline import results
+
+    assert results.main(chain["argv"]) == 0
+    out = chain["tmp"] / "reports" / EXPERIMENT / "results"
+    page = (out / "index.html").read_text()
+    for anchor in ("cv", "classes", "confusion", "wrong", "calibration", "tta", "ensemble"):
+        assert f'id="{anchor}"' in page
+    assert "<script" not in page and page.count("data:image/png;base64,") >= 2
+    report = read_json(out / "results.json")
+    oof = pd.read_csv(chain["run_dir"] / "oof_tta.csv", dtype={"id": str, "label": str})
+    assert report["source"] == "oof_tta.csv" and report["overall"]["n"] == len(oof)
+    assert sum(map(sum, report["confusion_matrix"])) == len(oof) and len(report["folds"]) == N_FOLDS
+    assert {c["class"] for c in report["per_class"]} == {"blob", "hstripes", "vstripes"}
+    wrong = report["confidently_wrong"]
+    assert [w["confidence"] for w in wrong] == sorted((w["confidence"] for w in wrong), reverse=True)
+    events = EventAccumulator(str(chain["run_dir"] / "tb" / "fold1"), size_guidance={"images": 0}).Reload()
+    assert "confusion_matrix" in events.Tags()["images"]

@@ -54,6 +54,8 @@ def test_full_with_several_configs_trains_every_member_and_ensembles_them(tmp_pa
     assert report["method"] == "hill_climb" and report["members"] == [str(runs / "mem_a"), str(runs / "mem_b")]
     assert set(report["oof_members"]) == {"mem_a", "mem_b"} and report["oof_scoring"] == "nested over folds"
     assert (runs / "mem_a" / "folds.csv").read_text() == (runs / "mem_b" / "folds.csv").read_text()
+    page = (tmp_path / "reports" / "mem_a" / "results" / "index.html").read_text()  # the ensemble's results page
+    assert "ensemble_oof.csv" in page and "mem_b" in page and "nested over folds" in page
     assert "== eda" in done.stderr and not (tmp_path / "reports" / "mem_b").exists()  # one EDA: the data is shared
     # every member is already trained: the train stage skips them all
     weights = {p.stat().st_mtime_ns for p in (runs / "mem_b").glob("fold*/best.safetensors")}

@@ -4,8 +4,6 @@ Figures are drawn with the object-oriented API (``Figure``, no pyplot state), so
 """
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import warnings
 
@@ -13,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from ..webpage import png_base64
 from .scan import rgb01
 
 log = logging.getLogger(__name__)
@@ -21,10 +20,7 @@ TRAIN_COLOR, TEST_COLOR = "#3b6fb6", "#e07b39"
 THUMB = 96
 
 
-def to_base64(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+to_base64 = png_base64
 
 
 def class_bars(counts: dict[str, int], ratio: float | None) -> str:

@@ -1,78 +1,19 @@
 """The self-contained EDA page: headings, tables of figures and base64 PNG plots, no scripts, no links out.
 
-:func:`render` turns the ``eda.json`` dict plus the figure images into one HTML string.
+:func:`render` turns the ``eda.json`` dict plus the figure images into one HTML string; the page pieces are
+shared with the results report (:mod:`pipeline.webpage`).
 """
 from __future__ import annotations
 
-import html
-from typing import Any, Iterable, Optional
+from .. import webpage
+from ..webpage import CSS, esc, figure, fmt, section, table  # noqa: F401 - the EDA sections' building blocks
 
 HTML_ROWS = 25  # listed rows per table in the page; eda.json and the CSV keep more, the counts are exact
-
-CSS = """
-body{font:14px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#222;margin:0;background:#f4f5f7}
-main{max-width:1280px;margin:0 auto;padding:0 24px 40px}
-header{background:#24313f;color:#fff;padding:18px 24px}header h1{margin:0 0 4px;font-size:24px}
-header p{margin:0;color:#c9d3dd}
-nav{background:#fff;border-bottom:1px solid #dde;padding:8px 24px;position:sticky;top:0}
-nav a{margin-right:14px;color:#3b6fb6;text-decoration:none;font-weight:600}
-section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;margin:18px 0;padding:6px 20px 16px}
-h2{font-size:19px;border-bottom:2px solid #3b6fb6;padding-bottom:4px}h3{font-size:15px;margin:14px 0 6px}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
-th,td{border:1px solid #d8dce1;padding:3px 9px;text-align:left;vertical-align:top}
-th{background:#eef1f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;height:auto;display:block;margin:8px 0}
-.warn{color:#b03a2e;font-weight:600}.ok{color:#2a7d4f;font-weight:600}.muted{color:#666}
-ul.sugg li{margin:4px 0}code{background:#eef1f5;padding:1px 4px;border-radius:3px;font-size:12px}
-.cols{display:flex;gap:28px;flex-wrap:wrap}
-"""
 
 SECTIONS = [("summary", "Summary"), ("classes", "Classes"), ("images", "Image properties"),
             ("colour", "Colour & normalization"), ("samples", "Samples"), ("files", "Unreadable files"),
             ("duplicates", "Duplicates")]
 
 
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def fmt(value: Any) -> str:
-    """Numbers with sensible precision, everything else as text."""
-    if isinstance(value, bool) or value is None:
-        return "—" if value is None else ("yes" if value else "no")
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
-
-
-def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], limit: Optional[int] = None) -> str:
-    """An HTML table; numeric cells right-aligned; at most ``limit`` rows with a note on the rest."""
-    rows = list(rows)
-    shown = rows if limit is None else rows[:limit]
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in shown)
-    rest = len(rows) - len(shown)
-    more = f'<p class="muted">… and {rest:,} more (see eda.json)</p>' if rest else ""
-    return f"<table><tr>{head}</tr>{body}</table>{more}"
-
-
-def _cell(value: Any) -> str:
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return f'<td class="n">{esc(fmt(value))}</td>' if numeric else f"<td>{esc(fmt(value))}</td>"
-
-
-def figure(b64: Optional[str], alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
-
-
-def section(key: str, title: str, body: str) -> str:
-    return f'<section id="{key}"><h2>{esc(title)}</h2>{body}</section>'
-
-
 def page(title: str, subtitle: str, sections: list[str]) -> str:
-    nav = "".join(f'<a href="#{k}">{esc(t)}</a>' for k, t in SECTIONS)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-            f"<nav>{nav}</nav><main>{''.join(sections)}</main></body></html>")
+    return webpage.page(title, subtitle, sections, SECTIONS)
