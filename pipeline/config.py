@@ -259,6 +259,7 @@ class SearchConfig:
     references: list[str] = field(default_factory=list)  # models scored with the same protocol (pareto.png)
     best_within: float = 0.01  # rule smallest_within: accuracy within this of the most accurate
     best_floor: float = 0.5  # rule smallest_above_floor
+    best_budgets: list[int] = field(default_factory=list)  # also most_accurate_under_<N> (params <= N) each
     record_latency: bool = True
 
     def __post_init__(self) -> None:

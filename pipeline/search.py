@@ -35,7 +35,7 @@ from .arch import count_macs, cpu_latency_ms
 from .cli import stage_main
 from .config import Config, to_yaml, with_values
 from .data.cache import load_manifest, load_split
-from .engine import TrainStep, build_optimizer, make_train_loader, predict_logits
+from .engine import TrainStep, build_optimizer, make_train_loader, predict_logits, training_fingerprint
 from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
@@ -295,8 +295,8 @@ def warm_start(study: optuna.Study, cfg: Config) -> int:
 def score_references(cfg: Config, data: TrialData, device: torch.device) -> list[dict]:
     """The ``search.references`` models trained with the trials' protocol (cached in references.json)."""
     path = search_dir(cfg) / "references.json"
-    protocol = to_yaml(with_values(cfg, {"search.references": [], "search.n_trials": None,
-                                         "search.timeout": None}))
+    search = cfg.search
+    protocol = training_fingerprint(cfg) + repr((search.subsample, search.holdout, search.epochs, search.seed))
     cached = read_json(path) if path.is_file() else {}
     if cached.get("protocol") != protocol:
         cached = {"protocol": protocol, "models": {}}

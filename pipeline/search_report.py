@@ -5,7 +5,8 @@
   trial order with the front drawn and the ``search.references`` models marked, ``hypervolume.png``,
 * ``best/<rule>.yaml``: complete configs (``./run.sh full`` trains them as they are) for the rules
   ``most_accurate``, ``smallest_within`` (``search.best_within`` of the best score) and
-  ``smallest_above_floor`` (score >= ``search.best_floor``), ``summary.json``,
+  ``smallest_above_floor`` (score >= ``search.best_floor``), plus ``most_accurate_under_<N>`` for each
+  parameter budget in ``search.best_budgets``; ``summary.json``,
 * TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
 
 ``python -m pipeline.search_report --compare DIR... --out FIG`` draws the hypervolume of several studies
@@ -101,7 +102,7 @@ def hypervolume_curve(table: pd.DataFrame, cfg: Config, reference: Optional[dict
 
 
 def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
-    """The three rules' trial rows (a rule with no qualifying trial is left out)."""
+    """The rules' trial rows (a rule with no qualifying trial is left out)."""
     good = usable(table)
     if good.empty or "params" not in good:
         return {}
@@ -114,6 +115,10 @@ def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
         ok = good[good[metric] >= floor - 1e-12].sort_values(["params", metric], ascending=[True, False])
         if len(ok):
             picks[rule] = ok.iloc[0]
+    for budget in cfg.search.best_budgets:
+        ok = ordered[ordered["params"] <= budget]
+        if len(ok):
+            picks[f"most_accurate_under_{budget}"] = ok.iloc[0]
     return picks
 
 
@@ -169,8 +174,8 @@ def plot_hypervolume(curves: dict[str, pd.DataFrame], path: Path, title: str) ->
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in curves.items():
-        axes[0].plot(curve["number"] + 1, curve["hypervolume"], label=name)
-        axes[1].plot(curve["seconds"] / 60, curve["hypervolume"], label=name)
+        axes[0].plot(curve["number"] + 1, curve["hypervolume"], label=name, drawstyle="steps-post")
+        axes[1].plot(curve["seconds"] / 60, curve["hypervolume"], label=name, drawstyle="steps-post")
     axes[0].set_xlabel("trials")
     axes[1].set_xlabel("trial minutes (sum of trial durations)")
     for ax in axes:

@@ -52,7 +52,8 @@ def test_random_samples_of_the_default_space_build_valid_models(tmp_path):
 
 def test_study_enforces_constraints_and_exports_loadable_configs(tmp_path, shared_competition):
     cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=8", "search.constraints={params: 3000}",
-                     "search.references=[airnet_tiny]", "search.best_floor=0.0")
+                     "search.references=[airnet_tiny]", "search.best_floor=0.0",
+                     "search.best_budgets=[2000, 10]")
     summary = search.run(cfg)
     out = cfg.run_dir / "search"
     trials = pd.read_csv(out / "trials.csv")
@@ -68,6 +69,9 @@ def test_study_enforces_constraints_and_exports_loadable_configs(tmp_path, share
         assert (out / name).is_file(), name
     assert list((out / "tb").iterdir())
     assert summary["best"], "no trial trained"
+    assert "most_accurate_under_10" not in summary["best"]  # nothing that small: no config
+    if (trials.loc[trained, "params"] <= 2000).any():
+        assert summary["best"]["most_accurate_under_2000"]["params"] <= 2000
     for rule in summary["best"]:
         exported = load_config(out / "best" / f"{rule}.yaml")
         assert exported.experiment == f"{cfg.experiment}-{rule}" and exported.train.epochs == cfg.train.epochs
