@@ -155,7 +155,8 @@ def plot_pareto(table: pd.DataFrame, cfg: Config, references: list[dict], path: 
         ax.step(front["params"], front[metric], where="post", color="crimson", lw=1.2, label="Pareto front")
     for ref in references:
         ax.scatter(ref["params"], ref[metric], marker="*", s=160, color="black", zorder=3)
-        ax.annotate(ref["name"], (ref["params"], ref[metric]), textcoords="offset points", xytext=(6, -10))
+        ax.annotate(ref["name"], (ref["params"], ref[metric]), textcoords="offset points", xytext=(-8, -14),
+                    ha="right")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(f"holdout {metric} ({cfg.search.epochs} epochs, {cfg.search.subsample} images)")
