@@ -20,7 +20,10 @@ fi
 "$PY" -c "import psycopg2" 2>/dev/null || "$PY" -m pip install --quiet psycopg2-binary
 
 version=$(ls /etc/postgresql | sort -V | tail -1)
-pg_ctlcluster "$version" main status >/dev/null 2>&1 || pg_ctlcluster "$version" main start
+if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then  # started here: stopped again on exit
+  pg_ctlcluster "$version" main start
+  trap 'pg_ctlcluster "$version" main stop' EXIT
+fi
 psql_admin() { runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qtAc "$1"; }
 [ "$(psql_admin "SELECT 1 FROM pg_roles WHERE rolname='pipeline'")" = 1 ] ||
   psql_admin "CREATE ROLE pipeline LOGIN PASSWORD 'pipeline'"
