@@ -66,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import rng as rngs
 from .config import AugmentConfig, Config
 from .registry import Registry
 
@@ -132,19 +133,19 @@ class PilTransform:
 
     def set_random_seed(self, seed: Optional[int]) -> None:
         self._py = random.Random(seed)
-        self._np = np.random.RandomState(seed if seed is None else seed % 2**32).get_state()
+        self._np = np.random.RandomState(seed if seed is None else seed % 2**32)
 
     def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
         from PIL import Image
 
         saved_py, saved_np = random.getstate(), np.random.get_state()
         random.setstate(self._py.getstate())
-        np.random.set_state(self._np)
+        np.random.set_state(self._np.get_state())
         try:
             out = self.transform(Image.fromarray(image))
         finally:
             self._py.setstate(random.getstate())
-            self._np = np.random.get_state()
+            self._np.set_state(np.random.get_state())
             random.setstate(saved_py)
             np.random.set_state(saved_np)
         return {"image": np.asarray(out, dtype=np.uint8)}
@@ -328,6 +329,17 @@ class RandAugment:
         self.seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
         self.rng = np.random.default_rng(self.seed)
         self._variants: dict[tuple[int, int, int], Optional[A.BasicTransform]] = {}
+
+    def rng_state(self) -> dict:
+        """The op-choice generator and every variant's generators (variants are created lazily)."""
+        return {"rng": rngs.generator_state(self.rng),
+                "variants": {f"{op},{level},{sign}": rngs.collect(t) for (op, level, sign), t in self._variants.items()
+                             if t is not None}}
+
+    def load_rng_state(self, state: dict) -> None:
+        rngs.set_generator_state(self.rng, state["rng"])
+        for key, states in state["variants"].items():
+            rngs.restore(self.variant(*map(int, key.split(","))), states)
 
     def variant(self, op: int, level: int, sign: int) -> Optional[A.BasicTransform]:
         """The (cached, seeded) transform for one op at one level and sign; None for the identity."""

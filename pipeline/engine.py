@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import augment, finetune
+from . import rng as rngs
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
 from .distill import teacher_signature
@@ -129,6 +130,19 @@ class TrainStep:
                 self.schedule.step_batch()
         return float(loss.detach())
 
+    def state_dict(self) -> dict:
+        """The step counter, the gradient scaler and any gradients accumulated towards the next step."""
+        pending = self.calls % self.accum_steps != 0
+        grads = [p.grad for p in self.model.parameters()] if pending else []
+        return {"calls": self.calls, "scaler": self.scaler.state_dict(), "grads": grads}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for param, grad in zip(self.model.parameters(), state["grads"]):
+            param.grad = None if grad is None else grad.to(param.device)
+
 
 def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, size: Optional[int] = None):
     """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read;
@@ -201,8 +215,8 @@ class FoldRun:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train_targets = (self.labels if targets is None else targets)[self.train_rows]
-        self.loader = make_train_loader(images, self.train_rows, train_targets, cfg,
-                                        augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold))
+        self.policy = augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold)
+        self.loader = make_train_loader(images, self.train_rows, train_targets, cfg, self.policy)
         self.optimizer = build_optimizer(cfg.train, self.model)
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
         self.schedule = build_scheduler(cfg.train, self.optimizer, steps)
@@ -245,24 +259,46 @@ class FoldRun:
         return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[monitor]
 
     def resume(self) -> None:
-        """Continue from ``last`` when it exists and was made with the same config."""
+        """Continue from ``last_state.pt`` when it exists and was made with the same config: weights, optimizer,
+        scheduler, counters and every random stream, so the rest of the fold is what it would have been."""
         state_path = self.dir / "last_state.pt"
-        if not (self.cfg.train.resume and state_path.is_file() and (self.dir / "last.safetensors").is_file()):
+        if not (self.cfg.train.resume and state_path.is_file()):
             return
-        state = load_state(state_path)
+        try:
+            state = load_state(state_path)
+        except Exception as err:  # noqa: BLE001 - truncated/garbled files raise many types; the fold restarts
+            log.warning("fold %d: %s is damaged (%s: %s); starting the fold over", self.fold, state_path,
+                        type(err).__name__, err)
+            return
         if not same_training(state.get("fingerprint"), self.cfg):
             log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
             return
-        load_weights(self.model, self.dir / "last.safetensors")
+        if not {"model", "step", "rng"} <= set(state):
+            log.warning("fold %d: %s predates exact resume (no random state); starting over", self.fold, state_path)
+            return
+        self.model.load_state_dict(state["model"])
         if self.ema is not None:
-            load_weights(self.ema.module, self.dir / "last_ema.safetensors")
+            self.ema.module.load_state_dict(state["ema"])
         self.step.updates = int(state.get("updates", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
+        self.step.load_state_dict(state["step"])
         self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
                                                               state["stale"])
+        self.restore_random(state["rng"])
         log.info("fold %d: resuming after epoch %d (best %.4f at epoch %d)", self.fold, self.epoch, self.best,
                  self.best_epoch + 1)
+
+    def random_state(self) -> dict:
+        """Every random stream training draws from (see :mod:`pipeline.rng`)."""
+        return {"global": rngs.global_state(), "loader": rngs.generator_state(self.loader.loader.generator),
+                "policy": rngs.collect(self.policy), "mixer": rngs.collect(self.step.mixer)}
+
+    def restore_random(self, state: dict) -> None:
+        rngs.set_global_state(state["global"])
+        rngs.set_generator_state(self.loader.loader.generator, state["loader"])
+        rngs.restore(self.policy, state["policy"])
+        rngs.restore(self.step.mixer, state["mixer"])
 
     def checkpoint(self, probs: np.ndarray, metrics: dict, improved: bool) -> None:
         meta = {"fold": self.fold, "epoch": self.epoch, "classes": self.classes, "metrics": metrics,
@@ -275,17 +311,20 @@ class FoldRun:
         save_checkpoint(self.dir, "last", self.model, meta)
         if self.ema is not None:
             save_checkpoint(self.dir, "last_ema", self.ema.module, meta)
-        save_state(self.dir / "last_state.pt", {
+        save_state(self.dir / "last_state.pt", {  # one atomic file: whatever else a kill interrupts, this is whole
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+            "step": self.step.state_dict(), "rng": self.random_state(),
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
             "fingerprint": training_fingerprint(self.cfg), "updates": self.step.updates})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.resume()
         writer = SummaryWriter(str(self.cfg.run_dir / "tb" / f"fold{self.fold}"))
         log_preview(writer, self.images, self.train_rows, self.cfg, self.size)
+        self.resume()  # after anything that draws random numbers before the first epoch
         start = time.perf_counter()
         while self.epoch < self.cfg.train.epochs:
             t0 = time.perf_counter()
