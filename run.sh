@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 STAGES="eda preprocess folds train infer ensemble results submit"
-VENV=${VENV:-.venv}
+VENV=${VENV:-.venv}   # another virtual environment: VENV=/path/to/venv ./run.sh ...
 PY="$VENV/bin/python"
 
 usage() {
@@ -73,7 +73,8 @@ case "$cmd" in
   full)
     setup
     stage_args "$@"
-    [ -d data/demo ] || "$PY" -m pipeline.data.demo --out data/demo   # the embedded default competition
+    # the embedded default competition, built only when the config reads it (not with --set data.root=OTHER)
+    "$PY" -m pipeline.data.demo --out data/demo --if-config-reads-it "${ARGS[@]}" || exit 1
     if [ ${#CONFIGS[@]} -gt 1 ]; then full_members; exit 0; fi
     for stage in $STAGES; do run_stage "$stage" "${ARGS[@]}"; done ;;
   search)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import runs
 from .config import Config, ConfigError, load_config
 from .utils import setup_logging
 
@@ -41,7 +42,7 @@ def stage_main(run: Callable[[Config], Any], description: str, argv: Optional[Se
     args = parser.parse_args(argv)
     try:
         cfg = parse_config(args)
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1]):
             run(cfg)
     except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

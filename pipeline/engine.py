@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -176,8 +177,24 @@ def save_checkpoint(fold_dir: Path, name: str, model: nn.Module, meta: dict) -> 
     write_json(fold_dir / f"{name}.json", meta)
 
 
+def weights_intact(path: Path) -> bool:
+    """True when ``path`` is a complete safetensors file (its header covers the file exactly: a truncated
+    or garbled file fails); reads only the header."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+        return True
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError, ...: not usable either way
+        return False
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    model.load_state_dict(load_file(str(path)))
+    """Load a safetensors checkpoint; a damaged one is an error naming the file and the stage to re-run."""
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError and OSError: the file is not usable
+        raise ValueError(f"{path} is damaged ({err}): re-run the train stage (it retrains that fold)") from None
+    model.load_state_dict(state)
     return model
 
 
@@ -421,19 +438,31 @@ def same_training(stored: Optional[str], cfg: Config) -> bool:
 def fold_done(cfg: Config, fold: int) -> Optional[dict]:
     """The fold's result when it finished with the same training settings (then it is skipped)."""
     path = cfg.run_dir / f"fold{fold}" / "result.json"
-    if path.is_file():
+    if not path.is_file():
+        return None
+    try:
         result = read_json(path)
-        if same_training(result.get("fingerprint"), cfg):
-            return result
-    return None
+    except (OSError, ValueError):
+        log.warning("fold %d: %s is damaged: the fold is trained again", fold, path)
+        return None
+    return result if same_training(result.get("fingerprint"), cfg) else None
+
+
+def counted_folds(cfg: Config, fold_of: np.ndarray) -> list[int]:
+    """Folds whose results count: in ``folds.csv``, in ``train.folds`` (when set) and finished with the
+    current training settings. A fold dropped from ``train.folds``, trained with other settings or left
+    unfinished never mixes into the OOF score or the test predictions."""
+    wanted = set(cfg.train.folds) if cfg.train.folds is not None else None
+    return [int(f) for f in sorted(set(fold_of)) if (wanted is None or f in wanted) and fold_done(cfg, int(f))]
 
 
 def collect_oof(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
                 name: str = "oof.npy") -> tuple[pd.DataFrame, np.ndarray]:
-    """Stitch every fold's held-out probabilities into one table aligned with the train index."""
+    """Stitch the held-out probabilities of every fold that counts (:func:`counted_folds`) into one table
+    aligned with the train index; rows of other folds are NaN."""
     probs = np.full((len(index), len(classes)), np.nan, dtype=np.float32)
     fold_of = folds["fold"].to_numpy()
-    for fold in sorted(set(fold_of)):
+    for fold in counted_folds(cfg, fold_of):
         path = cfg.run_dir / f"fold{fold}" / name
         if path.is_file():
             probs[fold_of == fold] = np.load(path)

@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .cli import stage_main
 from .config import Config
-from .data.cache import load_split
+from .data.cache import load_split, read_folds
 from .utils import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,26 @@ def _fingerprint(index: pd.DataFrame, cfg: Config, groups: pd.Series | None) -> 
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def _read_json_or_empty(path: Path) -> dict:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return {}
+
+
 def run(cfg: Config) -> pd.DataFrame:
     """Write (or reuse) ``folds.csv`` and return it."""
     _, index = load_split(cfg.run_dir, "train")
     groups = cv_groups(cfg, index)
     path, meta = cfg.run_dir / "folds.csv", cfg.run_dir / "folds.json"
     fingerprint = _fingerprint(index, cfg, groups)
-    if path.is_file() and meta.is_file() and read_json(meta).get("fingerprint") == fingerprint:
-        log.info("folds up to date: %s", path)
-        return pd.read_csv(path, dtype={"id": str, "label": str})
+    if path.is_file() and meta.is_file() and _read_json_or_empty(meta).get("fingerprint") == fingerprint:
+        try:
+            frame = read_folds(cfg.run_dir, index)
+            log.info("folds up to date: %s", path)
+            return frame
+        except ValueError as err:
+            log.warning("%s; making the folds again", err)
     frame = index[["id", "label"] + (["group"] if "group" in index.columns else [])].copy()
     group_col = "group" if "group" in frame.columns else None
     if cfg.folds.group_duplicates:  # the merged groups are what the split respected: keep them visible

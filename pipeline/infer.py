@@ -10,6 +10,8 @@ improves (:func:`pipeline.tta.select_views`); ``cv.json``'s ``tta_auto`` shows e
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -19,9 +21,9 @@ import torch
 
 from .cli import stage_main
 from .config import Config
-from .data.cache import load_manifest, load_split
+from .data.cache import load_manifest, load_split, read_folds
 from .models import create_model
-from .engine import collect_oof, cv_report, load_weights
+from .engine import collect_oof, counted_folds, cv_report, load_weights, weights_intact
 from . import features
 from .tta import predict_tta, select_views
 from .weights import normalization
@@ -30,13 +32,19 @@ from .utils import atomic_path, read_json, resolve_device, resolve_precision, wr
 log = logging.getLogger(__name__)
 
 
-def trained_folds(run_dir: Path) -> list[int]:
-    """Folds of the current ``folds.csv`` that have a best checkpoint (stale fold folders are ignored)."""
-    current = set(pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].astype(int))
-    folds = sorted(f for f in (int(p.parent.name[4:]) for p in run_dir.glob("fold*/best.safetensors"))
-                   if f in current)
+def trained_folds(cfg: Config) -> list[int]:
+    """The folds that count (:func:`pipeline.engine.counted_folds`: in ``folds.csv`` and ``train.folds``,
+    finished with the current training settings) and have a best checkpoint."""
+    fold_of = read_folds(cfg.run_dir, load_split(cfg.run_dir, "train")[1])["fold"].to_numpy()
+    folds = [f for f in counted_folds(cfg, fold_of) if (cfg.run_dir / f"fold{f}" / "best.safetensors").is_file()]
     if not folds:
-        raise FileNotFoundError(f"no trained fold in {run_dir} (fold*/best.safetensors): run the train stage")
+        raise FileNotFoundError(f"no fold in {cfg.run_dir} trained with these settings (fold*/result.json, "
+                                "best.safetensors): run the train stage")
+    damaged = [str(cfg.run_dir / f"fold{f}" / "best.safetensors") for f in folds
+               if not weights_intact(cfg.run_dir / f"fold{f}" / "best.safetensors")]
+    if damaged:
+        raise ValueError(f"{', '.join(damaged)}: damaged (truncated or not safetensors): re-run the train stage, "
+                         "which trains those folds again")
     return folds
 
 
@@ -48,16 +56,31 @@ def load_fold_model(cfg: Config, fold: int, num_classes: int, device: torch.devi
     return model
 
 
-def _up_to_date(out: Path, weights: Path, views: list[str]) -> bool:
+def prediction_key(cfg: Config, fold: int, split: str, manifest: dict, device: torch.device,
+                   views: list[str]) -> dict:
+    """What a fold's saved predictions depend on: the weights' bytes, the TTA views, the cached images,
+    the normalisation and the precision. Saved predictions are reused only when all of it is unchanged."""
+    weights = cfg.run_dir / f"fold{fold}" / "best.safetensors"
+    return {"tta": list(views), "weights_sha1": hashlib.sha1(weights.read_bytes()).hexdigest(),
+            "cache": manifest[split]["signature"], "normalization": list(normalization(cfg.model, manifest)),
+            "precision": str(resolve_precision(cfg.train.precision, device))}
+
+
+def _up_to_date(out: Path, key: dict) -> bool:
     meta = out.with_suffix(".json")
-    return (out.is_file() and meta.is_file() and out.stat().st_mtime >= weights.stat().st_mtime
-            and read_json(meta).get("tta") == views)
+    if not (out.is_file() and meta.is_file()):
+        return False
+    try:
+        saved = read_json(meta)
+        return saved.get("key") == json.loads(json.dumps(key)) and len(np.load(out, mmap_mode="r")) == saved["rows"]
+    except (OSError, ValueError, AttributeError, KeyError, EOFError):
+        return False  # damaged: predict again
 
 
-def _save(out: Path, probs: np.ndarray, views: list[str]) -> None:
+def _save(out: Path, probs: np.ndarray, key: dict) -> None:
     with atomic_path(out) as tmp:
         np.save(tmp, probs.astype(np.float32))
-    write_json(out.with_suffix(".json"), {"tta": views, "rows": len(probs)})
+    write_json(out.with_suffix(".json"), {"key": key, "tta": key["tta"], "rows": len(probs)})
 
 
 def fold_predictor(cfg: Config, fold: int, manifest: dict, device: torch.device):
@@ -89,7 +112,8 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device, v
     jobs = [("test", fold_dir / "test.npy")]
     if cfg.infer.oof_tta or cfg.infer.tta == "auto":
         jobs.append(("train", fold_dir / "oof_tta.npy"))
-    jobs = [(split, out) for split, out in jobs if not _up_to_date(out, fold_dir / "best.safetensors", views)]
+    keys = {split: prediction_key(cfg, fold, split, manifest, device, views) for split, _ in jobs}
+    jobs = [(split, out) for split, out in jobs if not _up_to_date(out, keys[split])]
     if not jobs:
         log.info("fold %d: predictions up to date", fold)
         return
@@ -97,7 +121,7 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device, v
     for split, out in jobs:
         rows = _fold_rows(cfg, fold) if split == "train" else np.arange(manifest[split]["n"])
         probs = predict(split, rows, views)
-        _save(out, probs, views)
+        _save(out, probs, keys[split])
         log.info("fold %d: %s probabilities for %d images with TTA %s", fold, split, len(rows), views)
 
 
@@ -105,7 +129,7 @@ def run(cfg: Config) -> pd.DataFrame:
     """Predict the test set with every trained fold; return the fold-averaged probabilities."""
     manifest = load_manifest(cfg.run_dir)
     device = resolve_device(cfg.train.device)
-    folds = trained_folds(cfg.run_dir)
+    folds = trained_folds(cfg)
     views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
     for fold in folds:
         predict_fold(cfg, fold, manifest, device, views)
@@ -130,9 +154,10 @@ def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.de
     for fold in folds:
         fold_dir, rows = cfg.run_dir / f"fold{fold}", _fold_rows(cfg, fold)
         out = fold_dir / "oof_views.npy"
-        if not _up_to_date(out, fold_dir / "best.safetensors", candidates):
+        key = prediction_key(cfg, fold, "train", manifest, device, candidates)
+        if not _up_to_date(out, key):
             predict = fold_predictor(cfg, fold, manifest, device)
-            _save(out, np.stack([predict("train", rows, [v]) for v in candidates]), candidates)
+            _save(out, np.stack([predict("train", rows, [v]) for v in candidates]), key)
             log.info("fold %d: OOF probabilities of %d candidate TTA views", fold, len(candidates))
         per_view[:, rows] = np.load(out)
     scored = ~np.isnan(per_view[0]).any(axis=1)
@@ -140,7 +165,8 @@ def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.de
     views, report = select_views(dict(zip(candidates, per_view[:, scored])), labels, cfg.infer.tta_metric)
     chosen = per_view[[candidates.index(v) for v in views]].mean(axis=0)
     for fold in folds:
-        _save(cfg.run_dir / f"fold{fold}" / "oof_tta.npy", chosen[_fold_rows(cfg, fold)], views)
+        _save(cfg.run_dir / f"fold{fold}" / "oof_tta.npy", chosen[_fold_rows(cfg, fold)],
+              prediction_key(cfg, fold, "train", manifest, device, views))
     cv_path = cfg.run_dir / "cv.json"
     cv = read_json(cv_path) if cv_path.is_file() else {}
     write_json(cv_path, {**cv, "tta_auto": report})
@@ -150,7 +176,7 @@ def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.de
 
 def _score_oof_tta(cfg: Config, manifest: dict, views: list[str]) -> None:
     _, index = load_split(cfg.run_dir, "train", manifest)
-    folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
+    folds = read_folds(cfg.run_dir, index)
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"], name="oof_tta.npy")
     write_csv(cfg.run_dir / "oof_tta.csv", oof)
     cv_path = cfg.run_dir / "cv.json"

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from .cli import stage_main
 from .config import Config, to_yaml
-from .data.cache import MANIFEST, cache_path, cache_side, decode, signature
+from .data.cache import MANIFEST, cache_path, cache_side, decode, load_manifest, manifest_digest, open_array, signature
 from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
-from .utils import atomic_path, read_json, write_csv, write_json, write_text
+from .utils import atomic_path, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,12 @@ def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> 
     out = cache_path(cfg.data.cache_dir, split, sig, size)
     entry = {"array": str(out), "index": f"{split}_index.csv", "signature": sig, "n": len(paths), "size": size}
     if out.is_file() and previous.get(split, {}).get("signature") == sig:
-        log.info("%s cache up to date: %s", split, out)
-        return entry, []
+        try:
+            open_array(out, len(paths), size)
+            log.info("%s cache up to date: %s", split, out)
+            return entry, []
+        except ValueError as err:
+            log.warning("%s; rebuilding it", err)
     try:
         decode_all(paths, size, out, f"decode {split}", sources=image_sources(comp, split, cfg.data),
                    resize=cfg.data.resize)
@@ -120,6 +124,17 @@ def _index_frame(comp: Competition, split: str) -> pd.DataFrame:
     return frame
 
 
+def _previous_manifest(run_dir: Path) -> dict:
+    """The last manifest, or nothing when there is none or it is damaged or edited (then all is rebuilt)."""
+    try:
+        return load_manifest(run_dir)
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        log.warning("%s; rebuilding everything", err)
+        return {}
+
+
 def run(cfg: Config) -> dict:
     """Validate and cache the competition; return the manifest (also written to the run folder)."""
     comp = load_competition(cfg.data)
@@ -129,7 +144,7 @@ def run(cfg: Config) -> dict:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    previous = read_json(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else {}
+    previous = _previous_manifest(run_dir)
     manifest = {"root": str(comp.root), "layout": comp.layout, "image_size": cfg.data.image_size,
                 "cache_size": cache_side(cfg.data.image_size, cfg.data.crop_pct), "resize": cfg.data.resize,
                 "classes": comp.classes, "submission_columns": comp.submission_columns,
@@ -145,6 +160,7 @@ def run(cfg: Config) -> dict:
         manifest["mean"], manifest["std"] = previous["mean"], previous["std"]
     else:
         manifest["mean"], manifest["std"] = channel_stats(np.load(manifest["train"]["array"], mmap_mode="r"))
+    manifest["digest"] = manifest_digest(manifest)
     write_json(run_dir / MANIFEST, manifest)
     log.info("preprocess: %d train / %d test images at %dpx, %d classes, mean %s std %s",
              manifest["train"]["n"], manifest["test"]["n"], cfg.data.image_size, len(comp.classes),

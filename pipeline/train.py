@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 import torch
 
 from .cli import stage_main
 from .config import Config, to_yaml
-from .data.cache import load_manifest, load_split
+from .data.cache import load_manifest, load_split, read_folds
 from .distill import distill_targets, teacher_probs, teacher_table
 from .features import fit_folds
-from .engine import FoldRun, collect_oof, cv_report, fold_done
+from .engine import FoldRun, collect_oof, cv_report, fold_done, weights_intact
 from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -34,17 +33,12 @@ def run(cfg: Config) -> dict:
     """Train every configured fold (skipping finished ones), then write ``oof.csv`` and ``cv.json``."""
     manifest = load_manifest(cfg.run_dir)
     images, index = load_split(cfg.run_dir, "train", manifest)
-    folds_path = cfg.run_dir / "folds.csv"
-    if not folds_path.is_file():
-        raise FileNotFoundError(f"{folds_path} not found: run the folds stage first")
-    folds = pd.read_csv(folds_path, dtype={"id": str, "label": str})
-    if not folds["id"].equals(index["id"]):
-        raise ValueError(f"{folds_path} does not match the preprocessed train set: re-run the folds stage")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    folds = read_folds(cfg.run_dir, index)
     write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
     device = resolve_device(cfg.train.device)
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     log.info("train: %s on %s (%s), folds %s, %d images", cfg.model.name, device,
              resolve_precision(cfg.train.precision, device) or "fp32", list(wanted), len(index))
     teacher = teacher_probs(cfg, index, folds, manifest["classes"])
@@ -63,16 +57,23 @@ def run(cfg: Config) -> dict:
         trained = 0
         for fold in wanted:
             if fold_done(cfg, fold):
-                log.info("fold %d already trained with these settings: skipped", fold)
-                continue
+                best = cfg.run_dir / f"fold{fold}" / "best.safetensors"
+                if weights_intact(best):
+                    log.info("fold %d already trained with these settings: skipped", fold)
+                    continue
+                log.warning("fold %d: %s is missing or damaged: training the fold again", fold, best)
+                (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
             FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
             trained += 1
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
     previous = cfg.run_dir / "cv.json"
-    if not trained and previous.is_file():  # still valid: no fold changed
-        report.update({k: v for k, v in read_json(previous).items() if k in ("oof_tta", "tta_auto")})
+    if not trained and previous.is_file():
+        old = read_json(previous)
+        same_folds = sorted(old.get("oof_tta", {}).get("folds", {})) == sorted(str(f) for f in report["folds"])
+        if same_folds:  # still valid: no fold changed, none added or dropped
+            report.update({k: v for k, v in old.items() if k in ("oof_tta", "tta_auto")})
     write_json(cfg.run_dir / "cv.json", report)
     log.info("CV (%d/%d rows): %s", report["scored_rows"], report["total_rows"], report["oof"])
     return report

@@ -1,0 +1,106 @@
+"""Who may write a run folder.
+
+* :func:`claim` (every stage's command line takes it): an exclusive ``flock`` on ``runs/<experiment>/.lock``,
+  so a second process on the same run folder refuses at once instead of both writing; and the folder's data
+  stamp (``data.json``: the competition folder it was made from), so a run folder never mixes two datasets.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .config import Config, ConfigError
+from .utils import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STAMP = "data.json"
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run folder."""
+
+
+def _try_lock(path: Path, info: dict) -> Optional[int]:
+    """An open descriptor holding an exclusive lock on ``path`` (``info`` written into it), or None if held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    return fd
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` while ``what`` runs; raise :class:`RunBusy` naming the holder if it is taken."""
+    path = Path(run_dir) / ".lock"
+    fd = _try_lock(path, {"pid": os.getpid(), "stage": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if fd is None:
+        held = _holder(path)
+        raise RunBusy(f"{run_dir} is in use by another pipeline process (pid {held.get('pid', '?')}, "
+                      f"{held.get('stage', '?')} since {held.get('since', '?')}): wait for it to finish, or give "
+                      "this run its own folder with --set experiment=NAME")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def data_identity(cfg: Config) -> str:
+    """The competition a config reads: the real path of ``data.root``."""
+    return os.path.realpath(cfg.data.root)
+
+
+def suggested_experiment(cfg: Config) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data_identity(cfg)).name).strip("-") or "data"
+    return f"{cfg.experiment}-{name}"
+
+
+def check_data(cfg: Config) -> None:
+    """Refuse a run folder made from another competition; stamp a new one with this config's data."""
+    run_dir, root = cfg.run_dir, data_identity(cfg)
+    stamp, manifest = run_dir / STAMP, run_dir / "preprocess.json"
+    previous = None
+    for path, key in ((stamp, "root"), (manifest, "root")):
+        if path.is_file():
+            try:
+                previous = read_json(path).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if previous:
+                previous = os.path.realpath(previous)
+                break
+    if previous and previous != root:
+        raise ConfigError(f"{run_dir} holds results made from {previous}, not from data.root={cfg.data.root}: "
+                          f"a run folder never mixes two datasets. Use --set experiment={suggested_experiment(cfg)} "
+                          "(or remove the folder to start over)")
+    if not stamp.is_file():
+        write_json(stamp, {"root": root})
+
+
+@contextlib.contextmanager
+def claim(cfg: Config, what: str) -> Iterator[None]:
+    """The run folder for one stage: locked against other processes and checked to hold this data."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.run_dir, what):
+        check_data(cfg)
+        yield
