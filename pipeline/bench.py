@@ -34,6 +34,7 @@ import torch
 from . import augment
 from .config import Config
 from .data.cache import load_manifest, load_split
+from .runs import training_slot
 from .tta import configured_views
 from .utils import autocast, resolve_device, resolve_precision, seed_everything, write_json
 
@@ -228,8 +229,12 @@ def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: i
     Every figure is measured ``rounds`` times, floors and pipelines alternately, and the best kept, so that
     a passing background load biases neither side of a ratio.
     """
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    with training_slot(cfg, "bench") as threads:
+        torch.set_num_threads(threads)
+        return _measure(cfg, batches, preprocess_images, rounds, compare)
+
+
+def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, compare: bool) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     dtype = resolve_precision(cfg.train.precision, device)

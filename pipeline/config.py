@@ -136,7 +136,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     device: str = "auto"
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch intra-op threads; 0: the usable cores shared among the pipeline processes computing on this
+    # machine now (two jobs each using every core slowed each other 4-15x on 2 cores); a warning names them
+    threads: int = 0
     folds: Optional[list[int]] = None  # train only these folds (None: all)
     # which epoch's weights a fold keeps: best validation accuracy/loss, or the last epoch. Choosing the epoch
     # on the held-out fold flatters the OOF score a little; "last" keeps it unbiased.

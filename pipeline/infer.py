@@ -25,6 +25,7 @@ from .data.cache import load_manifest, load_split, read_folds
 from .models import create_model
 from .engine import collect_oof, counted_folds, cv_report, load_weights, weights_intact
 from . import features
+from .runs import training_slot
 from .tta import predict_tta, select_views
 from .weights import normalization
 from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
@@ -130,9 +131,11 @@ def run(cfg: Config) -> pd.DataFrame:
     manifest = load_manifest(cfg.run_dir)
     device = resolve_device(cfg.train.device)
     folds = trained_folds(cfg)
-    views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
-    for fold in folds:
-        predict_fold(cfg, fold, manifest, device, views)
+    with training_slot(cfg, "infer") as threads:
+        torch.set_num_threads(threads)
+        views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
+        for fold in folds:
+            predict_fold(cfg, fold, manifest, device, views)
     _, test_index = load_split(cfg.run_dir, "test", manifest)
     probs = np.mean([np.load(cfg.run_dir / f"fold{f}" / "test.npy") for f in folds], axis=0)
     frame = pd.DataFrame(probs, columns=manifest["classes"])

@@ -1,8 +1,11 @@
-"""Who may write a run folder.
+"""Who may write a run folder, and what else is training on this machine.
 
 * :func:`claim` (every stage's command line takes it): an exclusive ``flock`` on ``runs/<experiment>/.lock``,
   so a second process on the same run folder refuses at once instead of both writing; and the folder's data
   stamp (``data.json``: the competition folder it was made from), so a run folder never mixes two datasets.
+* :func:`training_slot`: training processes announce themselves in a per-user folder under the temp dir
+  (one locked file each; the kernel drops the lock when a process dies, even by SIGKILL), so a new one can
+  warn that another is training and default its thread count to its share of the cores.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -104,3 +108,55 @@ def claim(cfg: Config, what: str) -> Iterator[None]:
     with run_lock(cfg.run_dir, what):
         check_data(cfg)
         yield
+
+
+# --------------------------------------------------------------------------- training on this machine
+
+
+def jobs_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"pipeline-jobs-{os.getuid()}"
+
+
+def other_training() -> list[dict]:
+    """The pipeline training processes alive on this machine, other than this one (stale files are removed)."""
+    alive = []
+    folder = jobs_dir()
+    for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        if path.stem == str(os.getpid()):
+            continue
+        fd = _try_lock(path, {})
+        if fd is None:
+            alive.append(_holder(path))
+        else:  # nobody holds it: the process is gone
+            path.unlink(missing_ok=True)
+            os.close(fd)
+    return alive
+
+
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def training_slot(cfg: Config, what: str = "train") -> Iterator[int]:
+    """Announce a training process for its lifetime; yield its thread count.
+
+    ``train.threads`` when set, else the usable cores divided among the pipeline processes training now
+    (two jobs each using every core slow each other 4-15x on 2 cores). Warns when another one is training."""
+    others = other_training()
+    threads = cfg.train.threads or max(1, usable_cpus() // (1 + len(others)))
+    if others:
+        names = "; ".join(f"pid {o.get('pid', '?')}: {o.get('what', '?')} {o.get('run', '?')}" for o in others)
+        log.warning("%d other pipeline process(es) training on this machine (%s): they share %d core(s) and "
+                    "slow each other; this one uses %d thread(s) (train.threads). Wait for them for full speed.",
+                    len(others), names, usable_cpus(), threads)
+    fd = _try_lock(jobs_dir() / f"{os.getpid()}.lock", {"pid": os.getpid(), "what": what, "run": str(cfg.run_dir)})
+    try:
+        yield threads
+    finally:
+        if fd is not None:
+            (jobs_dir() / f"{os.getpid()}.lock").unlink(missing_ok=True)
+            os.close(fd)

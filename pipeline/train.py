@@ -24,9 +24,24 @@ from .data.cache import load_manifest, load_split, read_folds
 from .distill import distill_targets, teacher_probs, teacher_table
 from .features import fit_folds
 from .engine import FoldRun, collect_oof, cv_report, fold_done, weights_intact
+from .runs import training_slot
 from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
+
+
+def _teacher_targets(cfg: Config, index, folds, manifest: dict):
+    """Soft targets from ``train.teacher``'s out-of-fold probabilities mixed with the labels, or None."""
+    teacher = teacher_probs(cfg, index, folds, manifest["classes"])
+    if teacher is None:
+        return None
+    if cfg.train.mode == "features":
+        raise ValueError("train.teacher: distillation trains a model on soft targets; train.mode=features fits "
+                         "heads on hard labels only: use train.mode=finetune for a student")
+    log.info("distilling from %s (alpha %.2f, temperature %.2f)", teacher_table(cfg), cfg.train.distill_alpha,
+             cfg.train.distill_temperature)
+    return distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
+                           cfg.train.distill_temperature)
 
 
 def run(cfg: Config) -> dict:
@@ -37,34 +52,25 @@ def run(cfg: Config) -> dict:
     write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
     device = resolve_device(cfg.train.device)
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    log.info("train: %s on %s (%s), folds %s, %d images", cfg.model.name, device,
-             resolve_precision(cfg.train.precision, device) or "fp32", list(wanted), len(index))
-    teacher = teacher_probs(cfg, index, folds, manifest["classes"])
-    targets = None
-    if teacher is not None:
+    targets = _teacher_targets(cfg, index, folds, manifest)
+    with training_slot(cfg, "train") as threads:
+        torch.set_num_threads(threads)
+        log.info("train: %s on %s (%s, %d threads), folds %s, %d images", cfg.model.name, device,
+                 resolve_precision(cfg.train.precision, device) or "fp32", threads, list(wanted), len(index))
         if cfg.train.mode == "features":
-            raise ValueError("train.teacher: distillation trains a model on soft targets; train.mode=features fits "
-                             "heads on hard labels only: use train.mode=finetune for a student")
-        targets = distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
-                                  cfg.train.distill_temperature)
-        log.info("distilling from %s (alpha %.2f, temperature %.2f)", teacher_table(cfg), cfg.train.distill_alpha,
-                 cfg.train.distill_temperature)
-    if cfg.train.mode == "features":
-        trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
-    else:
-        trained = 0
-        for fold in wanted:
-            if fold_done(cfg, fold):
-                best = cfg.run_dir / f"fold{fold}" / "best.safetensors"
-                if weights_intact(best):
-                    log.info("fold %d already trained with these settings: skipped", fold)
-                    continue
-                log.warning("fold %d: %s is missing or damaged: training the fold again", fold, best)
-                (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
-            FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
-            trained += 1
+            trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
+        else:
+            trained = 0
+            for fold in wanted:
+                if fold_done(cfg, fold):
+                    best = cfg.run_dir / f"fold{fold}" / "best.safetensors"
+                    if weights_intact(best):
+                        log.info("fold %d already trained with these settings: skipped", fold)
+                        continue
+                    log.warning("fold %d: %s is missing or damaged: training the fold again", fold, best)
+                    (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
+                FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
+                trained += 1
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
