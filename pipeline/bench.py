@@ -201,7 +201,14 @@ def preprocess_rate(cfg: Config, count: int) -> Optional[float]:
 
 
 def load_data(cfg: Config) -> dict:
-    manifest = load_manifest(cfg.run_dir)
+    """The cached train and test arrays; on a fresh config the preprocess stage runs first to make them."""
+    try:
+        manifest = load_manifest(cfg.run_dir)
+    except FileNotFoundError:
+        from .preprocess import run as preprocess
+
+        log.info("bench: %s has no preprocessed cache yet: running the preprocess stage first", cfg.run_dir)
+        manifest = preprocess(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     test, _ = load_split(cfg.run_dir, "test", manifest)
     return {"manifest": manifest, "images": images, "test": test, "num_classes": len(manifest["classes"]),

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline import bench, preprocess
-from pipeline.config import from_dict
+from pipeline import bench
 from pipeline.data.demo import build
 
 KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
@@ -27,8 +26,7 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
                  f"runs_dir={tmp_path / 'runs'}", "experiment=bench", "model.name=airnet_tiny",
                  "train.batch_size=32", "infer.batch_size=64", "augment.policy=randaugment",
                  "augment.mixup_alpha=0.2", "infer.tta=[identity, hflip]"]
-    preprocess.run(from_dict({}, overrides))
-    capsys.readouterr()
+    # a fresh config: no preprocess run yet, bench runs it
     args = [a for o in overrides for a in ("--set", o)] + ["--batches", "2", "--preprocess-images", "40", "--rounds", "1",
                                                        "--no-compare"]
     assert bench.main(args) == 0
@@ -43,6 +41,7 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text()) == result
 
 
-def test_bench_without_a_cache_fails_with_a_message(tmp_path, capsys):
-    assert bench.main(["--set", f"runs_dir={tmp_path}", "--set", "experiment=none"]) == 1
-    assert "preprocess" in capsys.readouterr().err
+def test_bench_without_data_fails_with_a_message(tmp_path, capsys):
+    assert bench.main(["--set", f"runs_dir={tmp_path}", "--set", "experiment=none",
+                       "--set", f"data.root={tmp_path / 'nothing'}"]) == 1
+    assert f"data.root {tmp_path / 'nothing'} is not a folder" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``./run.sh full A.yaml B.yaml``: every member's stages, then one ensemble and one submission (tiny competition)."""
+"""./run.sh through a subprocess on a tiny competition, with the existing virtual environment (VENV): one config,
+and several (every member's stages, then one ensemble and one submission)."""
 from __future__ import annotations
 
 import os
@@ -9,24 +10,85 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import train
+from pipeline import runs, train
 from pipeline.utils import read_json
 
-from conftest import DEFAULT_CONFIG, REPO, config_overrides, stage_argv
+from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
+
+
+def venv(tmp_path: Path) -> Path:
+    """A VENV for run.sh whose python is this one, marked installed so that setup installs nothing."""
+    folder = tmp_path / "venv"
+    (folder / "bin").mkdir(parents=True)
+    python = folder / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (folder / ".installed").touch()
+    os.utime(folder / ".installed", (os.stat(REPO / "setup.cfg").st_mtime + 10,) * 2)
+    return folder
 
 
 def run_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """run.sh with a stand-in venv around this interpreter (so it installs nothing)."""
-    venv = tmp_path / "venv"
-    if not venv.exists():
-        (venv / "bin").mkdir(parents=True)
-        python = venv / "bin" / "python"
-        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        python.chmod(0o755)
-        (venv / ".installed").touch()
-    env = {**os.environ, "VENV": str(venv)}
-    return subprocess.run([str(REPO / "run.sh"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    folder = tmp_path / "venv" if (tmp_path / "venv").is_dir() else venv(tmp_path)
+    env = {**os.environ, "VENV": str(folder), "PYTHONPATH": str(REPO)}
+    return subprocess.run(["bash", str(REPO / "run.sh"), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def config_file(tmp_path: Path, root: Path, experiment: str) -> tuple[Path, list[str]]:
+    """A CONFIG file naming the experiment and data, and --set arguments for everything else."""
+    path = tmp_path / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump({"experiment": experiment, "data": {"root": str(root)}}))
+    sets = [a for text in config_overrides(tmp_path, None, "infer.tta=[identity]", "train.epochs=1")
+            for a in ("--set", text)]
+    return path, sets
+
+
+@pytest.mark.slow
+def test_full_ends_with_the_submission_path(tmp_path):
+    root = make_competition(tmp_path / "comp")
+    config, sets = config_file(tmp_path, root, "cli")
+    demo_before = (REPO / "data" / "demo").is_dir()
+    done = run_sh(tmp_path, "full", str(config), *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("submission: ")
+    path = Path(last.split(": ", 1)[1])
+    assert path.is_file() and path.parent == tmp_path / "submissions" and path.name.startswith("cli-")
+    run_dir = tmp_path / "runs" / "cli"  # experiment from CONFIG, runs_dir from --set
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(root) and saved["train"]["epochs"] == 1 and saved["folds"]["n_splits"] == 3
+    assert (REPO / "data" / "demo").is_dir() == demo_before  # pointed at other data: no demo built
+    assert "demo competition written" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_stage_exits_non_zero_with_its_error_and_no_traceback(tmp_path):
+    root = make_competition(tmp_path / "comp")
+    (root / "train" / "0004.png").write_bytes(b"not an image")
+    config, sets = config_file(tmp_path, root, "broken")
+    done = run_sh(tmp_path, "full", str(config), *sets)
+    assert done.returncode == 1
+    assert "0004.png: unreadable image" in done.stderr and "stage 'preprocess' failed" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "submission:" not in done.stdout
+
+
+def test_unknown_command_exits_2(tmp_path):
+    done = run_sh(tmp_path, "frobnicate")
+    assert done.returncode == 2 and "unknown command 'frobnicate'" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_stage_without_config_and_a_busy_run_folder(tmp_path):
+    """``--set`` first (no CONFIG) reaches the stage as overrides; the run folder's lock refuses a 2nd process."""
+    root = make_competition(tmp_path / "comp")
+    sets = [a for text in config_overrides(tmp_path, root, "experiment=busy") for a in ("--set", text)]
+    with runs.run_lock(tmp_path / "runs" / "busy", "train"):
+        done = run_sh(tmp_path, "preprocess", *sets)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"{tmp_path / 'runs' / 'busy'} is in use by another pipeline process (pid {os.getpid()}, train" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def member_config(tmp_path: Path, name: str, **train_values) -> Path:
