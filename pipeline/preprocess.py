@@ -22,6 +22,7 @@ from .cli import stage_main
 from .config import Config, to_yaml
 from .data.cache import MANIFEST, cache_path, cache_side, decode, load_manifest, manifest_digest, open_array, signature
 from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
+from .runs import check_data
 from .utils import atomic_path, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ def _previous_manifest(run_dir: Path) -> dict:
 
 def run(cfg: Config) -> dict:
     """Validate and cache the competition; return the manifest (also written to the run folder)."""
+    check_data(cfg)  # a run folder never mixes two datasets
     comp = load_competition(cfg.data)
     structural = structural_problems(comp, cfg.folds.n_splits)
     if structural:  # no cache can be built; still decode every image so that one report lists everything
@@ -162,6 +164,7 @@ def run(cfg: Config) -> dict:
         manifest["mean"], manifest["std"] = channel_stats(np.load(manifest["train"]["array"], mmap_mode="r"))
     manifest["digest"] = manifest_digest(manifest)
     write_json(run_dir / MANIFEST, manifest)
+    check_data(cfg, stamp_it=True)
     log.info("preprocess: %d train / %d test images at %dpx, %d classes, mean %s std %s",
              manifest["train"]["n"], manifest["test"]["n"], cfg.data.image_size, len(comp.classes),
              manifest["mean"], manifest["std"])

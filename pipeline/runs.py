@@ -2,7 +2,8 @@
 
 * :func:`claim` (every stage's command line takes it): an exclusive ``flock`` on ``runs/<experiment>/.lock``,
   so a second process on the same run folder refuses at once instead of both writing; and the folder's data
-  stamp (``data.json``: the competition folder it was made from), so a run folder never mixes two datasets.
+  stamp (``data.json``: the competition folder preprocess cached into it), so a run folder never mixes two
+  datasets.
 * :func:`training_slot`: training processes announce themselves in a per-user folder under the temp dir
   (one locked file each; the kernel drops the lock when a process dies, even by SIGKILL), so a new one can
   warn that another is training and default its thread count to its share of the cores.
@@ -79,25 +80,20 @@ def suggested_experiment(cfg: Config) -> str:
     return f"{cfg.experiment}-{name}"
 
 
-def check_data(cfg: Config) -> None:
-    """Refuse a run folder made from another competition; stamp a new one with this config's data."""
+def check_data(cfg: Config, stamp_it: bool = False) -> None:
+    """Refuse a run folder made from another competition; with ``stamp_it`` (the preprocess stage, once it
+    has cached the data) record this config's competition as the folder's."""
     run_dir, root = cfg.run_dir, data_identity(cfg)
-    stamp, manifest = run_dir / STAMP, run_dir / "preprocess.json"
-    previous = None
-    for path, key in ((stamp, "root"), (manifest, "root")):
-        if path.is_file():
-            try:
-                previous = read_json(path).get(key)
-            except (OSError, ValueError, AttributeError):
-                continue
-            if previous:
-                previous = os.path.realpath(previous)
-                break
+    stamp = run_dir / STAMP
+    try:
+        previous = read_json(stamp).get("root") if stamp.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        previous = None  # damaged: stamped again below
     if previous and previous != root:
         raise ConfigError(f"{run_dir} holds results made from {previous}, not from data.root={cfg.data.root}: "
                           f"a run folder never mixes two datasets. Use --set experiment={suggested_experiment(cfg)} "
                           "(or remove the folder to start over)")
-    if not stamp.is_file():
+    if stamp_it and previous != root:
         write_json(stamp, {"root": root})
 
 

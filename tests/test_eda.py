@@ -200,9 +200,10 @@ def test_near_pairs_match_brute_force():
 
 def test_cli_main(clean, tmp_path):
     root, _, _ = clean
-    assert eda.main(["--set", f"data.root={root}", "--set", f"eda.out_dir={tmp_path}", "--force"]) == 0
+    runs = ["--set", f"runs_dir={tmp_path / 'runs'}"]
+    assert eda.main(["--set", f"data.root={root}", "--set", f"eda.out_dir={tmp_path}", "--force", *runs]) == 0
     assert (tmp_path / "demo" / "eda" / "index.html").is_file()
-    assert eda.main(["--set", f"data.root={root}", "--set", "eda.near_dup_threshold=99"]) == 1
+    assert eda.main(["--set", f"data.root={root}", "--set", "eda.near_dup_threshold=99", *runs]) == 1
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
