@@ -33,8 +33,11 @@ def parse_config(args: argparse.Namespace) -> Config:
 
 
 def stage_main(run: Callable[[Config], Any], description: str, argv: Optional[Sequence[str]] = None,
-               parser: Optional[argparse.ArgumentParser] = None) -> int:
-    """Parse arguments, run one stage, and turn expected errors into a one-line message and exit code 1."""
+               parser: Optional[argparse.ArgumentParser] = None, exclusive: bool = True) -> int:
+    """Parse arguments, run one stage, and turn expected errors into a one-line message and exit code 1.
+
+    The run folder is checked to hold this config's data and, when ``exclusive`` (every stage but the search,
+    whose workers share one study), locked against a second process (:func:`pipeline.runs.claim`)."""
     from .data.contract import DataError
 
     setup_logging()
@@ -42,7 +45,7 @@ def stage_main(run: Callable[[Config], Any], description: str, argv: Optional[Se
     args = parser.parse_args(argv)
     try:
         cfg = parse_config(args)
-        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1]):
+        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
             run(cfg)
     except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

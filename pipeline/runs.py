@@ -98,10 +98,11 @@ def check_data(cfg: Config, stamp_it: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def claim(cfg: Config, what: str) -> Iterator[None]:
-    """The run folder for one stage: locked against other processes and checked to hold this data."""
+def claim(cfg: Config, what: str, exclusive: bool = True) -> Iterator[None]:
+    """The run folder for one stage: checked to hold this data and (``exclusive``) locked against other
+    processes."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(cfg.run_dir, what):
+    with run_lock(cfg.run_dir, what) if exclusive else contextlib.nullcontext():
         check_data(cfg)
         yield
 

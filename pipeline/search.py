@@ -351,7 +351,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv=None) -> int:
-    return stage_main(run, __doc__.splitlines()[0], argv)
+    return stage_main(run, __doc__.splitlines()[0], argv, exclusive=False)  # workers share the run folder
 
 
 if __name__ == "__main__":
