@@ -121,3 +121,14 @@ def shared_competition(tmp_path_factory) -> Path:
     """The same tiny competition, built once per session (read-only for tests)."""
     return make_competition(tmp_path_factory.mktemp("shared") / "comp")
 
+
+
+def trained_run(tmp: Path, *overrides: str):
+    """A tiny competition preprocessed, split, trained and predicted once; returns (root, cfg)."""
+    from pipeline import folds, infer, preprocess, train
+
+    root = make_competition(tmp / "comp")
+    cfg = make_cfg(tmp, root, *overrides)
+    for stage in (preprocess, folds, train, infer):
+        stage.run(cfg)
+    return root, cfg

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import folds, infer, preprocess, train
 
-from conftest import make_cfg, stage_argv
+from conftest import stage_argv, trained_run
 
 OVERRIDES = ("experiment=damaged", "train.lr=0.01", "train.optimizer=adamw", "infer.tta=[identity]")
 
@@ -17,13 +17,8 @@ OVERRIDES = ("experiment=damaged", "train.lr=0.01", "train.optimizer=adamw", "in
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A competition preprocessed, split, trained (1 epoch, 3 folds) and predicted once for this module."""
-    from conftest import make_competition
-
     tmp = tmp_path_factory.mktemp("damaged")
-    root = make_competition(tmp / "comp")
-    cfg = make_cfg(tmp, root, *OVERRIDES)
-    for stage in (preprocess, folds, train, infer):
-        stage.run(cfg)
+    root, cfg = trained_run(tmp, *OVERRIDES)
     return {"cfg": cfg, "argv": stage_argv(tmp, root, *OVERRIDES)}
 
 

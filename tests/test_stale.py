@@ -12,7 +12,7 @@ import pytest
 from pipeline import folds, infer, preprocess, runs, train
 from pipeline.utils import read_json
 
-from conftest import make_cfg, make_competition, stage_argv
+from conftest import make_cfg, make_competition, stage_argv, trained_run
 
 OVERRIDES = ("experiment=stale", "train.lr=0.01", "train.optimizer=adamw", "infer.tta=[identity]")
 
@@ -21,10 +21,7 @@ OVERRIDES = ("experiment=stale", "train.lr=0.01", "train.optimizer=adamw", "infe
 def trained(tmp_path_factory):
     """Three folds trained for one epoch and predicted, in one run folder shared by this module's tests."""
     tmp = tmp_path_factory.mktemp("stale")
-    root = make_competition(tmp / "comp")
-    cfg = make_cfg(tmp, root, *OVERRIDES)
-    for stage in (preprocess, folds, train, infer):
-        stage.run(cfg)
+    root, cfg = trained_run(tmp, *OVERRIDES)
     return tmp, root, cfg
 
 
