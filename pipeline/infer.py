@@ -103,7 +103,8 @@ def fold_predictor(cfg: Config, fold: int, manifest: dict, device: torch.device)
 
 
 def _fold_rows(cfg: Config, fold: int) -> np.ndarray:
-    folds = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str})
+    """The held-out rows of ``fold``, from ``folds.csv`` checked against the train index (read_folds)."""
+    folds = read_folds(cfg.run_dir, load_split(cfg.run_dir, "train")[1])
     return np.flatnonzero(folds["fold"].to_numpy() == fold)
 
 
