@@ -66,6 +66,9 @@ class ModelConfig:
     pretrained: bool = False
     weights: Optional[str] = None  # a local .safetensors/.pth to start from (any timm model; keys mapped)
     drop_rate: float = 0.0
+    # a pretrained start's new classifier begins at zero (logits 0, loss log C): timm's EfficientNet init scales
+    # it by 1/sqrt(num_classes), so a 2-class head starts with huge logits that the first epochs must unlearn
+    zero_head: bool = True
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
     # an architecture spec (pipeline/arch.py): a YAML path or the mapping inline; setting it sets name: spec
     spec: Optional[Union[str, dict]] = None

@@ -119,10 +119,11 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate,
                                   **kwargs)
         load_pretrained(model, local)
-        return model
+        return _zero_head(model) if cfg.zero_head else model
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
-                                 drop_rate=cfg.drop_rate, **kwargs)
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
+                                  drop_rate=cfg.drop_rate, **kwargs)
+        return _zero_head(model) if cfg.pretrained and cfg.zero_head else model
     except Exception as err:
         if not cfg.pretrained:
             raise
@@ -131,6 +132,15 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             "This machine may be offline: fetch them once on a connected machine with "
             f"`python -m pipeline.models --download {cfg.name}` (they are cached by huggingface_hub, "
             "HF_HOME), or set model.pretrained=false to train from scratch") from err
+
+
+def _zero_head(model: nn.Module) -> nn.Module:
+    """Zero the classifier of a pretrained timm model (model.zero_head): it starts predicting the uniform."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return model
 
 
 def _unknown_model_message(name: str) -> str:

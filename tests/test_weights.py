@@ -30,6 +30,10 @@ def test_shipped_lite0_maps_every_tensor_in_order(name, monkeypatch):
     ours = create_model(ModelConfig(name=name, pretrained=True), num_classes=3)
     assert ours.classifier.weight.shape == (3, 1280)
     assert torch.equal(ours.conv_head.weight, model.conv_head.weight)
+    # model.zero_head: the new classifier starts at zero (timm's init gives a 2-class head logits of ~±10)
+    assert not ours.classifier.weight.any() and not ours.classifier.bias.any()
+    random_head = create_model(ModelConfig(name=name, pretrained=True, zero_head=False), num_classes=2)
+    assert random_head.classifier.weight.abs().max() > 0.1
 
 
 def test_normalization_follows_the_weights():
