@@ -153,6 +153,10 @@ class TrainConfig:
     # fine-tuning a pretrained backbone (pipeline/finetune.py)
     freeze_epochs: int = 0  # train only the classifier for this many first epochs
     backbone_lr_mult: float = 1.0  # the backbone's learning rate = lr × this
+    # the new classifier's start: random (model.zero_head), or linear_probe: a logistic regression fitted on the
+    # frozen pretrained features of the fold's training rows (LP-FT, Kumar et al. 2022: fine-tuning from a
+    # fitted head distorts the pretrained features less than from a random one; the features are cached)
+    head_init: Literal["random", "linear_probe"] = "random"
     ema_decay: float = 0.0  # weight EMA (timm ModelEmaV3, warmed up) evaluated and kept as best; 0: off
     bn: Literal["train", "frozen"] = "train"  # frozen: batch norm keeps pretrained statistics (tiny batches)
     head: str = "logreg"  # features mode: see pipeline.features.HEADS

@@ -229,6 +229,8 @@ class FoldRun:
         self.size = cfg.data.image_size
         seed_everything(cfg.seed + fold)
         self.model = create_model(cfg.model, len(self.classes)).to(device)
+        if cfg.train.head_init == "linear_probe":
+            finetune.linear_probe_head(cfg, self.model, manifest, self.train_rows, self.labels, device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train_targets = (self.labels if targets is None else targets)[self.train_rows]

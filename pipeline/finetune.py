@@ -6,17 +6,24 @@
   pretrained features should move little).
 * ``train.ema_decay``: an exponential moving average of the weights (timm's ``ModelEmaV3`` with warm-up, so it
   also helps short runs); the average is what is evaluated and kept as the fold's best model.
+* ``train.head_init: linear_probe``: the classifier starts as a logistic regression fitted on the frozen
+  pretrained features of the fold's training rows (LP-FT), so fine-tuning starts from a good head.
 * ``train.bn: frozen``: batch-norm layers keep their pretrained running statistics (eval mode) while the rest
   trains, so tiny batches (a few photos per step on a CPU) cannot corrupt them.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
+import numpy as np
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import TrainConfig
+from .config import Config, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def head_module(model: nn.Module) -> Optional[nn.Module]:
@@ -69,3 +76,22 @@ def build_ema(cfg: TrainConfig, model: nn.Module):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+
+
+@torch.no_grad()
+def linear_probe_head(cfg: Config, model: nn.Module, manifest: dict, train_rows: np.ndarray, labels: np.ndarray,
+                      device: torch.device) -> None:
+    """Set the classifier of ``model`` to a logistic regression fitted on the frozen features of ``train_rows``
+    (every TTA view, as the features mode does; embeddings cached and shared with it). Held-out rows unused."""
+    from . import features
+
+    head = head_module(model)
+    feats = features.embeddings(cfg, manifest, "train", features.train_views(cfg), device)
+    x = np.concatenate([f[train_rows] for f in feats.values()])
+    probe = features.HEADS.build("logreg", cfg, x, np.tile(labels[train_rows], len(feats)), len(manifest["classes"]))
+    if not isinstance(head, nn.Linear) or head.weight.shape != probe.weight.shape:
+        raise ValueError(f"train.head_init=linear_probe: the classifier of {type(model).__name__} is not a linear "
+                         f"layer of shape {tuple(probe.weight.shape)} on the pooled features")
+    head.weight.copy_(probe.weight.to(head.weight))
+    head.bias.copy_(probe.bias.to(head.bias))
+    log.info("train.head_init: classifier set to a logistic regression on %d×%d frozen features", *x.shape)

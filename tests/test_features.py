@@ -75,3 +75,29 @@ def test_features_mode_needs_pretrained_weights(tmp_path, competition):
     folds.run(cfg)
     with pytest.raises(ValueError, match="pretrained backbone"):
         train.run(cfg)
+
+
+def test_linear_probe_head_init_is_the_features_head(tmp_path, competition, tiny_weights):
+    """train.head_init=linear_probe starts fine-tuning from the features mode's fold head: fitted on the same
+    training rows only (equal weights), so the held-out fold never shapes its own model."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline import engine
+    from pipeline.data.cache import load_split
+
+    base = ["model.name=test_efficientnet", f"model.weights={tiny_weights}", "infer.tta=[identity,hflip]"]
+    features_cfg = make_cfg(tmp_path, competition, *base, "train.mode=features", "experiment=probe")
+    _chain(features_cfg)
+    cfg = make_cfg(tmp_path, competition, *base, "train.head_init=linear_probe", "train.ema_decay=0.9")
+    manifest = preprocess.run(cfg)
+    folds.run(cfg)
+    images, index = load_split(cfg.run_dir, "train", manifest)
+    table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
+    run = engine.FoldRun(cfg, 1, images, index, table, manifest, torch.device("cpu"))
+    saved = load_file(str(features_cfg.run_dir / "fold1" / "best.safetensors"))
+    head = run.model.get_classifier()
+    assert torch.allclose(head.weight, saved["weight"].float(), atol=1e-5)
+    assert torch.allclose(head.bias, saved["bias"].float(), atol=1e-5)
+    assert torch.equal(run.ema.module.get_classifier().weight, head.weight)  # the EMA starts from the probe too
