@@ -72,10 +72,23 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
     # an architecture spec (pipeline/arch.py): a YAML path or the mapping inline; setting it sets name: spec
     spec: Optional[Union[str, dict]] = None
+    # patch-whitening initialisation of the first conv (airbench): the eigenvectors of the covariance of the
+    # fold's training-image patches (normalised as the model sees them), scaled by 1/sqrt(eigenvalue + whiten_eps),
+    # as +/- pairs; needs a first conv with an even number of outputs <= 2 x in_channels x k x k (pipeline/whiten.py)
+    whiten: bool = False
+    whiten_eps: float = 5e-4  # airbench's value
+    whiten_freeze: bool = True  # keep the whitened filters fixed (airbench); false: they train like any weight
+    # momentum of every batch-norm layer, in torch's convention (the weight of the new batch's statistics):
+    # airbench's 0.6 is Keras-style, i.e. torch momentum 0.4; None keeps each layer's own (torch: 0.1)
+    bn_momentum: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.spec is not None and self.name != "spec":
             object.__setattr__(self, "name", "spec")
+        if self.whiten_eps < 0:
+            raise ConfigError(f"model.whiten_eps: must be >= 0, got {self.whiten_eps}")
+        if self.bn_momentum is not None and not 0 <= self.bn_momentum <= 1:
+            raise ConfigError(f"model.bn_momentum: must be in [0, 1] (torch convention), got {self.bn_momentum}")
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import timm
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .arch import SpecNet
 from .config import ModelConfig
@@ -51,18 +52,26 @@ class ConvGroup(nn.Module):
         return self.conv2(x)
 
 
+def make_patch_stem(c_in: int, kernel: int) -> nn.Sequential:
+    """airbench's stem: a ``kernel``×``kernel`` conv without padding onto 2·c_in·k² channels (room for every
+    patch-whitening direction and its negative, ``model.whiten``), with a bias, GELU, no batch norm."""
+    return nn.Sequential(nn.Conv2d(c_in, 2 * c_in * kernel * kernel, kernel, padding=0, bias=True), nn.GELU())
+
+
 class AirNet(nn.Module):
     """A compact CNN for small images in the style of airbench (Keller Jordan's CIFAR-10 speed runs).
 
     A stem conv, then one :class:`ConvGroup` per width (each halves the resolution), a global max-pool
     and a linear head scaled down (``head_scale``) so logits start small, which suits high learning rates.
+    ``patch_stem: k`` (``model.kwargs``) replaces the 3×3 conv-BN stem by airbench's k×k patch conv
+    (:func:`make_patch_stem`; ``stem`` is then ignored), made for ``model.whiten``.
     """
 
     def __init__(self, num_classes: int, widths: Sequence[int] = (64, 256, 256), stem: int = 32,
-                 in_chans: int = 3, drop_rate: float = 0.0, head_scale: float = 1 / 9) -> None:
+                 in_chans: int = 3, drop_rate: float = 0.0, head_scale: float = 1 / 9, patch_stem: int = 0) -> None:
         super().__init__()
-        self.stem = conv_bn(in_chans, stem)
-        groups, c_in = [], stem
+        self.stem = make_patch_stem(in_chans, patch_stem) if patch_stem else conv_bn(in_chans, stem)
+        groups, c_in = [], self.stem[0].out_channels
         for width in widths:
             groups.append(ConvGroup(c_in, width))
             c_in = width
@@ -101,7 +110,21 @@ def airnet_tiny(num_classes: int, **kwargs) -> nn.Module:
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm)."""
+    """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm), every batch norm's
+    momentum set to ``model.bn_momentum`` when given."""
+    return set_bn_momentum(_build(cfg, num_classes), cfg.bn_momentum)
+
+
+def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
+    """Set the running-statistics momentum (torch convention) of every batch-norm layer; None leaves them."""
+    if momentum is not None:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.momentum = momentum
+    return model
+
+
+def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
     kwargs = dict(cfg.kwargs)
     if cfg.name == "spec":
         if cfg.spec is None:
