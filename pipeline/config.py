@@ -171,6 +171,10 @@ class TrainConfig:
     # fitted head distorts the pretrained features less than from a random one; the features are cached)
     head_init: Literal["random", "linear_probe"] = "random"
     ema_decay: float = 0.0  # weight EMA (timm ModelEmaV3, warmed up) evaluated and kept as best; 0: off
+    # Lookahead (timm.optim.Lookahead around the optimizer): every lookahead_k steps the slow weights move
+    # lookahead_alpha of the way to the fast ones and the fast restart from them; 0: off
+    lookahead_k: int = 0
+    lookahead_alpha: float = 0.5
     bn: Literal["train", "frozen"] = "train"  # frozen: batch norm keeps pretrained statistics (tiny batches)
     head: str = "logreg"  # features mode: see pipeline.features.HEADS
     head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
@@ -187,6 +191,9 @@ class TrainConfig:
             raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
+        if self.lookahead_k < 0 or not 0 < self.lookahead_alpha <= 1:
+            raise ConfigError(f"train.lookahead_k must be >= 0 and train.lookahead_alpha in (0, 1], got "
+                              f"{self.lookahead_k} and {self.lookahead_alpha}")
 
 
 @dataclass(frozen=True)

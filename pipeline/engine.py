@@ -44,11 +44,19 @@ log = logging.getLogger(__name__)
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW; no weight decay on norm layers and biases; the backbone's learning
-    rate scaled by ``train.backbone_lr_mult``."""
+    rate scaled by ``train.backbone_lr_mult``; wrapped in timm's Lookahead when ``train.lookahead_k`` > 0 (it
+    shares the inner optimizer's param groups, so schedulers work, and keeps its slow weights and step counter
+    in the inner optimizer's state dict, so ``last_state.pt`` resumes it exactly)."""
     groups = finetune.param_groups(cfg, model)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.lookahead_k > 0:
+        from timm.optim import Lookahead
+
+        opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
+    return opt
 
 
 class ChunkedLoader:
