@@ -160,6 +160,10 @@ class TrainConfig:
     # on the held-out fold flatters the OOF score a little; "last" keeps it unbiased.
     monitor: Literal["accuracy", "loss", "last"] = "accuracy"
     resume: bool = True  # continue from a fold's last checkpoint when one exists
+    # after the CV folds, train one more model on every training row with the same settings and epochs
+    # (runs/<experiment>/refit/, resumable, fingerprinted like a fold; it keeps its last epoch): infer predicts the
+    # test set with it and the ensemble stage combines it (ensemble.refit); the OOF/CV stay the fold models'
+    refit: bool = False
     # finetune: train the whole model per fold; features: embed every image once per TTA view with the frozen
     # pretrained backbone (cached) and fit only a head per fold (pipeline/features.py): minutes on a CPU
     mode: Literal["finetune", "features"] = "finetune"
@@ -191,6 +195,10 @@ class TrainConfig:
             raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
+        if self.refit and (self.mode == "features" or self.scheduler == "plateau"):
+            raise ConfigError("train.refit: trains a model without held-out rows, so it needs train.mode=finetune "
+                              f"and a schedule fixed in advance (not plateau); got mode={self.mode}, "
+                              f"scheduler={self.scheduler}")
         if self.lookahead_k < 0 or not 0 < self.lookahead_alpha <= 1:
             raise ConfigError(f"train.lookahead_k must be >= 0 and train.lookahead_alpha in (0, 1], got "
                               f"{self.lookahead_k} and {self.lookahead_alpha}")
@@ -215,6 +223,15 @@ class EnsembleConfig:
     metric: Literal["log_loss", "accuracy"] = "log_loss"  # what hill_climb improves on the OOF
     hill_climb_steps: int = 50  # at most this many picks (with replacement) after the best member
     stack_cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # stack: C chosen by CV
+    # an experiment trained with train.refit: its refit model's test predictions are used "with" its fold models
+    # (refit_weight of the experiment's test probabilities, the folds' mean the rest) or "instead" of them;
+    # the OOF scores and fitted weights stay the fold models' (the refit has no held-out rows)
+    refit: Literal["with", "instead"] = "with"
+    refit_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.refit_weight <= 1:
+            raise ConfigError(f"ensemble.refit_weight: must be in [0, 1], got {self.refit_weight}")
 
 
 @dataclass(frozen=True)

@@ -220,23 +220,27 @@ def load_state(path: Path) -> dict:
 
 
 class FoldRun:
-    """Everything one fold needs; :meth:`fit` trains it (resuming if a last checkpoint exists)."""
+    """Everything one fold needs; :meth:`fit` trains it (resuming if a last checkpoint exists).
 
-    def __init__(self, cfg: Config, fold: int, images: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
+    ``fold=None`` is the refit (``train.refit``): one model on every training row in ``refit/``, nothing held
+    out, so it keeps its last epoch and has no validation scores."""
+
+    def __init__(self, cfg: Config, fold: Optional[int], images: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
                  manifest: dict, device: torch.device, targets: Optional[np.ndarray] = None) -> None:
         """``targets``: soft training targets per train-index row (distillation); None trains on the labels."""
         self.cfg, self.fold, self.images, self.device = cfg, fold, images, device
         self.classes = manifest["classes"]
         self.mean, self.std = normalization(cfg.model, manifest)
         self.labels = index["label_idx"].to_numpy()
-        self.train_rows = np.flatnonzero(folds["fold"].to_numpy() != fold)
-        self.valid_rows = np.flatnonzero(folds["fold"].to_numpy() == fold)
-        self.dir = cfg.run_dir / f"fold{fold}"
+        held = folds["fold"].to_numpy() == fold if fold is not None else np.zeros(len(folds), dtype=bool)
+        self.train_rows, self.valid_rows = np.flatnonzero(~held), np.flatnonzero(held)
+        self.name, self.dir = f"fold {fold}" if fold is not None else "refit", model_dir(cfg, fold)
+        seed = cfg.seed + (fold if fold is not None else cfg.folds.n_splits)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.channels_last = cfg.train.channels_last and device.type != "mps"
         self.size = cfg.data.image_size
-        seed_everything(cfg.seed + fold)
+        seed_everything(seed)
         self.model = create_model(cfg.model, len(self.classes)).to(device)
         if cfg.train.head_init == "linear_probe":
             finetune.linear_probe_head(cfg, self.model, manifest, self.train_rows, self.labels, device)
@@ -247,7 +251,7 @@ class FoldRun:
             conv = init_whitening(cfg.model, self.model, images, self.train_rows, self.mean, self.std, self.size)
             self.fixed += [conv.weight] if cfg.model.whiten_freeze else []
         train_targets = (self.labels if targets is None else targets)[self.train_rows]
-        self.policy = augment.build_policy(cfg.augment, self.size, seed=cfg.seed + fold)
+        self.policy = augment.build_policy(cfg.augment, self.size, seed=seed)
         self.loader = make_train_loader(images, self.train_rows, train_targets, cfg, self.policy)
         self.optimizer = build_optimizer(cfg.train, self.model)
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
@@ -256,7 +260,7 @@ class FoldRun:
         self.ema = finetune.build_ema(cfg.train, self.model)
         self.step = TrainStep(self.model, self.optimizer, loss_fn, self.schedule, device, self.dtype, self.mean,
                               self.std, self.channels_last, cfg.train.accum_steps,
-                              augment.build_mixer(cfg.augment, len(self.classes), seed=cfg.seed + fold), self.ema)
+                              augment.build_mixer(cfg.augment, len(self.classes), seed=seed), self.ema)
         self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))
         self.epoch, self.best, self.best_epoch, self.stale = 0, -math.inf, -1, 0
 
@@ -271,7 +275,7 @@ class FoldRun:
             param.requires_grad_(False)
         size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
         total, n = 0.0, 0
-        bar = tqdm(self.loader, desc=f"fold {self.fold} epoch {epoch + 1}/{self.cfg.train.epochs}",
+        bar = tqdm(self.loader, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
                    unit="batch", leave=False, mininterval=1.0)
         for images, targets in bar:
             total += self.step(images, targets, size) * len(targets)
@@ -279,6 +283,9 @@ class FoldRun:
         return total / max(n, 1)
 
     def evaluate(self) -> tuple[np.ndarray, dict]:
+        if not len(self.valid_rows):  # the refit: nothing held out
+            return np.zeros((0, len(self.classes)), np.float32), dict.fromkeys(("accuracy", "macro_f1", "log_loss",
+                                                                                 "loss"), math.nan)
         logits = predict_logits(self.eval_model, self.images, self.valid_rows, self.mean, self.std, self.device,
                                 self.dtype, self.channels_last, self.cfg.infer.batch_size, self.size)
         y = torch.from_numpy(self.labels[self.valid_rows])
@@ -289,7 +296,7 @@ class FoldRun:
 
     def monitor_value(self, metrics: dict) -> float:
         """Higher is better; with ``monitor: last`` every epoch improves on the one before."""
-        monitor = self.cfg.train.monitor
+        monitor = self.cfg.train.monitor if len(self.valid_rows) else "last"
         return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[monitor]
 
     def resume(self) -> None:
@@ -301,14 +308,14 @@ class FoldRun:
         try:
             state = load_state(state_path)
         except Exception as err:  # noqa: BLE001 - truncated/garbled files raise many types; the fold restarts
-            log.warning("fold %d: %s is damaged (%s: %s); starting the fold over", self.fold, state_path,
+            log.warning("%s: %s is damaged (%s: %s); starting the fold over", self.name, state_path,
                         type(err).__name__, err)
             return
         if not same_training(state.get("fingerprint"), self.cfg):
-            log.warning("fold %d: last checkpoint was made with other training settings; starting over", self.fold)
+            log.warning("%s: last checkpoint was made with other training settings; starting over", self.name)
             return
         if not {"model", "step", "rng"} <= set(state):
-            log.warning("fold %d: %s predates exact resume (no random state); starting over", self.fold, state_path)
+            log.warning("%s: %s predates exact resume (no random state); starting over", self.name, state_path)
             return
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
@@ -320,7 +327,7 @@ class FoldRun:
         self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
                                                               state["stale"])
         self.restore_random(state["rng"])
-        log.info("fold %d: resuming after epoch %d (best %.4f at epoch %d)", self.fold, self.epoch, self.best,
+        log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", self.name, self.epoch, self.best,
                  self.best_epoch + 1)
 
     def random_state(self) -> dict:
@@ -356,7 +363,7 @@ class FoldRun:
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.cfg.run_dir / "tb" / f"fold{self.fold}"))
+        writer = SummaryWriter(str(self.cfg.run_dir / "tb" / self.dir.name))
         log_preview(writer, self.images, self.train_rows, self.cfg, self.size)
         self.resume()  # after anything that draws random numbers before the first epoch
         start = time.perf_counter()
@@ -373,8 +380,8 @@ class FoldRun:
                 self.stale += 1
             self.epoch += 1
             lr = self.optimizer.param_groups[0]["lr"]
-            log.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f lr %.3g %.1fs%s",
-                     self.fold, self.epoch, self.cfg.train.epochs, train_loss, metrics["loss"],
+            log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f lr %.3g %.1fs%s",
+                     self.name, self.epoch, self.cfg.train.epochs, train_loss, metrics["loss"],
                      metrics["accuracy"], metrics["macro_f1"], lr, time.perf_counter() - t0,
                      " *" if improved else "")
             for key, val in {"loss/train": train_loss, "loss/valid": metrics["loss"], "lr": lr,
@@ -383,9 +390,10 @@ class FoldRun:
                 writer.add_scalar(key, val, self.epoch)
             self.checkpoint(probs, metrics, improved)
             if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:  # never with "last"
-                log.info("fold %d: early stop, no improvement for %d epochs", self.fold, self.stale)
+                log.info("%s: early stop, no improvement for %d epochs", self.name, self.stale)
                 break
-        log_confusion(writer, self.labels[self.valid_rows], np.load(self.dir / "oof.npy"), self.classes, self.epoch)
+        if len(self.valid_rows):
+            log_confusion(writer, self.labels[self.valid_rows], np.load(self.dir / "oof.npy"), self.classes, self.epoch)
         writer.close()
         best = read_json(self.dir / "best.json")
         result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
@@ -419,7 +427,8 @@ def log_confusion(writer, labels: np.ndarray, probs: np.ndarray, classes: list[s
 
 
 # settings that cannot change a fold's weights: changing them must not retrain anything
-_NOT_TRAINING = {"data": ("cache_dir", "num_workers"), "train": ("folds", "resume", "threads", "device")}
+# (train.refit adds a model: the folds stay valid, and the refit is fingerprinted with the same settings)
+_NOT_TRAINING = {"data": ("cache_dir", "num_workers"), "train": ("folds", "resume", "threads", "device", "refit")}
 
 
 def training_fingerprint(cfg: Config) -> str:
@@ -452,15 +461,21 @@ def same_training(stored: Optional[str], cfg: Config) -> bool:
     return old == current
 
 
-def fold_done(cfg: Config, fold: int) -> Optional[dict]:
-    """The fold's result when it finished with the same training settings (then it is skipped)."""
-    path = cfg.run_dir / f"fold{fold}" / "result.json"
+def model_dir(cfg: Config, fold: Optional[int]) -> Path:
+    """Where a fold's model lives (``fold<k>/``), or the refit's (``refit/``) for ``fold=None``."""
+    return cfg.run_dir / (f"fold{fold}" if fold is not None else "refit")
+
+
+def fold_done(cfg: Config, fold: Optional[int]) -> Optional[dict]:
+    """The fold's (``None``: the refit's) result when it finished with the same training settings (then it is
+    skipped)."""
+    path = model_dir(cfg, fold) / "result.json"
     if not path.is_file():
         return None
     try:
         result = read_json(path)
     except (OSError, ValueError):
-        log.warning("fold %d: %s is damaged: the fold is trained again", fold, path)
+        log.warning("%s: %s is damaged: the model is trained again", "refit" if fold is None else f"fold {fold}", path)
         return None
     return result if same_training(result.get("fingerprint"), cfg) else None
 

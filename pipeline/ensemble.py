@@ -17,6 +17,9 @@ scored on the held-out fold, fold by fold (nested over folds); the in-sample sco
 every member's own score stand beside it in ``ensemble.json``. Members must have the same class list and
 test ids (and, for the fitted methods, the same folds). Writes ``ensemble.csv``, ``ensemble.json`` and
 ``ensemble_oof.csv`` (the nested OOF probabilities: a teacher for ``train.teacher``).
+A member trained with ``train.refit`` adds its refit model's test probabilities (``refit/test.npy``) with its
+fold models (``ensemble.refit_weight`` of the member's share) or instead of them (``ensemble.refit: instead``);
+the OOF scores and fitted weights remain the fold models' (the refit model has no held-out rows).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 
@@ -80,8 +84,9 @@ class Ensembler:
     def predict(self, probs: list[np.ndarray]) -> np.ndarray:
         return self.vote(probs, self.weights)
 
-    def predict_folds(self, member_folds: list[list[np.ndarray]]) -> np.ndarray:
-        spread = np.concatenate([np.full(len(f), w / len(f)) for w, f in zip(self.weights, member_folds)])
+    def predict_folds(self, member_folds: list[list[np.ndarray]], shares: list[np.ndarray]) -> np.ndarray:
+        """``shares``: each model's share of its member (the folds equally, or with a refit model)."""
+        spread = np.concatenate([w * np.asarray(s) for w, s in zip(self.weights, shares)])
         return self.vote([p for folds in member_folds for p in folds], spread)
 
     def member_weights(self) -> list[float]:
@@ -167,8 +172,8 @@ class Stack(FittedEnsembler):
         out[:, self.model.classes_] = self.model.predict_proba(self.features([probs[i] for i in self.keep]))
         return out
 
-    def predict_folds(self, member_folds: list[list[np.ndarray]]) -> np.ndarray:
-        return self.predict([np.mean(folds, axis=0) for folds in member_folds])
+    def predict_folds(self, member_folds: list[list[np.ndarray]], shares: list[np.ndarray]) -> np.ndarray:
+        return self.predict([np.tensordot(s, np.stack(folds), axes=1) for folds, s in zip(member_folds, shares)])
 
 
 def nested_oof(cfg: EnsembleConfig, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> np.ndarray:
@@ -196,6 +201,31 @@ def member_dirs(cfg: Config) -> list[Path]:
         if path.resolve() != cfg.run_dir.resolve():
             dirs.append(path)
     return dirs
+
+
+def trained_with_refit(run_dir: Path) -> bool:
+    """Whether a member's last training had ``train.refit`` on (its saved ``config.yaml``)."""
+    path = run_dir / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return bool(((config or {}).get("train") or {}).get("refit", False))
+
+
+def with_refit(member: dict, refit: bool, cfg: EnsembleConfig) -> dict:
+    """Add the member's refit model (``refit/test.npy``) to its fold models as ``ensemble.refit`` says: "with"
+    (``refit_weight`` of the member's share, the folds the rest) or "instead"; ``shares`` holds each model's share."""
+    folds = member["folds"]
+    member["shares"], member["refit"] = np.full(len(folds), 1 / len(folds)), None
+    if not refit:
+        return member
+    path = member["dir"] / "refit" / "test.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"ensemble member {member['dir']} was trained with train.refit but has no {path}: "
+                                "run its infer stage")
+    w = 1.0 if cfg.refit == "instead" else cfg.refit_weight
+    member["folds"] = ([] if cfg.refit == "instead" else folds) + [np.load(path)]
+    member["shares"] = np.append([] if cfg.refit == "instead" else np.full(len(folds), (1 - w) / len(folds)), w)
+    member["refit"] = "instead of the folds" if cfg.refit == "instead" else f"with the folds, weight {w:g}"
+    return member
 
 
 def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
@@ -279,7 +309,9 @@ def run(cfg: Config) -> pd.DataFrame:
     method = ENSEMBLERS.get(cfg.ensemble.method)
     members: list[dict] = []
     for path in member_dirs(cfg):
-        members.append(load_member(path, members[0]["classes"] if members else None))
+        member = load_member(path, members[0]["classes"] if members else None)
+        refit = cfg.train.refit if not members else trained_with_refit(path)  # this run: as configured now
+        members.append(with_refit(member, refit, cfg.ensemble))
     if cfg.ensemble.weights is not None and len(cfg.ensemble.weights) != len(members) and not method.fitted:
         raise ValueError(f"ensemble.weights has {len(cfg.ensemble.weights)} values for {len(members)} experiments "
                          f"({', '.join(str(m['dir']) for m in members)})")
@@ -292,12 +324,17 @@ def run(cfg: Config) -> pd.DataFrame:
                                     "but a member has no complete oof.csv: train every fold of every member")
         ensembler.fit(oof["probs"], oof["labels"], oof["folds"])
     member_folds = [_aligned(m, ids) for m in members]
-    frame = pd.DataFrame(ensembler.predict_folds(member_folds), columns=classes)
+    frame = pd.DataFrame(ensembler.predict_folds(member_folds, [m["shares"] for m in members]), columns=classes)
     frame.insert(0, "id", ids)
     write_csv(cfg.run_dir / "ensemble.csv", frame)
     report = {"method": cfg.ensemble.method, "members": [str(m["dir"]) for m in members],
               "models": sum(len(f) for f in member_folds), "weights": cfg.ensemble.weights,
               "member_weights": dict(zip([m["name"] for m in members], ensembler.member_weights())), "oof": None}
+    refits = {m["name"]: m["refit"] for m in members if m["refit"]}
+    if refits:  # test predictions only: nothing of a refit model is held out
+        report["refit"] = {**refits, "note": "refit models change the test predictions only; the OOF scores and "
+                                             "fitted weights are the fold models'"}
+        log.info("ensemble: refit models %s (test predictions only; OOF from the fold models)", refits)
     if oof is not None:
         scores, honest = oof_report(cfg, members, oof, ensembler)
         report.update(scores)

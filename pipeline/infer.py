@@ -7,6 +7,8 @@
 views are chosen on the OOF: every candidate of ``infer.tta_candidates`` predicts the held-out folds
 (``fold<k>/oof_views.npy``), then views are added greedily from identity while the OOF ``infer.tta_metric``
 improves (:func:`pipeline.tta.select_views`); ``cv.json``'s ``tta_auto`` shows each view's effect and the steps.
+With ``train.refit`` the refit model (trained on every row) predicts the test set too (``refit/test.npy``, same
+views); ``test_probs.csv`` stays the folds' mean, the ensemble stage combines the two (``ensemble.refit``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -23,7 +26,7 @@ from .cli import stage_main
 from .config import Config
 from .data.cache import load_manifest, load_split, read_folds
 from .models import create_model
-from .engine import collect_oof, counted_folds, cv_report, load_weights, weights_intact
+from .engine import collect_oof, counted_folds, cv_report, fold_done, load_weights, model_dir, weights_intact
 from . import features
 from .runs import training_slot
 from .tta import predict_tta, select_views
@@ -49,19 +52,27 @@ def trained_folds(cfg: Config) -> list[int]:
     return folds
 
 
-def load_fold_model(cfg: Config, fold: int, num_classes: int, device: torch.device) -> torch.nn.Module:
-    path = cfg.run_dir / f"fold{fold}" / "best.safetensors"
+def refit_ready(cfg: Config) -> None:
+    """``train.refit``: the refit model must have finished with the current settings and be intact."""
+    best = model_dir(cfg, None) / "best.safetensors"
+    if not (fold_done(cfg, None) and weights_intact(best)):
+        raise FileNotFoundError(f"train.refit: no refit model trained with these settings in {best.parent} "
+                                "(result.json, best.safetensors): run the train stage")
+
+
+def load_fold_model(cfg: Config, fold: Optional[int], num_classes: int, device: torch.device) -> torch.nn.Module:
+    path = model_dir(cfg, fold) / "best.safetensors"
     model = load_weights(create_model(cfg.model, num_classes), path).to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def prediction_key(cfg: Config, fold: int, split: str, manifest: dict, device: torch.device,
+def prediction_key(cfg: Config, fold: Optional[int], split: str, manifest: dict, device: torch.device,
                    views: list[str]) -> dict:
     """What a fold's saved predictions depend on: the weights' bytes, the TTA views, the cached images,
     the normalisation and the precision. Saved predictions are reused only when all of it is unchanged."""
-    weights = cfg.run_dir / f"fold{fold}" / "best.safetensors"
+    weights = model_dir(cfg, fold) / "best.safetensors"
     return {"tta": list(views), "weights_sha1": hashlib.sha1(weights.read_bytes()).hexdigest(),
             "cache": manifest[split]["signature"], "normalization": list(normalization(cfg.model, manifest)),
             "precision": str(resolve_precision(cfg.train.precision, device))}
@@ -84,7 +95,7 @@ def _save(out: Path, probs: np.ndarray, key: dict) -> None:
     write_json(out.with_suffix(".json"), {"key": key, "tta": key["tta"], "rows": len(probs)})
 
 
-def fold_predictor(cfg: Config, fold: int, manifest: dict, device: torch.device):
+def fold_predictor(cfg: Config, fold: Optional[int], manifest: dict, device: torch.device):
     """``predict(split, rows, views) -> probabilities`` with the fold's model (or, in ``train.mode=features``,
     its head on the cached embeddings), the mean over the TTA views."""
     if cfg.train.mode == "features":
@@ -108,23 +119,24 @@ def _fold_rows(cfg: Config, fold: int) -> np.ndarray:
     return np.flatnonzero(folds["fold"].to_numpy() == fold)
 
 
-def predict_fold(cfg: Config, fold: int, manifest: dict, device: torch.device, views: list[str]) -> None:
-    """Write ``test.npy`` (and ``oof_tta.npy``) for one fold unless they are up to date."""
-    fold_dir = cfg.run_dir / f"fold{fold}"
+def predict_fold(cfg: Config, fold: Optional[int], manifest: dict, device: torch.device, views: list[str]) -> None:
+    """Write ``test.npy`` (and ``oof_tta.npy``) for one fold (``None``: ``test.npy`` of the refit) unless they
+    are up to date."""
+    fold_dir, name = model_dir(cfg, fold), f"fold {fold}" if fold is not None else "refit"
     jobs = [("test", fold_dir / "test.npy")]
-    if cfg.infer.oof_tta or cfg.infer.tta == "auto":
+    if fold is not None and (cfg.infer.oof_tta or cfg.infer.tta == "auto"):
         jobs.append(("train", fold_dir / "oof_tta.npy"))
     keys = {split: prediction_key(cfg, fold, split, manifest, device, views) for split, _ in jobs}
     jobs = [(split, out) for split, out in jobs if not _up_to_date(out, keys[split])]
     if not jobs:
-        log.info("fold %d: predictions up to date", fold)
+        log.info("%s: predictions up to date", name)
         return
     predict = fold_predictor(cfg, fold, manifest, device)
     for split, out in jobs:
         rows = _fold_rows(cfg, fold) if split == "train" else np.arange(manifest[split]["n"])
         probs = predict(split, rows, views)
         _save(out, probs, keys[split])
-        log.info("fold %d: %s probabilities for %d images with TTA %s", fold, split, len(rows), views)
+        log.info("%s: %s probabilities for %d images with TTA %s", name, split, len(rows), views)
 
 
 def run(cfg: Config) -> pd.DataFrame:
@@ -132,10 +144,12 @@ def run(cfg: Config) -> pd.DataFrame:
     manifest = load_manifest(cfg.run_dir)
     device = resolve_device(cfg.train.device)
     folds = trained_folds(cfg)
+    if cfg.train.refit:
+        refit_ready(cfg)
     with training_slot(cfg, "infer") as threads:
         torch.set_num_threads(threads)
         views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
-        for fold in folds:
+        for fold in folds + ([None] if cfg.train.refit else []):  # the refit's test predictions last
             predict_fold(cfg, fold, manifest, device, views)
     _, test_index = load_split(cfg.run_dir, "test", manifest)
     probs = np.mean([np.load(cfg.run_dir / f"fold{f}" / "test.npy") for f in folds], axis=0)

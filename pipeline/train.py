@@ -15,6 +15,7 @@ then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and o
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,7 @@ from .config import Config, to_yaml
 from .data.cache import load_manifest, load_split, read_folds
 from .distill import distill_targets, teacher_probs, teacher_table
 from .features import fit_folds
-from .engine import FoldRun, collect_oof, cv_report, fold_done, weights_intact
+from .engine import FoldRun, collect_oof, cv_report, fold_done, model_dir, weights_intact
 from .runs import training_slot
 from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
 
@@ -44,6 +45,20 @@ def _teacher_targets(cfg: Config, index, folds, manifest: dict):
                            cfg.train.distill_temperature)
 
 
+def train_model(cfg: Config, fold: Optional[int], images, index, folds, manifest: dict, device, targets) -> bool:
+    """Train one fold (``None``: the refit) unless it finished with these settings; True when it trained."""
+    name = f"fold {fold}" if fold is not None else "refit"
+    if fold_done(cfg, fold):
+        best = model_dir(cfg, fold) / "best.safetensors"
+        if weights_intact(best):
+            log.info("%s already trained with these settings: skipped", name)
+            return False
+        log.warning("%s: %s is missing or damaged: training the fold again", name, best)
+        (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
+    FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
+    return True
+
+
 def run(cfg: Config) -> dict:
     """Train every configured fold (skipping finished ones), then write ``oof.csv`` and ``cv.json``."""
     manifest = load_manifest(cfg.run_dir)
@@ -60,20 +75,17 @@ def run(cfg: Config) -> dict:
         if cfg.train.mode == "features":
             trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
         else:
-            trained = 0
-            for fold in wanted:
-                if fold_done(cfg, fold):
-                    best = cfg.run_dir / f"fold{fold}" / "best.safetensors"
-                    if weights_intact(best):
-                        log.info("fold %d already trained with these settings: skipped", fold)
-                        continue
-                    log.warning("fold %d: %s is missing or damaged: training the fold again", fold, best)
-                    (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
-                FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
-                trained += 1
+            trained = sum(train_model(cfg, fold, images, index, folds, manifest, device, targets) for fold in wanted)
+            if cfg.train.refit:  # after the CV: one model on every training row (test predictions only)
+                train_model(cfg, None, images, index, folds, manifest, device, targets)
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
+    if cfg.train.refit and cfg.train.mode != "features":
+        report["refit"] = {"rows": len(index), "dir": str(model_dir(cfg, None)),
+                           "note": "trained on every row: nothing held out, so the OOF and CV are the fold models'"}
+        log.info("refit: one model on all %d rows in %s (test predictions only; the CV is the folds')", len(index),
+                 model_dir(cfg, None))
     previous = cfg.run_dir / "cv.json"
     if not trained and previous.is_file():
         old = read_json(previous)

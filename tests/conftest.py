@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated competition and configs that write only into tmp_path."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -8,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
+from pipeline import engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -132,3 +135,12 @@ def trained_run(tmp: Path, *overrides: str):
     for stage in (preprocess, folds, train, infer):
         stage.run(cfg)
     return root, cfg
+
+
+class KeepEpochOne(engine.FoldRun):
+    """A fold run that keeps a copy of its checkpoint after the first epoch."""
+
+    def checkpoint(self, probs, metrics, improved):
+        super().checkpoint(probs, metrics, improved)
+        if self.epoch == 1:
+            shutil.copy(self.dir / "last_state.pt", self.dir / "epoch1_state.pt")

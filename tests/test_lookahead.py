@@ -1,7 +1,6 @@
 """train.lookahead_k / lookahead_alpha: timm's Lookahead around the optimizer, with schedulers and exact resume."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from pipeline.data.cache import load_split
 from pipeline.engine import build_optimizer
 from pipeline.schedulers import build_scheduler
 
-from conftest import make_cfg
+from conftest import KeepEpochOne, make_cfg
 
 
 def sgd_steps(cfg: TrainConfig, steps: int) -> float:
@@ -51,13 +50,6 @@ def test_schedulers_drive_the_wrapped_optimizer():
         schedule.step_batch()
         lrs.append(opt.param_groups[0]["lr"])
     assert max(lrs) == pytest.approx(0.1) and lrs[0] < 0.1 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-
-
-class KeepEpochOne(engine.FoldRun):
-    def checkpoint(self, probs, metrics, improved):
-        super().checkpoint(probs, metrics, improved)
-        if self.epoch == 1:
-            shutil.copy(self.dir / "last_state.pt", self.dir / "epoch1_state.pt")
 
 
 def test_resume_with_lookahead_is_exact(tmp_path, competition):

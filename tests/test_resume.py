@@ -15,7 +15,7 @@ import torch
 from pipeline import engine, folds, preprocess, train
 from pipeline.data.cache import load_split
 
-from conftest import REPO, config_overrides, make_cfg
+from conftest import REPO, KeepEpochOne, config_overrides, make_cfg
 
 # randaugment (lazily created, seeded op variants), mixup + cutmix (the mixer's generator), dropout (torch's
 # global stream), shuffling (the loader's generator); "last" makes the OOF the final epoch's
@@ -91,15 +91,6 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(prepared, tmp_path, capl
     assert "resuming after epoch 1" in caplog.text
     for name, data in reference.items():
         assert (fold_dir / name).read_bytes() == data, f"{name} differs after kill + resume"
-
-
-class KeepEpochOne(engine.FoldRun):
-    """A fold run that keeps a copy of its checkpoint after the first epoch."""
-
-    def checkpoint(self, probs, metrics, improved):
-        super().checkpoint(probs, metrics, improved)
-        if self.epoch == 1:
-            shutil.copy(self.dir / "last_state.pt", self.dir / "epoch1_state.pt")
 
 
 def test_each_random_stream_is_needed(prepared):
