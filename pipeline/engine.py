@@ -342,6 +342,7 @@ class FoldRun:
         rngs.restore(self.step.mixer, state["mixer"])
 
     def checkpoint(self, probs: np.ndarray, metrics: dict, improved: bool) -> None:
+        metrics = {k: None if v != v else v for k, v in metrics.items()}  # the refit's NaN scores: JSON null
         meta = {"fold": self.fold, "epoch": self.epoch, "classes": self.classes, "metrics": metrics,
                 "model": self.cfg.model.name, "image_size": self.size, "mean": self.mean, "std": self.std,
                 "config": to_dict(self.cfg)}

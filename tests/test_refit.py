@@ -27,6 +27,7 @@ def test_refit_trains_on_every_row_and_keeps_the_cv_the_folds(refitted):
     result = engine.fold_done(cfg, None)
     assert result and result["fold"] is None and (cfg.run_dir / "refit" / "best.safetensors").is_file()
     assert result["best_epoch"] == 2  # nothing held out: the last epoch (of 2) is kept
+    assert result["metrics"] == dict.fromkeys(("accuracy", "macro_f1", "log_loss", "loss"))  # no scores: null
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     run = engine.FoldRun(cfg, None, images, index, folds.run(cfg), manifest, torch.device("cpu"))
