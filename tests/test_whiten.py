@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import engine, folds, preprocess
+from pipeline import engine, folds, preprocess, search
 from pipeline.config import ModelConfig, TrainConfig, with_values
 from pipeline.data.cache import load_split
 from pipeline.engine import FoldRun, build_optimizer, load_weights
 from pipeline.models import create_model
+from pipeline.weights import normalization
 from pipeline.whiten import first_conv, patch_covariance, whiten_conv
 
 from conftest import make_cfg, trained_run
@@ -99,6 +100,18 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
     assert torch.equal(trained.stem[0].weight, initial) == freeze
     assert (cfg.run_dir / "fold0" / "test.npy").is_file()  # infer builds the patch-stem model and predicts
     assert engine.fold_done(cfg, 0) and not engine.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
+
+
+def test_search_trials_whiten_from_their_own_training_rows(tmp_path, competition):
+    cfg = make_cfg(tmp_path, competition, "model.whiten=true", PATCH, "search.subsample=null")
+    preprocess.run(cfg)
+    data = search.load_trial_data(cfg)
+    model = create_model(cfg.model, 3)
+    search.fit(model, cfg, data, torch.device("cpu"), lambda epoch, metrics: None)
+    expected = nn.Conv2d(3, 24, 2)
+    mean, std = normalization(cfg.model, data.manifest)
+    whiten_conv(expected, patch_covariance(data.images, data.train_rows, mean, std, (2, 2), 16), cfg.model.whiten_eps)
+    assert torch.equal(model.stem[0].weight, expected.weight)  # whitened and kept frozen through the trial
 
 
 def test_bn_momentum_is_set_on_every_batch_norm():
