@@ -78,6 +78,7 @@ class ModelConfig:
     whiten: bool = False
     whiten_eps: float = 5e-4  # airbench's value
     whiten_freeze: bool = True  # keep the whitened filters fixed (airbench); false: they train like any weight
+    whiten_bias_epochs: Optional[int] = None  # the whitened conv's bias trains this many epochs (airbench: 3); None: all
     # momentum of every batch-norm layer, in torch's convention (the weight of the new batch's statistics):
     # airbench's 0.6 is Keras-style, i.e. torch momentum 0.4; None keeps each layer's own (torch: 0.1)
     bn_momentum: Optional[float] = None
@@ -85,8 +86,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.spec is not None and self.name != "spec":
             object.__setattr__(self, "name", "spec")
-        if self.whiten_eps < 0:
-            raise ConfigError(f"model.whiten_eps: must be >= 0, got {self.whiten_eps}")
+        if self.whiten_eps < 0 or (self.whiten_bias_epochs or 0) < 0:
+            raise ConfigError(f"model.whiten_eps and whiten_bias_epochs: must be >= 0, got {self.whiten_eps} and "
+                              f"{self.whiten_bias_epochs}")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum <= 1:
             raise ConfigError(f"model.bn_momentum: must be in [0, 1] (torch convention), got {self.bn_momentum}")
 

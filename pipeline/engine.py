@@ -33,7 +33,7 @@ from .metrics import score
 from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
 from .weights import normalization
-from .whiten import init_whitening
+from .whiten import freeze_whitening, init_whitening
 from .utils import atomic_path, autocast, read_json, resolve_precision, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -246,10 +246,10 @@ class FoldRun:
             finetune.linear_probe_head(cfg, self.model, manifest, self.train_rows, self.labels, device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.fixed: list[nn.Parameter] = []  # kept out of training: the frozen whitening filters
+        self.whitened = None  # the whitened first conv (frozen per model.whiten_freeze, whiten_bias_epochs)
         if cfg.model.whiten:  # from this fold's training rows only
-            conv = init_whitening(cfg.model, self.model, images, self.train_rows, self.mean, self.std, self.size)
-            self.fixed += [conv.weight] if cfg.model.whiten_freeze else []
+            self.whitened = init_whitening(cfg.model, self.model, images, self.train_rows, self.mean, self.std,
+                                           self.size)
         train_targets = (self.labels if targets is None else targets)[self.train_rows]
         self.policy = augment.build_policy(cfg.augment, self.size, seed=seed)
         self.loader = make_train_loader(images, self.train_rows, train_targets, cfg, self.policy)
@@ -271,8 +271,8 @@ class FoldRun:
 
     def train_epoch(self, epoch: int) -> float:
         finetune.train_mode(self.model, self.cfg.train, epoch)
-        for param in self.fixed:
-            param.requires_grad_(False)
+        if self.whitened is not None:
+            freeze_whitening(self.cfg.model, self.whitened, epoch)
         size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
         total, n = 0.0, 0
         bar = tqdm(self.loader, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.train.epochs}",

@@ -44,7 +44,7 @@ from .schedulers import build_scheduler
 from .search_report import write_outputs, trial_line
 from .search_space import OBJECTIVES, check_search, suggest, trial_config
 from .weights import normalization
-from .whiten import init_whitening
+from .whiten import freeze_whitening, init_whitening
 from .utils import read_json, resolve_device, resolve_precision, seed_everything, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
     n_classes, y_train = len(data.classes), data.labels[data.train_rows]
     mean, std = normalization(cfg.model, data.manifest)
     if cfg.model.whiten:  # from the trial's training rows only, as the train stage does per fold
-        conv = init_whitening(cfg.model, model, data.images, data.train_rows, mean, std, cfg.data.image_size)
-        conv.weight.requires_grad_(not cfg.model.whiten_freeze)
+        whitened = init_whitening(cfg.model, model, data.images, data.train_rows, mean, std, cfg.data.image_size)
     loader = make_train_loader(data.images, data.train_rows, y_train, cfg,
                                augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed))
     optimizer = build_optimizer(cfg.train, model)
@@ -155,6 +154,8 @@ def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
     metrics: dict = {}
     for epoch in range(cfg.train.epochs):
         model.train()
+        if cfg.model.whiten:
+            freeze_whitening(cfg.model, whitened, epoch)
         late = False
         for images, targets in loader:
             step(images, targets)

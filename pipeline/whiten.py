@@ -4,7 +4,8 @@ The first conv's filters become the eigenvectors of the (uncentred) covariance o
 images, normalised exactly as the model sees them, each scaled by 1/sqrt(eigenvalue + ``model.whiten_eps``),
 in ± pairs (the strongest directions first): the layer then outputs decorrelated, unit-variance patch
 components, which lets a small network learn faster. Only the rows a fold trains on are read, so the held-out
-images never shape the model. With ``model.whiten_freeze`` the filters stay fixed during training.
+images never shape the model. With ``model.whiten_freeze`` the filters stay fixed during training, and
+``model.whiten_bias_epochs`` stops training the layer's bias after that many epochs (airbench: 3).
 Used by the training engine (:class:`pipeline.engine.FoldRun`); the result lives in the weights.
 """
 from __future__ import annotations
@@ -82,6 +83,16 @@ def whiten_conv(conv: nn.Conv2d, covariance: torch.Tensor, eps: float) -> torch.
     if conv.bias is not None:
         conv.bias.zero_()
     return eigenvalues
+
+
+def freeze_whitening(cfg: ModelConfig, conv: nn.Conv2d, epoch: int) -> None:
+    """Before training ``epoch`` (after anything that unfreezes parameters): the whitened filters stay fixed with
+    ``model.whiten_freeze``, and the conv's bias (airbench's patch stem has one) trains only for the first
+    ``model.whiten_bias_epochs`` epochs."""
+    if cfg.whiten_freeze:
+        conv.weight.requires_grad_(False)
+    if conv.bias is not None and cfg.whiten_bias_epochs is not None and epoch >= cfg.whiten_bias_epochs:
+        conv.bias.requires_grad_(False)
 
 
 def init_whitening(cfg: ModelConfig, model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std,

@@ -15,7 +15,7 @@ from pipeline.models import create_model
 from pipeline.weights import normalization
 from pipeline.whiten import first_conv, patch_covariance, whiten_conv
 
-from conftest import make_cfg, trained_run
+from conftest import KeepEpochOne, make_cfg, trained_run
 
 PATCH = "model.kwargs={patch_stem: 2}"
 
@@ -100,6 +100,18 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
     assert torch.equal(trained.stem[0].weight, initial) == freeze
     assert (cfg.run_dir / "fold0" / "test.npy").is_file()  # infer builds the patch-stem model and predicts
     assert engine.fold_done(cfg, 0) and not engine.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
+
+
+@pytest.mark.parametrize("bias_epochs", [1, None])
+def test_whitening_bias_trains_only_its_first_epochs(prepared, bias_epochs):
+    cfg, manifest, images, index, split = prepared(PATCH, "train.epochs=2", "train.monitor=last",
+                                                   f"model.whiten_bias_epochs={'null' if bias_epochs is None else 1}")
+    run = KeepEpochOne(cfg, 0, images, index, split, manifest, torch.device("cpu"))
+    run.fit()
+    after_one = engine.load_state(run.dir / "epoch1_state.pt")["model"]["stem.0.bias"]
+    final = run.model.stem[0].bias.detach()
+    assert after_one.abs().sum() > 0  # trained in epoch 1
+    assert torch.equal(final, after_one) == (bias_epochs == 1)
 
 
 def test_search_trials_whiten_from_their_own_training_rows(tmp_path, competition):
