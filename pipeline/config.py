@@ -43,6 +43,9 @@ class DataConfig:
     subset: Optional[int] = None  # keep a fixed stratified random subset of train (e.g. "small CIFAR-10")
     subset_seed: int = 0
     num_workers: int = 0  # DataLoader workers; 0 loads in the training process
+    # dataloader: per-image policy in a torch DataLoader; device: the fold's uint8 rows held on the training
+    # device, batches sliced and augmented there in one call (pipeline.augment.batched; airbench's way)
+    loader: Literal["dataloader", "device"] = "dataloader"
 
 
     def __post_init__(self) -> None:
@@ -111,6 +114,9 @@ class AugmentConfig:
     sizes: Optional[list[int]] = None
     size_epochs: Optional[list[int]] = None
     autoaugment_policy: str = "original"  # timm AutoAugment policy: original, originalr, v0, v0r, 3a
+    # the policy's horizontal flip: random (p = 0.5) or alternate (airbench: each image flipped in every other
+    # epoch; data.loader: device only)
+    flip: Literal["random", "alternate"] = "random"
 
     def __post_init__(self) -> None:
         """Reject values no policy can use, naming the key (op names are checked by the policy)."""
@@ -330,6 +336,11 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     eda: EdaConfig = field(default_factory=EdaConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        if self.augment.flip == "alternate" and self.data.loader != "device":
+            raise ConfigError("augment.flip: alternate is only supported by data.loader: device "
+                              f"(got data.loader: {self.data.loader})")
 
     @property
     def run_dir(self) -> Path:

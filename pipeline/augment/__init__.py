@@ -7,7 +7,8 @@ writes a grid of augmented training images from the cache.
 
 One module per concern: ``policies`` (registry, :class:`Policy`, the simple policies), ``randaugment`` (the
 op table with its magnitudes), ``mixing`` (mixup/cutmix), ``resize`` (progressive resizing), ``preview``
-(the grid and its command line). Everything public is re-exported here.
+(the grid and its command line), ``batched`` (whole NCHW tensors on any device, for
+``data.loader: device``). Everything public is re-exported here.
 
 Interface used by the train stage (keep it stable):
 
@@ -20,7 +21,8 @@ Interface used by the train stage (keep it stable):
   ``resize_batch(images NCHW, size) -> images`` (progressive resizing from the one cached size)
 * ``preview_grid(images NHWC uint8, cfg, image_size, n=32, seed=0) -> HWC uint8``
 
-Policies (``augment.policy``): ``none``; ``basic`` (flip, shift/scale/rotate, pad-and-crop); ``resized_crop``
+Policies (``augment.policy``): ``none``; ``basic`` (flip, shift/scale/rotate, pad-and-crop); ``flip_crop``
+(flip, reflect-pad-and-crop by size/16: airbench's); ``resized_crop``
 (random-resized crop + flip, for photos cached with a margin);
 ``randaugment`` (below); ``autoaugment`` (timm's AutoAugment, ``augment.autoaugment_policy`` picks
 ``original``/``v0``/``3a``…) and ``trivialaugment`` (timm's RandAugment with one op per image at a magnitude
@@ -29,12 +31,13 @@ of the last two; timm's operate on PIL images and are wrapped to take and return
 
 RandAugment's op table, with each op's magnitude range, is documented in :mod:`pipeline.augment.randaugment`.
 """
+from .batched import BATCHED_OPS, BATCHED_POLICIES, BatchAugment, BatchedRandAugment
 from .mixing import Mixer, build_mixer
 from .policies import FILL, POLICIES, PilTransform, Policy, build_policy
 from .preview import main, preview_grid, run
 from .randaugment import RANDAUGMENT_OPS, Op, RandAugment, build_op, randaugment_ops
 from .resize import resize_batch, size_at_epoch
 
-__all__ = ["FILL", "POLICIES", "Mixer", "Op", "PilTransform", "Policy", "RANDAUGMENT_OPS", "RandAugment",
+__all__ = ["BATCHED_OPS", "BATCHED_POLICIES", "BatchAugment", "BatchedRandAugment", "FILL", "POLICIES", "Mixer", "Op", "PilTransform", "Policy", "RANDAUGMENT_OPS", "RandAugment",
            "build_mixer", "build_op", "build_policy", "main", "preview_grid", "randaugment_ops", "resize_batch",
            "run", "size_at_epoch"]

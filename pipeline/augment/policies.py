@@ -130,6 +130,17 @@ def _basic(cfg: AugmentConfig, size: int) -> A.Compose:
     ])
 
 
+@POLICIES.register("flip_crop")
+def _flip_crop(cfg: AugmentConfig, size: int) -> A.Compose:
+    """Flip and a translation by up to size/16 pixels with mirrored borders (airbench's CIFAR recipe)."""
+    pad = max(1, size // 16)
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(size, size),
+    ])
+
+
 @POLICIES.register("resized_crop")
 def _resized_crop(cfg: AugmentConfig, size: int) -> A.Compose:
     """Random-resized crop to ``size`` (area 35–100 %, aspect 3/4–4/3) and a horizontal flip: the photo
