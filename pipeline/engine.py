@@ -27,6 +27,7 @@ from . import augment, finetune
 from . import rng as rngs
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
+from .data.device import DeviceLoader
 from .distill import teacher_signature
 from .losses import build_loss
 from .metrics import score
@@ -69,7 +70,10 @@ class ChunkedLoader:
 
     def __init__(self, loader: DataLoader, batch_size: int, drop_last: bool) -> None:
         self.loader, self.batch_size, self.drop_last = loader, batch_size, drop_last
-        self.dataset = loader.dataset
+        self.dataset, self.generator = loader.dataset, loader.generator
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: the per-image policy does not depend on the epoch (the device loader's flip does)."""
 
     def __len__(self) -> int:
         n = len(self.loader.dataset)
@@ -98,6 +102,20 @@ def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, 
                         prefetch_factor=4 if workers > 0 else None,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return ChunkedLoader(loader, batch_size, drop_last)
+
+
+def make_fold_loader(cfg: Config, images: np.ndarray, rows: np.ndarray, targets: np.ndarray, size: int,
+                     seed: int, device: torch.device) -> tuple[Callable, object]:
+    """(augmentation, loader) training on ``rows``: the per-image policy in a DataLoader, or with
+    ``data.loader: device`` the batched policy on the rows held on ``device`` (:mod:`pipeline.data.device`)."""
+    if cfg.data.loader == "device":
+        if images.shape[1] != size:
+            raise ValueError(f"data.loader: device trains on the cached {images.shape[1]} px images as they are; "
+                             f"it needs data.crop_pct: 1 (the cache holds {images.shape[1]} px, image_size {size})")
+        policy = augment.BatchAugment(cfg.augment, size, seed=seed)
+        return policy, DeviceLoader(images, rows, targets, cfg.train.batch_size, device, policy, seed=cfg.seed)
+    policy = augment.build_policy(cfg.augment, size, seed=seed)
+    return policy, make_train_loader(images, rows, targets, cfg, policy)
 
 
 class TrainStep:
@@ -251,8 +269,8 @@ class FoldRun:
             self.whitened = init_whitening(cfg.model, self.model, images, self.train_rows, self.mean, self.std,
                                            self.size)
         train_targets = (self.labels if targets is None else targets)[self.train_rows]
-        self.policy = augment.build_policy(cfg.augment, self.size, seed=seed)
-        self.loader = make_train_loader(images, self.train_rows, train_targets, cfg, self.policy)
+        self.policy, self.loader = make_fold_loader(cfg, images, self.train_rows, train_targets, self.size, seed,
+                                                    device)
         self.optimizer = build_optimizer(cfg.train, self.model)
         steps = max(1, len(self.loader) // max(1, cfg.train.accum_steps))
         self.schedule = build_scheduler(cfg.train, self.optimizer, steps)
@@ -275,6 +293,7 @@ class FoldRun:
             freeze_whitening(self.cfg.model, self.whitened, epoch)
         size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
         total, n = 0.0, 0
+        self.loader.set_epoch(epoch)
         bar = tqdm(self.loader, desc=f"{self.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
                    unit="batch", leave=False, mininterval=1.0)
         for images, targets in bar:
@@ -332,12 +351,12 @@ class FoldRun:
 
     def random_state(self) -> dict:
         """Every random stream training draws from (see :mod:`pipeline.rng`)."""
-        return {"global": rngs.global_state(), "loader": rngs.generator_state(self.loader.loader.generator),
+        return {"global": rngs.global_state(), "loader": rngs.generator_state(self.loader.generator),
                 "policy": rngs.collect(self.policy), "mixer": rngs.collect(self.step.mixer)}
 
     def restore_random(self, state: dict) -> None:
         rngs.set_global_state(state["global"])
-        rngs.set_generator_state(self.loader.loader.generator, state["loader"])
+        rngs.set_generator_state(self.loader.generator, state["loader"])
         rngs.restore(self.policy, state["policy"])
         rngs.restore(self.step.mixer, state["mixer"])
 

@@ -35,7 +35,7 @@ from .arch import count_macs, cpu_latency_ms
 from .cli import stage_main
 from .config import Config, to_yaml, with_values
 from .data.cache import load_manifest, load_split
-from .engine import TrainStep, build_optimizer, make_train_loader, predict_logits, training_fingerprint
+from .engine import TrainStep, build_optimizer, make_fold_loader, predict_logits, training_fingerprint
 from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
@@ -144,8 +144,7 @@ def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
     mean, std = normalization(cfg.model, data.manifest)
     if cfg.model.whiten:  # from the trial's training rows only, as the train stage does per fold
         whitened = init_whitening(cfg.model, model, data.images, data.train_rows, mean, std, cfg.data.image_size)
-    loader = make_train_loader(data.images, data.train_rows, y_train, cfg,
-                               augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed))
+    _, loader = make_fold_loader(cfg, data.images, data.train_rows, y_train, cfg.data.image_size, cfg.seed, device)
     optimizer = build_optimizer(cfg.train, model)
     schedule = build_scheduler(cfg.train, optimizer, max(1, len(loader) // max(1, cfg.train.accum_steps)))
     step = TrainStep(model, optimizer, build_loss(cfg.train, y_train, n_classes).to(device), schedule, device,
@@ -157,6 +156,7 @@ def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
         if cfg.model.whiten:
             freeze_whitening(cfg.model, whitened, epoch)
         late = False
+        loader.set_epoch(epoch)
         for images, targets in loader:
             step(images, targets)
             late = deadline is not None and time.monotonic() > deadline

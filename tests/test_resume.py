@@ -93,9 +93,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(prepared, tmp_path, capl
         assert (fold_dir / name).read_bytes() == data, f"{name} differs after kill + resume"
 
 
-def test_each_random_stream_is_needed(prepared):
-    """Resuming epoch 1's checkpoint reproduces the run; with any one stream fresh instead, the OOF changes."""
-    cfg = prepared
+def check_streams(cfg, streams) -> None:
+    """Train fold 0, then resume its epoch-1 checkpoint with each of ``streams`` replaced by a fresh one (and
+    once with none replaced): only the untouched checkpoint reproduces the OOF, so every stream is needed."""
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
@@ -106,10 +106,15 @@ def test_each_random_stream_is_needed(prepared):
     reference = np.load(run.dir / "oof.npy")
     saved = engine.load_state(run.dir / "epoch1_state.pt")
     fresh = fold().random_state()
-    for stream in (None, "global", "loader", "policy", "mixer"):
+    for stream in (None, *streams):
         state = {**saved, "rng": {**saved["rng"], **({stream: fresh[stream]} if stream else {})}}
         engine.save_state(run.dir / "last_state.pt", state)
         (run.dir / "result.json").unlink()
         fold().fit()
         same = np.array_equal(np.load(run.dir / "oof.npy"), reference)
         assert same == (stream is None), f"stream {stream}: {'same' if same else 'different'} OOF"
+
+
+def test_each_random_stream_is_needed(prepared):
+    """Resuming epoch 1's checkpoint reproduces the run; with any one stream fresh instead, the OOF changes."""
+    check_streams(prepared, ("global", "loader", "policy", "mixer"))
