@@ -12,7 +12,15 @@
 * ``tta_floor_img_s``: forward passes on an in-memory batch at ``infer.batch_size``; ``tta_img_s``:
   view-images per second of :func:`pipeline.tta.predict_tta` over the cached test set, i.e. test images/s ×
   the number of views (``tta_test_img_s`` is test images/s); ``tta_ratio`` = tta / floor;
-* ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does.
+* ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does;
+* ``augment``: images/s of the configured policy on ``train.batch_size × 4`` cached images per call, per
+  image (albumentations, as the DataLoader path runs it: ``per_image_img_s``) and batched on the device
+  (:class:`pipeline.augment.BatchAugment`, what ``data.loader: device`` runs: ``batched_img_s``; None for a
+  policy without a batched form); ``--augment-only`` measures just this, in seconds;
+* on CUDA also ``gpu_busy_pct`` (mean of ``torch.cuda.utilization()`` sampled while the training pipeline
+  runs; needs pynvml) and ``gpu_peak_mem_mb`` (peak memory allocated by torch over the whole run).
+
+``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``).
 
 Training and inference call the train stage's building blocks (loader, :class:`~pipeline.engine.TrainStep`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run.
@@ -102,15 +110,14 @@ def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[t
 
 def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                    channels_last: bool, batches: int) -> float:
-    """Training images/s fed by the train stage's loader, policy and mixer."""
-    from .engine import make_train_loader
+    """Training images/s fed by the train stage's loader (``data.loader``), policy and mixer."""
+    from .engine import make_fold_loader
 
     n_classes, labels = data["num_classes"], data["labels"]
     mixer = augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed)
     step = build_step(cfg, n_classes, labels, data["manifest"], device, dtype, channels_last, mixer)
-    policy = augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed)
     rows = np.arange(len(labels))
-    loader = make_train_loader(data["images"], rows, labels, cfg, policy)
+    _, loader = make_fold_loader(cfg, data["images"], rows, labels, cfg.data.image_size, cfg.seed, device)
     size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
     batches = min(batches, max(1, len(loader) - 3))
     it = iter(loader)
@@ -129,6 +136,59 @@ def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optiona
         return timed(one, warmup=min(3, batches), repeats=batches)
     finally:
         del it, loader  # stop the workers
+
+
+def augment_rates(cfg: Config, data: dict, device: torch.device, batches: int) -> dict:
+    """Images/s of the configured policy per image (albumentations on a gathered NHWC batch, the DataLoader
+    path) and batched (:class:`~pipeline.augment.BatchAugment` on the same images as an NCHW uint8 tensor on
+    ``device``), ``train.batch_size × 4`` images per call (the DataLoader path's chunk)."""
+    from .data.dataset import gather
+
+    rows = np.arange(min(len(data["images"]), cfg.train.batch_size * 4))
+    nhwc = gather(data["images"], rows)
+    policy = augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed)
+    per_image = timed(lambda: len(policy.batch(nhwc)), warmup=1, repeats=batches)
+    batched = None
+    if cfg.augment.policy in augment.BATCHED_POLICIES:
+        aug = augment.BatchAugment(cfg.augment, cfg.data.image_size, seed=cfg.seed)
+        x = torch.from_numpy(nhwc).permute(0, 3, 1, 2).contiguous().to(device)
+        ids = torch.from_numpy(rows)
+
+        def one() -> int:
+            aug(x, ids, 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return len(rows)
+
+        batched = timed(one, warmup=1, repeats=batches)
+    return {"policy": cfg.augment.policy, "images_per_call": len(rows), "per_image_img_s": _round(per_image),
+            "batched_img_s": _round(batched), "speedup": None if batched is None else round(batched / per_image, 2)}
+
+
+def gpu_busy(fn: Callable[[], float], device: torch.device, every: float = 0.05) -> tuple[float, Optional[float]]:
+    """``fn()`` and, on CUDA with pynvml, the mean GPU utilisation (%) sampled every ``every`` s meanwhile."""
+    if device.type != "cuda":
+        return fn(), None
+    import threading
+
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            try:
+                samples.append(torch.cuda.utilization(device))
+            except Exception:  # noqa: BLE001 - no pynvml / NVML: utilisation is not available
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        value = fn()
+    finally:
+        done.set()
+        thread.join()
+    return value, (round(sum(samples) / len(samples), 1) if samples else None)
 
 
 # --------------------------------------------------------------------------- inference
@@ -230,7 +290,7 @@ def combos(device: torch.device, dtype: Optional[torch.dtype], channels_last: bo
 
 
 def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: int = 3,
-        compare: bool = True) -> dict:
+        compare: bool = True, augment_only: bool = False) -> dict:
     """Measure every figure (see the module docstring) and write ``runs/<experiment>/bench.json``.
 
     Every figure is measured ``rounds`` times, floors and pipelines alternately, and the best kept, so that
@@ -238,7 +298,18 @@ def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: i
     """
     with training_slot(cfg, "bench") as threads:
         torch.set_num_threads(threads)
+        if augment_only:
+            return _measure_augment(cfg, batches)
         return _measure(cfg, batches, preprocess_images, rounds, compare)
+
+
+def _measure_augment(cfg: Config, batches: int) -> dict:
+    """Only the augmentation comparison (``--augment-only``), written to ``bench_augment.json``."""
+    device = resolve_device(cfg.train.device)
+    result = {"experiment": cfg.experiment, "device": _device_name(device), "threads": torch.get_num_threads(),
+              "augment": augment_rates(cfg, load_data(cfg), device, batches)}
+    write_json(cfg.run_dir / "bench_augment.json", result)
+    return result
 
 
 def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, compare: bool) -> dict:
@@ -251,15 +322,24 @@ def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, com
     configured = next(k for k, v in settings.items() if v == (dtype, channels_last))
     floors = dict.fromkeys(settings, 0.0)
     train = t_floor = tta = 0.0
+    busy: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for r in range(max(1, rounds)):
         for key, (d, cl) in settings.items():
             floors[key] = max(floors[key], train_floor(cfg, data, device, d, cl, batches))
-        train = max(train, train_pipeline(cfg, data, device, dtype, channels_last, batches))
+        rate, pct = gpu_busy(lambda: train_pipeline(cfg, data, device, dtype, channels_last, batches), device)
+        train = max(train, rate)
+        busy += [pct] if pct is not None else []
         t_floor = max(t_floor, tta_floor(cfg, data, device, dtype, channels_last, batches))
         tta = max(tta, tta_pipeline(cfg, data, device, dtype, channels_last, batches))
         log.info("round %d: train floor %.0f, pipeline %.0f img/s; inference floor %.0f, TTA %.0f view-img/s",
                  r + 1, floors[configured], train, t_floor, tta)
     result = summary(cfg, device, dtype, channels_last, floors, configured, train, t_floor, tta)
+    result["augment"] = augment_rates(cfg, data, device, batches)
+    if device.type == "cuda":
+        result["gpu_busy_pct"] = max(busy) if busy else None
+        result["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     result["preprocess_img_s"] = _round(preprocess_rate(cfg, preprocess_images))
     write_json(cfg.run_dir / "bench.json", result)
     return result
@@ -274,6 +354,7 @@ def summary(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], cha
         "mixer": augment.build_mixer(cfg.augment, 2) is not None, "image_size": cfg.data.image_size,
         "batch_size": cfg.train.batch_size, "infer_batch_size": cfg.infer.batch_size,
         "tta_views": cfg.infer.tta, "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
+        "loader": cfg.data.loader,
         "cpu_count": os.cpu_count(), "device": _device_name(device),
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
         "train_floor_img_s": round(floor, 1), "train_img_s": round(train, 1), "train_ratio": round(train / floor, 3),
@@ -308,10 +389,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternate floor and pipeline runs, keep the best")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="measure only the configured precision and memory format")
+    parser.add_argument("--augment-only", action="store_true",
+                        help="measure only the per-image vs batched augmentation rates")
     args, _ = parser.parse_known_args(argv)
 
     def bench(cfg: Config) -> dict:
-        result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare)
+        result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare, args.augment_only)
         print(json.dumps(result, indent=2))  # the tool's output
         return result
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import bench
+from pipeline.config import load_config
 from pipeline.data.demo import build
 
 KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
@@ -39,6 +40,25 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
     assert result["train_ratio"] == pytest.approx(result["train_img_s"] / result["train_floor_img_s"], abs=0.01)
     assert result["floors"][result["configured_floor"]] == result["train_floor_img_s"]
     assert json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text()) == result
+    assert result["augment"]["per_image_img_s"] > 0 and result["augment"]["batched_img_s"] > 0
+
+
+def test_augment_only_compares_per_image_and_batched(tmp_path, monkeypatch, capsys):
+    """--augment-only: the per-image and batched rates of one policy; the training pipeline on the device
+    loader runs too."""
+    monkeypatch.chdir(tmp_path)
+    build(tmp_path / "demo")
+    overrides = [f"data.root={tmp_path / 'demo'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"runs_dir={tmp_path / 'runs'}", "experiment=aug", "augment.policy=flip_crop",
+                 "data.loader=device", "augment.flip=alternate", "model.name=airnet_tiny", "train.batch_size=16"]
+    args = [a for o in overrides for a in ("--set", o)] + ["--batches", "2", "--augment-only"]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out)["augment"]
+    assert result["policy"] == "flip_crop" and result["images_per_call"] == 64
+    assert result["per_image_img_s"] > 0 and result["batched_img_s"] > 0
+    cfg = load_config(None, overrides)
+    data = bench.load_data(cfg)
+    assert bench.train_pipeline(cfg, data, torch.device("cpu"), None, False, 2) > 0
 
 
 def test_bench_without_data_fails_with_a_message(tmp_path, capsys):
