@@ -100,7 +100,8 @@ def check_data(cfg: Config, stamp_it: bool = False) -> None:
 @contextlib.contextmanager
 def claim(cfg: Config, what: str, exclusive: bool = True) -> Iterator[None]:
     """The run folder for one stage: checked to hold this data and (``exclusive``) locked against other
-    processes."""
+    processes. Under torchrun only rank 0 locks it: the other ranks are the same stage (pipeline.distributed)."""
+    exclusive = exclusive and int(os.environ.get("RANK", "0")) == 0
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.run_dir, what) if exclusive else contextlib.nullcontext():
         check_data(cfg)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import distributed
 from .cli import stage_main
 from .config import Config, to_yaml
 from .data.cache import load_manifest, load_split, read_folds
@@ -65,19 +66,25 @@ def run(cfg: Config) -> dict:
     images, index = load_split(cfg.run_dir, "train", manifest)
     folds = read_folds(cfg.run_dir, index)
     write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
+    refit = [None] if cfg.train.refit and cfg.train.mode != "features" else []  # None: the refit model
+    mine = distributed.share(wanted + refit)  # under torchrun: this process's share (else all of them)
     targets = _teacher_targets(cfg, index, folds, manifest)
-    with training_slot(cfg, "train") as threads:
+    with distributed.process_group(device), training_slot(cfg, "train") as threads:
         torch.set_num_threads(threads)
         log.info("train: %s on %s (%s, %d threads), folds %s, %d images", cfg.model.name, device,
-                 resolve_precision(cfg.train.precision, device) or "fp32", threads, list(wanted), len(index))
+                 resolve_precision(cfg.train.precision, device) or "fp32", threads, mine, len(index))
         if cfg.train.mode == "features":
-            trained = fit_folds(cfg, wanted, index, folds, manifest["classes"], manifest, device)
+            trained = fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
         else:
-            trained = sum(train_model(cfg, fold, images, index, folds, manifest, device, targets) for fold in wanted)
-            if cfg.train.refit:  # after the CV: one model on every training row (test predictions only)
+            trained = sum(train_model(cfg, fold, images, index, folds, manifest, device, targets)
+                          for fold in mine if fold is not None)
+            if None in mine:  # after the CV: one model on every training row (test predictions only)
                 train_model(cfg, None, images, index, folds, manifest, device, targets)
+        trained = distributed.total(trained)  # waits for every process's folds
+        if distributed.rank() != 0:
+            return {"rank": distributed.rank(), "folds": mine}  # rank 0 collects the OOF
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(cfg.run_dir / "oof.csv", oof)
     report = cv_report(cfg, index, folds, probs)
