@@ -26,7 +26,8 @@ class DeviceLoader:
                  drop_last: bool = True) -> None:
         self.images = torch.from_numpy(gather(images, rows)).permute(0, 3, 1, 2).contiguous().to(device)
         self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)  # cache row ids: the alternating flip
-        self.targets = torch.as_tensor(np.asarray(targets)).to(device)
+        targets = np.asarray(targets)  # class indices, or soft targets (N, C) as ImageDataset keeps them
+        self.targets = torch.from_numpy(targets.astype(np.float32 if targets.ndim == 2 else np.int64)).to(device)
         self.batch_size, self.device, self.augment = batch_size, device, augment
         self.drop_last = drop_last and len(rows) > batch_size
         self.generator = torch.Generator().manual_seed(seed)
