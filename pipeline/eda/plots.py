@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from ..figures import mosaic_figure
 from ..webpage import png_base64
 from .scan import rgb01
 
@@ -86,19 +87,7 @@ def load_thumb(path: str, side: int = THUMB) -> np.ndarray:
         return np.full((side, side, 3), 200, dtype=np.uint8)
 
 
-def thumb_grid(rows: list[tuple[str, list[tuple[str, str]]]], title: str = "") -> str:
+def thumb_grid(rows: list[tuple[str, list[tuple[str, str]]]]) -> str:
     """A grid of thumbnails: one row per ``(row title, [(path, caption), …])``."""
-    ncols = max([len(items) for _, items in rows] + [1])
-    fig = Figure(figsize=(1.25 * ncols + 1.6, 1.6 * len(rows) + 0.4))
-    axes = fig.subplots(len(rows), ncols, squeeze=False, gridspec_kw={"hspace": 0.5, "wspace": 0.08})
-    for r, (row_title, items) in enumerate(rows):
-        for c, ax in enumerate(axes[r]):
-            ax.set_axis_off()
-            if c < len(items):
-                ax.imshow(load_thumb(items[c][0]), interpolation="nearest")
-                ax.set_title(items[c][1], fontsize=7)
-        axes[r][0].text(-0.12, 0.5, row_title, transform=axes[r][0].transAxes, ha="right", va="center",
-                        fontsize=9, wrap=True)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return to_base64(fig)
+    return to_base64(mosaic_figure([(title, [(load_thumb(path), caption) for path, caption in items])
+                                    for title, items in rows]))
