@@ -19,8 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from .cli import stage_main
 from .config import Config
-from .data.cache import load_manifest, load_split
-from .data.dataset import gather
+from .data.cache import gather, load_manifest, load_split
 from .figures import confusion_figure, reliability_figure, thumbs_figure
 from .metrics import score
 from .utils import read_json, write_json, write_text

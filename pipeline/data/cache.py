@@ -133,3 +133,12 @@ def read_folds(run_dir: Path, index: pd.DataFrame) -> pd.DataFrame:
     if not whole or not folds["id"].equals(index["id"]):
         raise ValueError(f"{path} is damaged or does not match the preprocessed train set: re-run the folds stage")
     return folds.assign(fold=fold.astype(int))
+
+
+def gather(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``images[rows]`` as an in-memory uint8 array, read from the memory map in sorted row order."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows)
+    batch = np.empty((len(rows),) + images.shape[1:], dtype=np.uint8)
+    batch[order] = images[rows[order]]
+    return batch

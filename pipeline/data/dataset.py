@@ -7,14 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
-def gather(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``images[rows]`` as an in-memory uint8 array, read from the memory map in sorted row order."""
-    rows = np.asarray(rows)
-    order = np.argsort(rows)
-    batch = np.empty((len(rows),) + images.shape[1:], dtype=np.uint8)
-    batch[order] = images[rows[order]]
-    return batch
+from .cache import gather  # noqa: F401 - read from the memory map; here for the loaders' callers
 
 
 class ImageDataset(Dataset):
