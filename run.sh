@@ -2,6 +2,7 @@
 # One entry point: sets itself up (.venv, installs), then runs stages, the whole chain, or the tests.
 #   ./run.sh full [CONFIG] [--set section.key=value ...]   every stage, ends with "submission: <path>"
 #   ./run.sh full A.yaml B.yaml ... [--set ...]             every member's stages, then A's ensemble of all, one submission
+#   ./run.sh full ENSEMBLE.yaml [--set ...]                 its ensemble.member_configs' stages, then its ensemble of them
 #   ./run.sh test [pytest args]                             the test suite
 #   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble results submit
 #   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
@@ -14,7 +15,7 @@ VENV=${VENV:-.venv}   # another virtual environment: VENV=/path/to/venv ./run.sh
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 
@@ -41,28 +42,6 @@ stage_args() {
   ARGS+=("${SETS[@]}")
 }
 
-run_stage() {  # run_stage STAGE ARGS...: one stage, stop the chain when it fails
-  local stage=$1; shift
-  echo "== $stage $*" >&2
-  "$PY" -m "pipeline.$stage" "$@" || { echo "stage '$stage' failed" >&2; exit 1; }
-}
-
-# several configs: every member's stages on its own run folder (finished folds are skipped as always), then
-# the first config's ensemble of all members and one submission
-full_members() {
-  local members i stages
-  members=$("$PY" -c 'import sys; from pipeline.cli import members_main; sys.exit(members_main())' \
-    "${CONFIGS[@]}" "${SETS[@]}") || exit 1
-  for i in "${!CONFIGS[@]}"; do
-    stages="preprocess folds train infer"
-    [ "$i" -eq 0 ] && stages="eda $stages"
-    for stage in $stages; do run_stage "$stage" --config "${CONFIGS[$i]}" "${SETS[@]}"; done
-  done
-  for stage in ensemble results submit; do
-    run_stage "$stage" --config "${CONFIGS[0]}" "${SETS[@]}" --set "ensemble.members=$members"
-  done
-}
-
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -72,11 +51,8 @@ case "$cmd" in
     exec "$PY" -m pytest "$@" ;;
   full)
     setup
-    stage_args "$@"
-    # the embedded default competition, built only when the config reads it (not with --set data.root=OTHER)
-    "$PY" -m pipeline.data.demo --out data/demo --if-config-reads-it "${ARGS[@]}" || exit 1
-    if [ ${#CONFIGS[@]} -gt 1 ]; then full_members; exit 0; fi
-    for stage in $STAGES; do run_stage "$stage" "${ARGS[@]}"; done ;;
+    # every stage in one process (python -m pipeline.full): the demo is built when the config reads it
+    exec "$PY" -m pipeline.full "$@" ;;
   search)
     setup
     stage_args "$@"

@@ -27,48 +27,44 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def config_path(path: Optional[str]) -> Optional[str]:
+    """``--config`` as given, else configs/default.yaml when it exists, else None (built-in defaults)."""
+    return path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+
+
 def parse_config(args: argparse.Namespace) -> Config:
-    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
-    return load_config(path, args.overrides)
+    return load_config(config_path(args.config), args.overrides)
 
 
 def stage_main(run: Callable[[Config], Any], description: str, argv: Optional[Sequence[str]] = None,
                parser: Optional[argparse.ArgumentParser] = None, exclusive: bool = True) -> int:
-    """Parse arguments, run one stage, and turn expected errors into a one-line message and exit code 1.
-
-    The run folder is checked to hold this config's data and, when ``exclusive`` (every stage but the search,
-    whose workers share one study), locked against a second process (:func:`pipeline.runs.claim`)."""
-    from .data.contract import DataError
-
+    """Parse arguments, run one stage (:func:`run_stage`); 0 on success, 1 on an expected error."""
     setup_logging()
     parser = parser or build_parser(description)
     args = parser.parse_args(argv)
     try:
         cfg = parse_config(args)
-        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
-            run(cfg)
-    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("%s failed: %s", run.__module__, message)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def members_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``run.sh full A.yaml B.yaml …``: print the YAML list of the run folders of B, … (the ensemble members
-    of A's run), every config loaded with the same ``--set`` overrides; refuse two configs sharing a folder."""
-    parser = build_parser("run folders of the member configs")
-    parser.add_argument("configs", nargs="+")
-    args = parser.parse_args(argv)
-    try:
-        dirs = [load_config(path, args.overrides).run_dir for path in args.configs]
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if len(set(dirs)) < len(dirs):
-        print(f"error: the configs {args.configs} share run folders {[str(d) for d in dirs]}: give each its own "
-              "experiment name (and do not --set experiment for several configs)", file=sys.stderr)
-        return 1
-    print("[" + ", ".join(repr(str(d)) for d in dirs[1:]) + "]")
-    return 0
+        return _failed(run, err)
+    return run_stage(run, cfg, exclusive)[0]
+
+
+def run_stage(run: Callable[[Config], Any], cfg: Config, exclusive: bool = True) -> tuple[int, Any]:
+    """Run one stage on ``cfg`` and turn expected errors into a one-line message: (0, result) or (1, None).
+
+    The run folder is checked to hold this config's data and, when ``exclusive`` (every stage but the search,
+    whose workers share one study), locked against a second process (:func:`pipeline.runs.claim`)."""
+    from .data.contract import DataError
+
+    try:
+        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
+            return 0, run(cfg)
+    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
+        return _failed(run, err), None
+
+
+def _failed(run: Callable[[Config], Any], err: Exception) -> int:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    log.error("%s failed: %s", run.__module__, message)
+    print(f"error: {message}", file=sys.stderr)
+    return 1

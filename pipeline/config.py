@@ -226,6 +226,9 @@ class InferConfig:
 @dataclass(frozen=True)
 class EnsembleConfig:
     members: list[str] = field(default_factory=list)  # other experiments' run folders; this run is always in
+    # an ensemble config: its member experiments' config files (paths from the working directory). `./run.sh full
+    # THIS.yaml` runs each member's stages, then this run's ensemble of them; this run is then not a member itself
+    member_configs: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # soft/hard only: one per experiment, this run first
     method: str = "soft"  # soft, hard, hill_climb, stack (see pipeline.ensemble.ENSEMBLERS)
     metric: Literal["log_loss", "accuracy"] = "log_loss"  # what hill_climb improves on the OOF

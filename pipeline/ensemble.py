@@ -35,7 +35,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 
 from .cli import stage_main
-from .config import Config, EnsembleConfig
+from .config import Config, EnsembleConfig, load_config
 from .data.cache import load_manifest
 from .metrics import metric_loss, score
 from .registry import Registry
@@ -191,14 +191,17 @@ def nested_oof(cfg: EnsembleConfig, probs: list[np.ndarray], labels: np.ndarray,
 
 
 def member_dirs(cfg: Config) -> list[Path]:
-    """This run's folder first, then each member (a run folder path or an experiment name)."""
-    dirs = [cfg.run_dir]
-    for member in cfg.ensemble.members:
+    """This run's folder first, then each member (a run folder path or an experiment name). An ensemble config
+    (``ensemble.member_configs``) is not a member itself; its members default to its member configs' folders."""
+    own = not cfg.ensemble.member_configs
+    dirs = [cfg.run_dir] if own else []
+    names = cfg.ensemble.members or [str(load_config(p).run_dir) for p in cfg.ensemble.member_configs]
+    for member in names:
         path = Path(member)
         path = path if path.is_dir() else Path(cfg.runs_dir) / member
         if not path.is_dir():
             raise FileNotFoundError(f"ensemble member {member!r}: no run folder at {member} or {path}")
-        if path.resolve() != cfg.run_dir.resolve():
+        if not own or path.resolve() != cfg.run_dir.resolve():
             dirs.append(path)
     return dirs
 

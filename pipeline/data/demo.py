@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,35 +44,11 @@ def build(out: str | Path = "data/demo", test_fraction: float = 0.2, seed: int =
     return out
 
 
-def wanted(out: str | Path, stage_args: list[str]) -> bool:
-    """Whether the config given by ``stage_args`` (``--config``/``--set``, as every stage takes them) reads the
-    demo folder ``out`` and it is missing: ``./run.sh full`` builds the demo only then."""
-    from ..cli import build_parser, parse_config
-
-    cfg = parse_config(build_parser("the config").parse_args(stage_args))
-    return Path(cfg.data.root).resolve() == Path(out).resolve() and not Path(out).is_dir()
-
-
 def main(argv=None) -> int:
-    from ..config import ConfigError
-
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/demo")
-    parser.add_argument("--if-config-reads-it", action="store_true",
-                        help="build only when the config (the stages' --config/--set arguments that follow) reads "
-                             "--out and it is missing")
-    args, rest = parser.parse_known_args(argv)
-    if args.if_config_reads_it:
-        try:
-            if not wanted(args.out, rest):
-                return 0
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    build(args.out)
+    build(parser.parse_args(argv).out)
     return 0
 
 
