@@ -90,3 +90,9 @@ def test_an_ensemble_config_trains_its_members_and_ensembles_them_in_its_own_fol
     page = (tmp_path / "reports" / "ens" / "results" / "index.html").read_text()
     assert "mem_b" in page and "nested over folds" in page
     assert (tmp_path / "reports" / "ens" / "eda" / "index.html").is_file()
+
+
+def test_the_shipped_ensemble_config_plans_its_members():
+    planned = full.plan(["configs/ensemble/c10-tiny-ens.yaml"], [])
+    members = {cfg.experiment for stage, cfg in planned if stage == "train"}
+    assert members == {"c10-tiny", "c10-tiny-s7"} and planned[-1][1].experiment == "c10-tiny-ens"
