@@ -144,3 +144,17 @@ class KeepEpochOne(engine.FoldRun):
         super().checkpoint(probs, metrics, improved)
         if self.epoch == 1:
             shutil.copy(self.dir / "last_state.pt", self.dir / "epoch1_state.pt")
+
+
+def fold_run(cfg, fold: int = 0) -> "engine.FoldRun":
+    """Preprocess and split ``cfg``'s competition, then build (not train) the FoldRun of ``fold`` on the CPU."""
+    import torch
+
+    from pipeline import folds, preprocess
+    from pipeline.data.cache import load_split
+
+    manifest = preprocess.run(cfg)
+    folds.run(cfg)
+    images, index = load_split(cfg.run_dir, "train", manifest)
+    table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
+    return engine.FoldRun(cfg, fold, images, index, table, manifest, torch.device("cpu"))

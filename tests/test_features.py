@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from pipeline import ensemble, folds, infer, preprocess, submit, train
 from pipeline.utils import read_json
 
-from conftest import make_cfg
+from conftest import fold_run, make_cfg
 
 
 @pytest.fixture
@@ -80,22 +80,14 @@ def test_features_mode_needs_pretrained_weights(tmp_path, competition):
 def test_linear_probe_head_init_is_the_features_head(tmp_path, competition, tiny_weights):
     """train.head_init=linear_probe starts fine-tuning from the features mode's fold head: fitted on the same
     training rows only (equal weights), so the held-out fold never shapes its own model."""
-    import pandas as pd
     import torch
     from safetensors.torch import load_file
-
-    from pipeline import engine
-    from pipeline.data.cache import load_split
 
     base = ["model.name=test_efficientnet", f"model.weights={tiny_weights}", "infer.tta=[identity,hflip]"]
     features_cfg = make_cfg(tmp_path, competition, *base, "train.mode=features", "experiment=probe")
     _chain(features_cfg)
     cfg = make_cfg(tmp_path, competition, *base, "train.head_init=linear_probe", "train.ema_decay=0.9")
-    manifest = preprocess.run(cfg)
-    folds.run(cfg)
-    images, index = load_split(cfg.run_dir, "train", manifest)
-    table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
-    run = engine.FoldRun(cfg, 1, images, index, table, manifest, torch.device("cpu"))
+    run = fold_run(cfg, fold=1)
     saved = load_file(str(features_cfg.run_dir / "fold1" / "best.safetensors"))
     head = run.model.get_classifier()
     assert torch.allclose(head.weight, saved["weight"].float(), atol=1e-5)

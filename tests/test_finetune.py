@@ -2,25 +2,15 @@
 weight EMA that is evaluated, checkpointed and resumed."""
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline import engine, finetune, folds, preprocess, train
-from pipeline.data.cache import load_split
 from pipeline.models import create_model
 from pipeline.utils import read_json
 
-from conftest import make_cfg
-
-
-def _fold_run(cfg) -> engine.FoldRun:
-    manifest = preprocess.run(cfg)
-    folds.run(cfg)
-    images, index = load_split(cfg.run_dir, "train", manifest)
-    table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
-    return engine.FoldRun(cfg, 0, images, index, table, manifest, torch.device("cpu"))
+from conftest import fold_run, make_cfg
 
 
 def _copy(module: torch.nn.Module) -> dict:
@@ -28,7 +18,7 @@ def _copy(module: torch.nn.Module) -> dict:
 
 
 def test_freeze_then_unfreeze(tmp_path, competition):
-    run = _fold_run(make_cfg(tmp_path, competition, "train.freeze_epochs=1", "train.epochs=2"))
+    run = fold_run(make_cfg(tmp_path, competition, "train.freeze_epochs=1", "train.epochs=2"))
     body, head = _copy(run.model.stem), _copy(run.model.head)
     run.train_epoch(0)
     assert all(torch.equal(v, run.model.stem.state_dict()[k]) for k, v in body.items())  # weights and BN stats
@@ -70,7 +60,7 @@ def test_ema_is_evaluated_checkpointed_and_resumed(tmp_path, competition):
     state = torch.load(fold / "last_state.pt", weights_only=True)
     assert state["updates"] > 0
 
-    run = _fold_run(cfg)
+    run = fold_run(cfg)
     run.resume()
     assert run.epoch == 2 and run.step.updates == state["updates"]
     assert all(torch.equal(v, ema[k]) for k, v in run.ema.module.state_dict().items())
