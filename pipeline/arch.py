@@ -10,11 +10,15 @@ through the normal K-fold pipeline::
       - {type: InvertedResidualv2, repeats: 2, out: 24, kernel: 3, stride: 2, expansion: 4}
       - {type: InvertedResidualv3, repeats: 2, out: 40, kernel: 5, stride: 2, expansion: 3, se: true,
          act: hardswish}
+      - {type: ConvPool, repeats: 2, out: 64, kernel: 3, stride: 2}
       - {type: Pass}
+    pool: avg                  # the head's global pool: avg or max
 
-The head is fixed: global average pool, dropout (``model.drop_rate``), linear. Block types map onto timm's
-``_efficientnet_blocks`` (ConvBnAct, DepthwiseSeparableConv, InvertedResidual with SqueezeExcite); the first
-repeat of a block carries its stride, the others keep the resolution (and get timm's residual connection).
+The head is fixed: global pool (``pool``), dropout (``model.drop_rate``), linear. Block types map onto timm's
+``_efficientnet_blocks`` (ConvBnAct, DepthwiseSeparableConv, InvertedResidual with SqueezeExcite) and, for
+ConvPool, airbench's conv → max-pool → BN → GELU (the pool, not a strided conv, halves the resolution, so the
+conv sees every pixel; airnet_* are stacks of these). The first repeat of a block carries its stride, the others
+keep the resolution (and get timm's residual connection where timm's block has one).
 """
 from __future__ import annotations
 
@@ -29,10 +33,12 @@ from timm.layers import get_act_layer
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 from torch import nn
 
-BLOCK_TYPES = ("Conv", "DWConv", "InvertedResidualv2", "InvertedResidualv3", "Pass")
-DEFAULT_ACT = {"Conv": "relu", "DWConv": "relu", "InvertedResidualv2": "relu6", "InvertedResidualv3": "hard_swish"}
+BLOCK_TYPES = ("Conv", "DWConv", "InvertedResidualv2", "InvertedResidualv3", "ConvPool", "Pass")
+DEFAULT_ACT = {"Conv": "relu", "DWConv": "relu", "InvertedResidualv2": "relu6", "InvertedResidualv3": "hard_swish",
+               "ConvPool": "gelu"}
+POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
 _BLOCK_KEYS = {"type", "repeats", "out", "kernel", "stride", "expansion", "se", "act"}
-_SPEC_KEYS = {"blocks", "width_multiplier", "depth_multiplier", "max_downsample"}
+_SPEC_KEYS = {"blocks", "width_multiplier", "depth_multiplier", "max_downsample", "pool"}
 
 
 class SpecError(ValueError):
@@ -71,6 +77,8 @@ def validate_spec(spec: Any) -> None:
             raise SpecError(f"{where}: 'out' and 'repeats' must be positive")
         if int(block.get("kernel", 3)) % 2 == 0 or int(block.get("stride", 1)) not in (1, 2):
             raise SpecError(f"{where}: 'kernel' must be odd and 'stride' 1 or 2")
+    if spec.get("pool", "avg") not in POOLS:
+        raise SpecError(f"model.spec.pool: must be one of {list(POOLS)}, got {spec['pool']!r}")
     cap = spec.get("max_downsample")
     if cap is not None and downsampling(spec) > cap:
         raise SpecError(f"model.spec: total downsampling {downsampling(spec)} exceeds max_downsample {cap}")
@@ -85,10 +93,20 @@ def scaled_channels(out: int, width: float) -> int:
     return max(4, int(round(out * width / 4)) * 4)
 
 
+class ConvPool(nn.Sequential):
+    """airbench's downsampling conv: conv → max-pool (stride 2 only) → BN → activation."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, act_layer: type[nn.Module]) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+                         nn.MaxPool2d(2) if stride == 2 else nn.Identity(), nn.BatchNorm2d(c_out), act_layer())
+
+
 def make_block(block: dict, c_in: int, c_out: int, stride: int) -> nn.Module:
-    """One repeat of a spec block as the matching timm block."""
+    """One repeat of a spec block as the matching timm block (ConvPool: :class:`ConvPool`)."""
     kind, kernel = block["type"], int(block.get("kernel", 3))
     act = get_act_layer(block.get("act") or DEFAULT_ACT[kind])
+    if kind == "ConvPool":
+        return ConvPool(c_in, c_out, kernel, stride, act)
     se = partial(SqueezeExcite, rd_ratio=0.25, gate_layer="hard_sigmoid") if block.get("se") else None
     if kind == "Conv":
         return ConvBnAct(c_in, c_out, kernel, stride=stride, act_layer=act)
@@ -117,7 +135,7 @@ class SpecNet(nn.Module):
                 layers.append(make_block(block, c_in, c_out, int(block.get("stride", 1)) if r == 0 else 1))
                 c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = POOLS[spec.get("pool", "avg")](1)
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(c_in, num_classes)
         self.num_classes = num_classes

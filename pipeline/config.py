@@ -272,7 +272,8 @@ class ArchSpaceConfig:
     """The architecture space of the search (seed notes: 7 block slots and a fixed head; pipeline/arch.py)."""
     enabled: bool = True  # false: keep model.* as configured (plain hyperparameter search)
     types: list[str] = field(default_factory=lambda: ["Conv", "DWConv", "InvertedResidualv2",
-                                                       "InvertedResidualv3", "Pass"])  # Pass never in slot 1
+                                                       "InvertedResidualv3", "ConvPool", "Pass"])  # Pass never in slot 1
+    pools: list[str] = field(default_factory=lambda: ["avg", "max"])  # the head's global pool
     channels: list[list[int]] = field(default_factory=_slot_channels)  # output channel choices, one list a slot
     repeats: list[int] = field(default_factory=lambda: [1, 3])  # [low, high]
     kernels: list[int] = field(default_factory=lambda: [3, 5])

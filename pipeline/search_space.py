@@ -50,6 +50,7 @@ def suggest(trial: optuna.Trial, search: SearchConfig) -> dict:
 def suggest_arch(trial: optuna.Trial, space: ArchSpaceConfig) -> None:
     trial.suggest_categorical("width", list(space.width_multipliers))
     trial.suggest_categorical("depth", list(space.depth_multipliers))
+    trial.suggest_categorical("pool", list(space.pools))
     for i, channels in enumerate(space.channels):
         types = [t for t in space.types if t != "Pass"] if i == 0 else list(space.types)
         trial.suggest_categorical(f"b{i}_type", types)
@@ -83,7 +84,7 @@ def arch_spec(params: dict, space: ArchSpaceConfig, image_size: int) -> dict:
             block["act"] = params[f"b{i}_act"]
         blocks.append(block)
     return {"width_multiplier": float(params["width"]), "depth_multiplier": float(params["depth"]),
-            "max_downsample": cap, "blocks": blocks}
+            "max_downsample": cap, "pool": params.get("pool", "avg"), "blocks": blocks}
 
 
 def trial_config(cfg: Config, params: dict, epochs: int | None = None) -> Config:

@@ -35,7 +35,27 @@ def test_spec_builds_timm_blocks_with_residuals_and_multipliers():
     assert count_macs(model, 32) > count_macs(model, 16) > 0 and cpu_latency_ms(model, 16, runs=3) > 0
 
 
+AIRNET_TINY = {"pool": "max", "blocks": [
+    {"type": "ConvPool", "repeats": 1, "out": 16, "kernel": 3, "stride": 1},
+    {"type": "ConvPool", "repeats": 2, "out": 16, "kernel": 3, "stride": 2},
+    {"type": "ConvPool", "repeats": 2, "out": 32, "kernel": 3, "stride": 2},
+    {"type": "ConvPool", "repeats": 2, "out": 64, "kernel": 3, "stride": 2},
+]}
+
+
+def test_convpool_blocks_rebuild_airnet_tiny_layer_for_layer():
+    spec_net = SpecNet(AIRNET_TINY, num_classes=10)
+    airnet = create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_tiny"]).model, 10)
+    # the same convolutions, pools, norms and GELUs; only the head differs (a bias, no 1/9 logit scale)
+    assert count_parameters(spec_net) == count_parameters(airnet) + 10
+    assert count_macs(spec_net, 32) == pytest.approx(count_macs(airnet, 32), rel=1e-3)
+    assert spec_net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert [type(m).__name__ for m in spec_net.features[1]] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU"]
+    assert isinstance(spec_net.pool, torch.nn.AdaptiveMaxPool2d)
+
+
 @pytest.mark.parametrize("bad, message", [
+    ({"blocks": [{"type": "Conv", "out": 8}], "pool": "mean"}, "pool: must be one of"),
     ({"blocks": [{"type": "Pass"}, {"type": "Conv", "out": 8}]}, "first block cannot be Pass"),
     ({"blocks": [{"type": "Dense", "out": 8}]}, "'type' must be one of"),
     ({"blocks": [{"type": "Conv", "out": 8, "kernal": 3}]}, "unknown key"),
