@@ -9,7 +9,8 @@ member's per-fold test probabilities (``fold<k>/test.npy``) and out-of-fold tabl
 * ``hill_climb``: Caruana et al. (2004) greedy forward selection with replacement: starting from the best
   member, repeatedly add the member whose addition most improves the OOF ``ensemble.metric``; the weights
   are how often each member was picked (a member that never helps gets 0).
-* ``stack``: a multinomial logistic regression on the members' OOF log-probabilities, its regularisation
+* ``stack``: a multinomial logistic regression on the members' OOF log-probabilities (standardised: unscaled,
+  lbfgs took ~450 iterations a fit and a 3-member CIFAR stack 10 minutes; scaled, ~60), its regularisation
   chosen by cross-validation on the same folds.
 
 The reported OOF score is honest: for the fitted methods the weights are fitted on all folds but one and
@@ -33,6 +34,7 @@ import pandas as pd
 import yaml
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
+from sklearn.preprocessing import StandardScaler
 
 from .cli import stage_main
 from .config import Config, EnsembleConfig, load_config
@@ -143,6 +145,7 @@ class Stack(FittedEnsembler):
     def __init__(self, cfg: EnsembleConfig, n_members: int) -> None:
         super().__init__(cfg, n_members)
         self.model = None
+        self.scaler = StandardScaler()
         self.keep: list[int] = list(range(n_members))
 
     @staticmethod
@@ -152,7 +155,7 @@ class Stack(FittedEnsembler):
     def fit(self, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> "Stack":
         # an exact copy of an earlier member adds nothing but would halve its features' penalty: drop it
         self.keep = [i for i, p in enumerate(probs) if not any(np.array_equal(p, probs[j]) for j in range(i))]
-        x = self.features([probs[i] for i in self.keep])
+        x = self.scaler.fit_transform(self.features([probs[i] for i in self.keep]))
         if len(np.unique(folds)) >= 2:
             self.model = LogisticRegressionCV(Cs=list(self.cfg.stack_cs), cv=PredefinedSplit(folds),
                                               scoring="neg_log_loss", max_iter=2000,
@@ -169,7 +172,8 @@ class Stack(FittedEnsembler):
         if self.model is None:
             raise RuntimeError("stack: fit before predict")
         out = np.zeros((len(probs[0]), probs[0].shape[1]))
-        out[:, self.model.classes_] = self.model.predict_proba(self.features([probs[i] for i in self.keep]))
+        x = self.scaler.transform(self.features([probs[i] for i in self.keep]))
+        out[:, self.model.classes_] = self.model.predict_proba(x)
         return out
 
     def predict_folds(self, member_folds: list[list[np.ndarray]], shares: list[np.ndarray]) -> np.ndarray:
