@@ -35,6 +35,8 @@ def teacher_table(cfg: Config) -> Optional[Path]:
     for name in ("oof_tta.csv", "oof.csv"):
         if (path / name).is_file():
             return path / name
+    if Path(cfg.train.teacher).suffix == ".csv":
+        raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no such file (run the teacher's ensemble first)")
     raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no OOF table (oof_tta.csv, oof.csv) in {path}: "
                             "train the teacher first, or give the path of its OOF CSV (e.g. ensemble_oof.csv)")
 

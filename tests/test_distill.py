@@ -79,6 +79,9 @@ def test_a_teacher_on_other_folds_or_with_missing_folds_is_refused(teacher_run, 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         distill.teacher_probs(student_cfg(teacher_run, shared_competition, "train.teacher=nowhere"), index,
                               fold_table, manifest["classes"])
+    with pytest.raises(FileNotFoundError, match="'gone/ensemble_oof.csv': no such file"):
+        distill.teacher_probs(student_cfg(teacher_run, shared_competition, "train.teacher=gone/ensemble_oof.csv"),
+                              index, fold_table, manifest["classes"])
 
 
 def test_student_trains_and_its_fingerprint_follows_the_teacher(teacher_run, shared_competition, tmp_path):
