@@ -314,6 +314,9 @@ class SearchConfig:
     study_name: Optional[str] = None  # default: the experiment name
     heartbeat: int = 30  # seconds; RDB storages mark a silent trial failed after 2 beats and retry it once
     warm_start: Optional[str] = None  # another search folder: its pareto.csv is enqueued first
+    # hand-made architectures (spec YAML paths or inline specs, at most one block a slot) enqueued as the study's
+    # first trials, e.g. airnet_tiny as ConvPool blocks (configs/specs/): the samplers start from known designs
+    seed_specs: list[Any] = field(default_factory=list)
     references: list[str] = field(default_factory=list)  # models scored with the same protocol (pareto.png)
     best_within: float = 0.01  # rule smallest_within: accuracy within this of the most accurate
     best_floor: float = 0.5  # rule smallest_above_floor

@@ -31,7 +31,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from . import augment
-from .arch import count_macs, cpu_latency_ms
+from .arch import count_macs, cpu_latency_ms, load_spec
 from .cli import stage_main
 from .config import Config, to_yaml, with_values
 from .data.cache import load_manifest, load_split
@@ -42,7 +42,7 @@ from .models import count_parameters, create_model
 from .registry import Registry
 from .schedulers import build_scheduler
 from .search_report import write_outputs, trial_line
-from .search_space import OBJECTIVES, check_search, suggest, trial_config
+from .search_space import OBJECTIVES, check_search, spec_params, suggest, trial_config
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
 from .utils import read_json, resolve_device, resolve_precision, seed_everything, write_json, write_text
@@ -297,6 +297,17 @@ def warm_start(study: optuna.Study, cfg: Config) -> int:
     return len(pareto)
 
 
+def enqueue_seed_specs(study: optuna.Study, cfg: Config) -> int:
+    """Enqueue ``search.seed_specs`` as trials (once per study; an equal finished trial is not repeated)."""
+    if not cfg.search.seed_specs or study.user_attrs.get("seed_specs_enqueued"):
+        return 0
+    for spec in cfg.search.seed_specs:
+        study.enqueue_trial(spec_params(load_spec(spec), cfg.search.arch), skip_if_exists=True)
+    study.set_user_attr("seed_specs_enqueued", True)
+    log.info("search: %d hand-made architectures enqueued first (search.seed_specs)", len(cfg.search.seed_specs))
+    return len(cfg.search.seed_specs)
+
+
 def score_references(cfg: Config, data: TrialData, device: torch.device) -> list[dict]:
     """The ``search.references`` models trained with the trials' protocol (cached in references.json)."""
     path = search_dir(cfg) / "references.json"
@@ -337,6 +348,7 @@ def run(cfg: Config) -> dict:
     study = open_study(cfg)
     if cfg.search.warm_start:
         warm_start(study, cfg)
+    enqueue_seed_specs(study, cfg)
     references = score_references(cfg, data, device)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))

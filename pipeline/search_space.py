@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 
+from .arch import load_spec
 from .config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
 
 # objective name → Optuna direction
@@ -20,7 +21,7 @@ DISTRIBUTIONS = ("uniform", "log_uniform", "int", "choice")
 
 
 def check_search(search: SearchConfig) -> None:
-    """Clear errors for unknown objectives, constraint metrics and distribution kinds."""
+    """Clear errors for unknown objectives, constraint metrics, distribution kinds and seed specs outside the space."""
     for name in list(search.objectives) + list(search.constraints) + list(search.hv_reference):
         if name not in OBJECTIVES:
             raise ConfigError(f"search: unknown objective/metric '{name}'; valid: {', '.join(OBJECTIVES)}")
@@ -30,6 +31,8 @@ def check_search(search: SearchConfig) -> None:
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"search.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, "
                               f"got {dist!r}")
+    for spec in search.seed_specs:  # before any data is read: a seed the space cannot sample is a config error
+        spec_params(load_spec(spec), search.arch)
 
 
 def suggest(trial: optuna.Trial, search: SearchConfig) -> dict:
@@ -85,6 +88,32 @@ def arch_spec(params: dict, space: ArchSpaceConfig, image_size: int) -> dict:
         blocks.append(block)
     return {"width_multiplier": float(params["width"]), "depth_multiplier": float(params["depth"]),
             "max_downsample": cap, "pool": params.get("pool", "avg"), "blocks": blocks}
+
+
+def spec_params(spec: dict, space: ArchSpaceConfig) -> dict:
+    """The trial parameters that :func:`arch_spec` turns back into ``spec`` (its blocks padded with Pass to the
+    space's slots), for enqueueing a hand-made design; a value the space cannot sample is an error naming it."""
+    blocks = list(spec["blocks"])
+    if len(blocks) > len(space.channels):
+        raise ConfigError(f"search.seed_specs: {len(blocks)} blocks, but the space has {len(space.channels)} slots")
+    blocks += [{"type": "Pass"}] * (len(space.channels) - len(blocks))
+    params = {"width": float(spec.get("width_multiplier", 1.0)), "depth": float(spec.get("depth_multiplier", 1.0)),
+              "pool": spec.get("pool", "avg")}
+    choices = {"width": space.width_multipliers, "depth": space.depth_multipliers, "pool": space.pools}
+    for i, block in enumerate(blocks):
+        params.update({f"b{i}_type": block["type"], f"b{i}_repeats": int(block.get("repeats", space.repeats[0])),
+                       f"b{i}_out": int(block.get("out", space.channels[i][0])),
+                       f"b{i}_kernel": int(block.get("kernel", space.kernels[0])),
+                       f"b{i}_stride": int(block.get("stride", 1)),
+                       f"b{i}_expansion": float(block.get("expansion", space.expansions[0])),
+                       f"b{i}_se": bool(block.get("se", False)), f"b{i}_act": block.get("act") or "relu"})
+        choices.update({f"b{i}_type": space.types, f"b{i}_out": space.channels[i], f"b{i}_kernel": space.kernels,
+                        f"b{i}_expansion": space.expansions, f"b{i}_act": ["relu", "hard_swish"],
+                        f"b{i}_repeats": range(int(space.repeats[0]), int(space.repeats[1]) + 1)})
+    for key, allowed in choices.items():
+        if params[key] not in list(allowed):
+            raise ConfigError(f"search.seed_specs: {key}={params[key]!r} is outside the space ({list(allowed)})")
+    return params
 
 
 def trial_config(cfg: Config, params: dict, epochs: int | None = None) -> Config:

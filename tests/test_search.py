@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline import preprocess, search
-from pipeline.arch import downsampling
+from pipeline.arch import SpecNet, downsampling
 from pipeline.config import ConfigError, load_config, with_values
 from pipeline.models import count_parameters, create_model
 from pipeline.search_space import suggest, trial_config
@@ -83,6 +83,24 @@ def test_study_enforces_constraints_and_exports_loadable_configs(tmp_path, share
     search.run(cfg2)
     warm = optuna.load_study(study_name="warm", storage=f"sqlite:///{cfg2.run_dir / 'search' / 'study.db'}")
     assert sorted(t.user_attrs["params"] for t in warm.trials) == sorted(pareto["params"])
+
+
+SEED_SPEC = "{pool: max, blocks: [{type: ConvPool, out: 8}, {type: Conv, out: 12, stride: 2}]}"
+
+
+def test_seed_specs_are_the_first_trials_and_must_fit_the_space(tmp_path, shared_competition):
+    cfg = search_cfg(tmp_path, shared_competition, f"search.seed_specs=[{SEED_SPEC}]", "search.n_trials=1")
+    search.run(cfg)
+    study = optuna.load_study(study_name=cfg.experiment, storage=f"sqlite:///{cfg.run_dir / 'search' / 'study.db'}")
+    (trial,) = study.trials
+    built = trial_config(cfg, trial.params).model.spec
+    assert built["pool"] == "max" and [b["type"] for b in built["blocks"]] == ["ConvPool", "Conv", "Pass"]
+    assert trial.user_attrs["params"] == count_parameters(SpecNet(cfg.search.seed_specs[0], 3))
+    search.run(with_values(cfg, {"search.n_trials": 2}))  # resuming does not enqueue the seed again
+    assert [t.params for t in study.trials][1] != trial.params
+    with pytest.raises(ConfigError, match="b1_out=13 is outside the space"):
+        search.run(with_values(cfg, {"experiment": "bad", "search.seed_specs": [
+            {"blocks": [{"type": "Conv", "out": 8}, {"type": "Conv", "out": 13}]}]}))
 
 
 def test_single_objective_hpo_over_config_keys(tmp_path, shared_competition):
