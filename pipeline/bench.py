@@ -44,7 +44,7 @@ from .config import Config
 from .data.cache import load_manifest, load_split
 from .runs import training_slot
 from .tta import configured_views
-from .utils import autocast, resolve_device, resolve_precision, seed_everything, write_json
+from .utils import autocast, configure_backends, resolve_device, resolve_precision, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ def _measure_augment(cfg: Config, batches: int) -> dict:
 def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, compare: bool) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
+    configure_backends(cfg.train.deterministic)
     dtype = resolve_precision(cfg.train.precision, device)
     channels_last = cfg.train.channels_last and device.type != "mps"
     data = load_data(cfg)

@@ -46,9 +46,14 @@ class DataConfig:
     # dataloader: per-image policy in a torch DataLoader; device: the fold's uint8 rows held on the training
     # device, batches sliced and augmented there in one call (pipeline.augment.batched; airbench's way)
     loader: Literal["dataloader", "device"] = "dataloader"
+    # device loader: the fold's images may take this share of the device's free memory; larger folds fall back to
+    # the DataLoader, streaming from pinned host memory (the rest is left to the model and its activations)
+    device_memory_fraction: float = 0.5
 
 
     def __post_init__(self) -> None:
+        if not 0 < self.device_memory_fraction <= 1:
+            raise ConfigError(f"data.device_memory_fraction: must be in (0, 1], got {self.device_memory_fraction}")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"data.crop_pct: must be in (0, 1], got {self.crop_pct}")
 
@@ -160,6 +165,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     device: str = "auto"
+    # repeatable GPU kernels (cuDNN deterministic, torch.use_deterministic_algorithms), slower; false: cuDNN
+    # autotuning (benchmark mode). The CPU kernels are repeatable either way
+    deterministic: bool = False
     # torch intra-op threads; 0: the usable cores shared among the pipeline processes computing on this
     # machine now (two jobs each using every core slowed each other 4-15x on 2 cores); a warning names them
     threads: int = 0

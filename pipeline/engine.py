@@ -27,7 +27,7 @@ from . import augment, finetune
 from . import rng as rngs
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
-from .data.device import DeviceLoader
+from .data.device import DeviceLoader, fits_on_device
 from .distill import teacher_signature
 from .losses import build_loss
 from .metrics import score
@@ -35,7 +35,8 @@ from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
-from .utils import atomic_path, autocast, read_json, resolve_precision, seed_everything, write_json
+from .utils import (atomic_path, autocast, configure_backends, read_json, resolve_precision, seed_everything,
+                    write_json)
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ class ChunkedLoader:
 
 
 def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, cfg: Config,
-                      transform: Optional[Callable] = None, drop_last: bool = True, chunk: int = 4):
+                      transform: Optional[Callable] = None, drop_last: bool = True, chunk: int = 4,
+                      pin_memory: bool = False):
     """Shuffled uint8 batches of ``rows``, read and augmented ``chunk`` batches at a time (in workers if
-    configured).
+    configured), in page-locked memory with ``pin_memory`` (for an asynchronous copy to a GPU).
 
     On 2 cores ``num_workers: 0`` measured fastest: a worker process, or a prefetch thread, competes with
     torch's own threads for the cores (see ``python -m pipeline.bench``)."""
@@ -99,7 +101,7 @@ def make_train_loader(images: np.ndarray, rows: np.ndarray, labels: np.ndarray, 
     drop_last = drop_last and len(rows) > batch_size
     loader = DataLoader(dataset, batch_size=batch_size * chunk, shuffle=True, drop_last=False,
                         num_workers=workers, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None,
+                        prefetch_factor=4 if workers > 0 else None, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return ChunkedLoader(loader, batch_size, drop_last)
 
@@ -112,10 +114,16 @@ def make_fold_loader(cfg: Config, images: np.ndarray, rows: np.ndarray, targets:
         if images.shape[1] != size:
             raise ValueError(f"data.loader: device trains on the cached {images.shape[1]} px images as they are; "
                              f"it needs data.crop_pct: 1 (the cache holds {images.shape[1]} px, image_size {size})")
-        policy = augment.BatchAugment(cfg.augment, size, seed=seed)
-        return policy, DeviceLoader(images, rows, targets, cfg.train.batch_size, device, policy, seed=cfg.seed)
+        nbytes = len(rows) * int(np.prod(images.shape[1:])) * images.itemsize
+        if fits_on_device(nbytes, device, cfg.data.device_memory_fraction):
+            policy = augment.BatchAugment(cfg.augment, size, seed=seed)
+            return policy, DeviceLoader(images, rows, targets, cfg.train.batch_size, device, policy, seed=cfg.seed)
+        log.warning("data.loader: device: the fold's %d images (%.2f GB) exceed data.device_memory_fraction %.2f "
+                    "of %s's free memory; streaming them from pinned host memory with the per-image policy "
+                    "(data.num_workers > 0 prefetches)", len(rows), nbytes / 1e9, cfg.data.device_memory_fraction,
+                    device)
     policy = augment.build_policy(cfg.augment, size, seed=seed)
-    return policy, make_train_loader(images, rows, targets, cfg, policy)
+    return policy, make_train_loader(images, rows, targets, cfg, policy, pin_memory=device.type == "cuda")
 
 
 class TrainStep:
@@ -258,6 +266,7 @@ class FoldRun:
         self.dtype = resolve_precision(cfg.train.precision, device)
         self.channels_last = cfg.train.channels_last and device.type != "mps"
         self.size = cfg.data.image_size
+        configure_backends(cfg.train.deterministic)
         seed_everything(seed)
         self.model = create_model(cfg.model, len(self.classes)).to(device)
         if cfg.train.head_init == "linear_probe":

@@ -45,7 +45,8 @@ from .search_report import write_outputs, trial_line
 from .search_space import OBJECTIVES, check_search, spec_params, suggest, trial_config
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
-from .utils import read_json, resolve_device, resolve_precision, seed_everything, write_json, write_text
+from .utils import (configure_backends, read_json, resolve_device, resolve_precision, seed_everything, write_json,
+                    write_text)
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,7 @@ def run(cfg: Config) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     device = resolve_device(cfg.train.device)
+    configure_backends(cfg.train.deterministic)
     data = load_trial_data(cfg)
     study = open_study(cfg)
     if cfg.search.warm_start:

@@ -72,6 +72,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_backends(deterministic: bool) -> None:
+    """cuDNN autotuning (the fastest kernels for the fixed training shapes), or, with ``train.deterministic``,
+    repeatable kernels: cuDNN's deterministic algorithms and torch's deterministic mode (an op with no
+    deterministic form warns, naming itself). Process-wide: set by every stage that trains."""
+    import torch
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger once (entry points only; library code just logs)."""
     if not logging.getLogger().handlers:

@@ -88,3 +88,25 @@ def test_device_loader_refuses_a_cache_with_a_margin(tmp_path, competition):
     folds.run(cfg)
     with pytest.raises(ValueError, match="crop_pct"):
         train.run(cfg)
+
+
+def test_folds_too_large_for_the_device_stream_from_host_memory_instead():
+    from pipeline.data.device import fits_on_device
+
+    gb = 10**9
+    assert fits_on_device(4 * gb, torch.device("cuda"), 0.5, free=8 * gb)
+    assert not fits_on_device(4 * gb + 1, torch.device("cuda"), 0.5, free=8 * gb)
+    assert fits_on_device(10**15, torch.device("cpu"), 0.5)  # the cache already lives in host memory
+
+
+def test_deterministic_mode_sets_torch_and_cudnn_and_benchmark_mode_undoes_it():
+    from pipeline.utils import configure_backends
+
+    try:
+        configure_backends(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        configure_backends(False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        configure_backends(False)

@@ -18,6 +18,16 @@ import torch
 from .dataset import gather
 
 
+def fits_on_device(nbytes: int, device: torch.device, fraction: float, free: Optional[int] = None) -> bool:
+    """True when ``nbytes`` of images take at most ``fraction`` of the device's free memory (``free``, else
+    measured: ``torch.cuda.mem_get_info``); a CPU "device" is the host's own memory, where the cache already is."""
+    if free is None:
+        if device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
+
+
 class DeviceLoader:
     """Shuffled, augmented batches of ``rows`` of ``images`` (a cached N×H×W×C uint8 array) on ``device``."""
 
