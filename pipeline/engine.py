@@ -433,12 +433,11 @@ class FoldRun:
 
 
 def log_preview(writer, images: np.ndarray, rows: np.ndarray, cfg: Config, size: int) -> None:
-    """Log one grid of augmented training samples per fold, when the policy module offers one."""
-    preview = getattr(augment, "preview_grid", None)
-    if preview is None or len(rows) == 0:
+    """Log one grid of augmented training samples per fold (the policy's preview)."""
+    if len(rows) == 0:
         return
     pick = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=min(32, len(rows)), replace=False))
-    grid = preview(np.asarray(images[pick]), cfg.augment, size, n=len(pick), seed=cfg.seed)
+    grid = augment.preview_grid(np.asarray(images[pick]), cfg.augment, size, n=len(pick), seed=cfg.seed)
     writer.add_image("augmented_samples", grid, 0, dataformats="HWC")
 
 
