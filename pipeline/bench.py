@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ from .config import Config
 from .data.cache import load_manifest, load_split
 from .runs import training_slot
 from .tta import configured_views
-from .utils import autocast, configure_backends, resolve_device, resolve_precision, seed_everything, write_json
+from .utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision, seed_everything,
+                    write_json)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: i
 def _measure_augment(cfg: Config, batches: int) -> dict:
     """Only the augmentation comparison (``--augment-only``), written to ``bench_augment.json``."""
     device = resolve_device(cfg.train.device)
-    result = {"experiment": cfg.experiment, "device": _device_name(device), "threads": torch.get_num_threads(),
+    result = {"experiment": cfg.experiment, "device": device_name(device), "threads": torch.get_num_threads(),
               "augment": augment_rates(cfg, load_data(cfg), device, batches)}
     write_json(cfg.run_dir / "bench_augment.json", result)
     return result
@@ -316,7 +316,8 @@ def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, com
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     configure_backends(cfg.train.deterministic)
-    dtype = resolve_precision(cfg.train.precision, device)
+    # train.precision: bench reads what this measures; measure it from the automatic choice
+    dtype = resolve_precision("auto" if cfg.train.precision == "bench" else cfg.train.precision, device)
     channels_last = cfg.train.channels_last and device.type != "mps"
     data = load_data(cfg)
     settings = combos(device, dtype, channels_last, compare)
@@ -356,7 +357,7 @@ def summary(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], cha
         "batch_size": cfg.train.batch_size, "infer_batch_size": cfg.infer.batch_size,
         "tta_views": cfg.infer.tta, "threads": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
         "loader": cfg.data.loader,
-        "cpu_count": os.cpu_count(), "device": _device_name(device),
+        "cpu_count": os.cpu_count(), "device": device_name(device),
         "precision": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
         "train_floor_img_s": round(floor, 1), "train_img_s": round(train, 1), "train_ratio": round(train / floor, 3),
         "tta_floor_img_s": round(t_floor, 1), "tta_img_s": round(tta, 1), "tta_ratio": round(tta / t_floor, 3),
@@ -368,17 +369,6 @@ def summary(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], cha
 
 def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 1)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

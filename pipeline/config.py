@@ -162,7 +162,7 @@ class TrainConfig:
     plateau_factor: float = 0.5
     accum_steps: int = 1
     early_stopping: int = 0  # stop after this many epochs without improvement; 0 never stops
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "bench", "fp32", "bf16", "fp16"] = "auto"  # bench: fastest in runs/<exp>/bench.json
     channels_last: bool = True
     device: str = "auto"
     # repeatable GPU kernels (cuDNN deterministic, torch.use_deterministic_algorithms), slower; false: cuDNN

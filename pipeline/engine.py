@@ -35,7 +35,7 @@ from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
-from .utils import (atomic_path, autocast, configure_backends, read_json, resolve_precision, seed_everything,
+from .utils import (atomic_path, autocast, compute_settings, configure_backends, read_json, seed_everything,
                     write_json)
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,7 @@ class FoldRun:
         self.name, self.dir = f"fold {fold}" if fold is not None else "refit", model_dir(cfg, fold)
         seed = cfg.seed + (fold if fold is not None else cfg.folds.n_splits)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.dtype = resolve_precision(cfg.train.precision, device)
-        self.channels_last = cfg.train.channels_last and device.type != "mps"
+        self.dtype, self.channels_last = compute_settings(cfg, device)
         self.size = cfg.data.image_size
         configure_backends(cfg.train.deterministic)
         seed_everything(seed)

@@ -27,7 +27,7 @@ from .data.dataset import to_float
 from .models import create_model
 from .registry import Registry
 from .tta import get_view
-from .utils import atomic_path, autocast, resolve_precision, write_json
+from .utils import atomic_path, autocast, compute_settings, write_json
 from .weights import is_pretrained, normalization, weights_id
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, 
            device: torch.device, desc: str) -> list[np.ndarray]:
     from .engine import iter_batches  # the engine imports the model stack; keep this module light to import
 
-    dtype = resolve_precision(cfg.train.precision, device)
+    dtype = compute_settings(cfg, device)[0]
     fns = [get_view(v) for v in views]
     out: list[list[np.ndarray]] = [[] for _ in views]
     batches = iter_batches(images, np.arange(len(images)), cfg.infer.batch_size, cfg.data.image_size)

@@ -31,7 +31,7 @@ from . import features
 from .runs import training_slot
 from .tta import predict_tta, select_views
 from .weights import normalization
-from .utils import atomic_path, read_json, resolve_device, resolve_precision, write_csv, write_json
+from .utils import atomic_path, compute_settings, read_json, resolve_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def prediction_key(cfg: Config, fold: Optional[int], split: str, manifest: dict,
     weights = model_dir(cfg, fold) / "best.safetensors"
     return {"tta": list(views), "weights_sha1": hashlib.sha1(weights.read_bytes()).hexdigest(),
             "cache": manifest[split]["signature"], "normalization": list(normalization(cfg.model, manifest)),
-            "precision": str(resolve_precision(cfg.train.precision, device))}
+            "precision": str(compute_settings(cfg, device)[0])}
 
 
 def _up_to_date(out: Path, key: dict) -> bool:
@@ -102,8 +102,8 @@ def fold_predictor(cfg: Config, fold: Optional[int], manifest: dict, device: tor
         return lambda split, rows, views: features.predict_fold(cfg, fold, manifest, split, rows, views, device)
     model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
     mean, std = normalization(cfg.model, manifest)
-    kwargs = dict(mean=mean, std=std, device=device, channels_last=cfg.train.channels_last,
-                  dtype=resolve_precision(cfg.train.precision, device), batch_size=cfg.infer.batch_size,
+    dtype, channels_last = compute_settings(cfg, device)
+    kwargs = dict(mean=mean, std=std, device=device, channels_last=channels_last, dtype=dtype, batch_size=cfg.infer.batch_size,
                   size=cfg.data.image_size)
 
     def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:

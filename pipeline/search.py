@@ -45,7 +45,7 @@ from .search_report import write_outputs, trial_line
 from .search_space import OBJECTIVES, check_search, spec_params, suggest, trial_config
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
-from .utils import (configure_backends, read_json, resolve_device, resolve_precision, seed_everything, write_json,
+from .utils import (compute_settings, configure_backends, read_json, resolve_device, seed_everything, write_json,
                     write_text)
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,7 @@ def model_costs(model: nn.Module, size: int, latency: bool = True) -> dict:
 def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
         on_epoch: Callable[[int, dict], None], deadline: Optional[float] = None) -> dict:
     """Train ``model`` on the trial data for ``cfg.train.epochs`` (or until ``deadline``), scoring each epoch."""
-    dtype = resolve_precision(cfg.train.precision, device)
-    channels_last = cfg.train.channels_last and device.type != "mps"
+    dtype, channels_last = compute_settings(cfg, device)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

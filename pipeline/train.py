@@ -27,7 +27,7 @@ from .distill import distill_targets, teacher_probs, teacher_table
 from .features import fit_folds
 from .engine import FoldRun, collect_oof, cv_report, fold_done, model_dir, weights_intact
 from .runs import training_slot
-from .utils import read_json, resolve_device, resolve_precision, write_csv, write_json, write_text
+from .utils import compute_settings, read_json, resolve_device, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def run(cfg: Config) -> dict:
     with distributed.process_group(device), training_slot(cfg, "train") as threads:
         torch.set_num_threads(threads)
         log.info("train: %s on %s (%s, %d threads), folds %s, %d images", cfg.model.name, device,
-                 resolve_precision(cfg.train.precision, device) or "fp32", threads, mine, len(index))
+                 compute_settings(cfg, device)[0] or "fp32", threads, mine, len(index))
         if cfg.train.mode == "features":
             trained = fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
         else:

@@ -130,6 +130,41 @@ def resolve_precision(precision: str, device: "torch.device") -> "torch.dtype | 
     return None
 
 
+def device_name(device: "torch.device") -> str:  # noqa: F821
+    """The GPU's name, or the CPU's model and core count (what ``pipeline.bench`` records its figures under)."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
+
+
+def compute_settings(cfg, device: "torch.device") -> "tuple[torch.dtype | None, bool]":  # noqa: F821
+    """(autocast dtype, channels_last) for training and inference. ``train.precision: bench`` takes the fastest
+    setting ``python -m pipeline.bench`` measured for this experiment on this device (its ``best_floor`` in
+    ``runs/<experiment>/bench.json``) instead of the configured guess."""
+    precision, channels_last = cfg.train.precision, cfg.train.channels_last
+    if precision == "bench":
+        path = Path(cfg.run_dir) / "bench.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"train.precision: bench reads {path}: run `python -m pipeline.bench --config "
+                                    "CONFIG` for this experiment on this machine first")
+        record = read_json(path)
+        if record.get("device") != device_name(device):
+            raise ValueError(f"train.precision: bench: {path} was measured on {record.get('device')!r}, not on "
+                             f"{device_name(device)!r}: run the bench here again")
+        best = record["best_floor"]  # e.g. "bf16_channels_last", "fp32"
+        precision, channels_last = best.split("_")[0], best.endswith("_channels_last")
+    return resolve_precision(precision, device), channels_last and device.type != "mps"
+
+
 def autocast(device: "torch.device", dtype: "torch.dtype | None"):  # noqa: F821
     """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for plain fp32 (``dtype`` None)."""
     import torch

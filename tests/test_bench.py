@@ -9,6 +9,7 @@ import torch
 from pipeline import bench
 from pipeline.config import load_config
 from pipeline.data.demo import build
+from pipeline.utils import compute_settings
 
 KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
         "preprocess_img_s", "model", "batch_size", "threads", "device", "floors", "best_floor"]
@@ -41,6 +42,19 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
     assert result["floors"][result["configured_floor"]] == result["train_floor_img_s"]
     assert json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text()) == result
     assert result["augment"]["per_image_img_s"] > 0 and result["augment"]["batched_img_s"] > 0
+
+    # train.precision: bench trains with the fastest measured setting, on the machine it was measured on
+    cfg = load_config(None, overrides + ["train.precision=bench", "train.channels_last=false"])
+    assert compute_settings(cfg, torch.device("cpu")) == (None, True)  # the measured fp32_channels_last
+    record = tmp_path / "runs" / "bench" / "bench.json"
+    record.write_text(json.dumps({**result, "best_floor": "fp32"}))
+    assert compute_settings(cfg, torch.device("cpu")) == (None, False)
+    record.write_text(json.dumps({**result, "device": "another machine"}))
+    with pytest.raises(ValueError, match="measured on 'another machine'"):
+        compute_settings(cfg, torch.device("cpu"))
+    record.unlink()
+    with pytest.raises(FileNotFoundError, match="python -m pipeline.bench"):
+        compute_settings(cfg, torch.device("cpu"))
 
 
 def test_augment_only_compares_per_image_and_batched(tmp_path, monkeypatch, capsys):
