@@ -11,7 +11,7 @@ from pipeline.config import load_config
 from pipeline.models import count_parameters, create_model
 from pipeline.utils import read_json
 
-from conftest import DEFAULT_CONFIG, config_overrides, stage_argv
+from conftest import DEFAULT_CONFIG, REPO, config_overrides, stage_argv
 
 SPEC = {"blocks": [
     {"type": "Conv", "repeats": 1, "out": 8, "kernel": 3, "stride": 1},
@@ -52,6 +52,22 @@ def test_convpool_blocks_rebuild_airnet_tiny_layer_for_layer():
     assert spec_net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert [type(m).__name__ for m in spec_net.features[1]] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU"]
     assert isinstance(spec_net.pool, torch.nn.AdaptiveMaxPool2d)
+
+
+
+def test_shipped_seed_specs_fit_their_search_space_and_bounds():
+    """configs/cifar10-search-545k.yaml's seed designs: within its params bound, sampleable by its space."""
+    from pipeline.search_space import arch_spec, spec_params
+
+    cfg = load_config(REPO / "configs" / "cifar10-search-545k.yaml")
+    for path in cfg.search.seed_specs:
+        spec = load_spec(REPO / path)
+        net = SpecNet(spec, num_classes=10)
+        assert count_parameters(net) <= cfg.search.constraints["params"] < count_parameters(
+            create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_small"]).model, 10))
+        assert count_macs(net, 32) <= cfg.search.constraints["macs"]
+        rebuilt = arch_spec(spec_params(spec, cfg.search.arch), cfg.search.arch, 32)
+        assert count_parameters(SpecNet(rebuilt, num_classes=10)) == count_parameters(net)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -22,11 +22,18 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     raw = yaml.safe_load(path.read_text())
     assert isinstance(cfg, Config)
-    # every value written in the file is the value in the config
+    # every value written in the file is the value in the config (nested sections such as search.arch too)
+    def check(node, values, where):
+        for key, value in values.items():
+            got = getattr(node, key)
+            if dataclasses.is_dataclass(got):
+                check(got, value, f"{where}.{key}")
+            else:
+                assert got == value, f"{path.name}: {where}.{key}"
+
     for section, values in raw.items():
         if isinstance(values, dict):
-            for key, value in values.items():
-                assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
+            check(getattr(cfg, section), values, section)
         else:
             assert getattr(cfg, section) == values
 
