@@ -329,11 +329,18 @@ class SearchConfig:
     best_within: float = 0.01  # rule smallest_within: accuracy within this of the most accurate
     best_floor: float = 0.5  # rule smallest_above_floor
     best_budgets: list[int] = field(default_factory=list)  # also most_accurate_under_<N> (params <= N) each
+    # multi-fidelity: after the study, retrain the proxy's top rerank_top trials of most_accurate and of each budget
+    # (and search.references) at train.epochs on rerank_subsample images; those rules then pick by that score.
+    # A few proxy epochs favour models that learn fast (configs/cifar10-search-545k.yaml). 0: off
+    rerank_top: int = 0
+    rerank_subsample: Optional[int] = None  # None: every training image (one holdout of search.holdout)
     record_latency: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1 or self.epochs < 1:
             raise ConfigError("search.holdout must be in (0, 1) and search.epochs >= 1")
+        if self.rerank_top < 0:
+            raise ConfigError(f"search.rerank_top must be >= 0, got {self.rerank_top}")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from .metrics import score
 from .models import count_parameters, create_model
 from .registry import Registry
 from .schedulers import build_scheduler
-from .search_report import write_outputs, trial_line
+from .search_report import rerank_candidates, trial_line, trials_table, write_outputs
 from .search_space import OBJECTIVES, check_search, spec_params, suggest, trial_config
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
@@ -308,26 +308,65 @@ def enqueue_seed_specs(study: optuna.Study, cfg: Config) -> int:
     return len(cfg.search.seed_specs)
 
 
-def score_references(cfg: Config, data: TrialData, device: torch.device) -> list[dict]:
-    """The ``search.references`` models trained with the trials' protocol (cached in references.json)."""
-    path = search_dir(cfg) / "references.json"
+def score_references(cfg: Config, data: TrialData, device: torch.device, rerank: bool = False) -> list[dict]:
+    """The ``search.references`` models trained with the trials' protocol (cached in references.json), or with
+    the re-rank's (``train.epochs`` on ``search.rerank_subsample`` images, cached in rerank_references.json)."""
     search = cfg.search
-    protocol = training_fingerprint(cfg) + repr((search.subsample, search.holdout, search.epochs, search.seed))
+    path = search_dir(cfg) / ("rerank_references.json" if rerank else "references.json")
+    subsample, epochs = (search.rerank_subsample, cfg.train.epochs) if rerank else (search.subsample, search.epochs)
+    protocol = training_fingerprint(cfg) + repr((subsample, search.holdout, epochs, search.seed))
     cached = read_json(path) if path.is_file() else {}
     if cached.get("protocol") != protocol:
         cached = {"protocol": protocol, "models": {}}
     for name in cfg.search.references:
         if name not in cached["models"]:
-            cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": cfg.search.epochs})
+            cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": epochs})
             seed_everything(cfg_r.seed)
             model = create_model(cfg_r.model, len(data.classes))
             costs = model_costs(model, cfg_r.data.image_size, cfg.search.record_latency)
             start = time.perf_counter()
             metrics = fit(model, cfg_r, data, device, lambda e, m: None)
             cached["models"][name] = {**costs, **metrics, "seconds": round(time.perf_counter() - start, 1)}
-            log.info("reference %s: params %d, accuracy %.4f", name, costs["params"], metrics["accuracy"])
+            log.info("reference %s%s: params %d, accuracy %.4f", name, " (re-rank)" if rerank else "",
+                     costs["params"], metrics["accuracy"])
             write_json(path, cached)
     return [{"name": n, **cached["models"][n]} for n in cfg.search.references]
+
+
+def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
+    """Multi-fidelity: retrain the proxy's best trials (:func:`rerank_candidates`) and the references at
+    ``train.epochs`` on ``search.rerank_subsample`` images, one holdout; cached in rerank.json, so a resumed
+    study retrains only new candidates. Returns ``{"trials": {number: metrics}, "references": [...]}``."""
+    search = cfg.search
+    numbers = rerank_candidates(trials_table(study, cfg), cfg)
+    if not numbers:
+        return {}
+    data = load_trial_data(with_values(cfg, {"search.subsample": search.rerank_subsample}))
+    path = search_dir(cfg) / "rerank.json"
+    protocol = training_fingerprint(cfg) + repr((search.rerank_subsample, search.holdout, cfg.train.epochs,
+                                                 search.seed))
+    cached = read_json(path) if path.is_file() else {}
+    if cached.get("protocol") != protocol:
+        cached = {"protocol": protocol, "trials": {}}
+    log.info("search: re-ranking trials %s at %d epochs on %d train / %d holdout images", numbers,
+             cfg.train.epochs, len(data.train_rows), len(data.valid_rows))
+    trials, metric = study.get_trials(deepcopy=False), primary_metric(cfg)
+    for number in numbers:
+        if str(number) in cached["trials"]:
+            continue
+        cfg_t = trial_config(cfg, trials[number].params)  # at train.epochs
+        seed_everything(cfg_t.seed)
+        model = create_model(cfg_t.model, len(data.classes))
+        start = time.perf_counter()
+        metrics = fit(model, cfg_t, data, device, lambda e, m: log.info(
+            "re-rank trial %d epoch %d/%d: %s %.4f", number, e + 1, cfg_t.train.epochs, metric, m[metric]))
+        cached["trials"][str(number)] = {**metrics, "seconds": round(time.perf_counter() - start, 1)}
+        proxy = dict(zip(search.objectives, trials[number].values)).get(metric, float("nan"))
+        log.info("re-rank trial %d: %s %.4f (proxy %.4f) in %.0f s", number, metric, metrics[metric], proxy,
+                 cached["trials"][str(number)]["seconds"])
+        write_json(path, cached)
+    return {"trials": {n: cached["trials"][str(n)] for n in numbers},
+            "references": score_references(cfg, data, device, rerank=True)}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -365,7 +404,8 @@ def run(cfg: Config) -> dict:
         study.optimize(Objective(cfg, data, device), n_trials=remaining, timeout=cfg.search.timeout,
                        callbacks=callbacks, catch=(RuntimeError, ValueError),
                        show_progress_bar=remaining is not None or cfg.search.timeout is not None)
-    return write_outputs(study, cfg, references)
+    reranked = rerank(cfg, study, device) if cfg.search.rerank_top else {}
+    return write_outputs(study, cfg, references, reranked)
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,9 @@
 * ``best/<rule>.yaml``: complete configs (``./run.sh full`` trains them as they are) for the rules
   ``most_accurate``, ``smallest_within`` (``search.best_within`` of the best score) and
   ``smallest_above_floor`` (score >= ``search.best_floor``), plus ``most_accurate_under_<N>`` for each
-  parameter budget in ``search.best_budgets``; ``summary.json``,
+  parameter budget in ``search.best_budgets``; ``summary.json``. With ``search.rerank_top``, the proxy's best
+  trials are retrained at ``train.epochs`` (``rerank.json``, column ``rerank_<metric>``) and ``most_accurate*``
+  pick by that score,
 * TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
 
 ``python -m pipeline.search_report --compare DIR... --out FIG`` draws the hypervolume of several studies
@@ -101,15 +103,37 @@ def hypervolume_curve(table: pd.DataFrame, cfg: Config, reference: Optional[dict
     return pd.DataFrame(rows)
 
 
+def rerank_candidates(table: pd.DataFrame, cfg: Config) -> list[int]:
+    """The trials the re-rank retrains: the proxy's top ``search.rerank_top``, overall and under each budget."""
+    good, k = usable(table), cfg.search.rerank_top
+    if not k or good.empty or "params" not in good:
+        return []
+    ordered = good.sort_values([metric_of(cfg), "params"], ascending=[False, True])
+    numbers = list(ordered["number"].head(k))
+    for budget in cfg.search.best_budgets:
+        numbers += list(ordered[ordered["params"] <= budget]["number"].head(k))
+    return sorted({int(n) for n in numbers})
+
+
+def top_pick(candidates: pd.DataFrame, metric: str) -> pd.Series:
+    """The first of ``candidates`` (ordered by the proxy score), or, where some were re-ranked, the best of
+    those by the re-rank score (column ``rerank_<metric>``)."""
+    column = f"rerank_{metric}"
+    if column in candidates and candidates[column].notna().any():
+        return candidates.dropna(subset=[column]).sort_values([column, "params"], ascending=[False, True]).iloc[0]
+    return candidates.iloc[0]
+
+
 def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
-    """The rules' trial rows (a rule with no qualifying trial is left out)."""
+    """The rules' trial rows (a rule with no qualifying trial is left out). most_accurate and
+    most_accurate_under_<N> prefer the re-rank's score where there is one; the other rules use the proxy's."""
     good = usable(table)
     if good.empty or "params" not in good:
         return {}
     metric = metric_of(cfg)
     ordered = good.sort_values([metric, "params"], ascending=[False, True])
     top = ordered.iloc[0]
-    picks = {"most_accurate": top}
+    picks = {"most_accurate": top_pick(ordered, metric)}
     for rule, floor in (("smallest_within", top[metric] - cfg.search.best_within),
                         ("smallest_above_floor", cfg.search.best_floor)):
         ok = good[good[metric] >= floor - 1e-12].sort_values(["params", metric], ascending=[True, False])
@@ -118,7 +142,7 @@ def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
     for budget in cfg.search.best_budgets:
         ok = ordered[ordered["params"] <= budget]
         if len(ok):
-            picks[f"most_accurate_under_{budget}"] = ok.iloc[0]
+            picks[f"most_accurate_under_{budget}"] = top_pick(ok, metric)
     return picks
 
 
@@ -129,12 +153,14 @@ def export_best(study: optuna.Study, cfg: Config, picks: dict, out: Path) -> dic
         trial = study.get_trials(deepcopy=False)[int(row["number"])]
         config = with_values(trial_config(cfg, trial.params), {"experiment": f"{cfg.experiment}-{rule}"})
         header = (f"# search '{study.study_name}' trial {trial.number} ({rule}): "
-                  + ", ".join(f"{k} {row[k]:.6g}" for k in ("accuracy", "macro_f1", "params", "macs")
+                  + ", ".join(f"{k} {row[k]:.6g}" for k in ("accuracy", "macro_f1", "params", "macs",
+                                                              f"rerank_{metric_of(cfg)}")
                               if k in row and pd.notna(row[k]))
                   + f"\n# searched on {cfg.search.subsample} images, {cfg.search.epochs} epochs; trains at "
                     f"train.epochs={config.train.epochs}: ./run.sh full {out / 'best' / (rule + '.yaml')}\n")
         write_text(out / "best" / f"{rule}.yaml", header + to_yaml(config))
-        exported[rule] = {"trial": trial.number, **{k: row[k] for k in ("accuracy", "params") if k in row}}
+        kept = ("accuracy", "params", f"rerank_{metric_of(cfg)}")
+        exported[rule] = {"trial": trial.number, **{k: row[k] for k in kept if k in row and pd.notna(row[k])}}
     return exported
 
 
@@ -196,10 +222,15 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(study: optuna.Study, cfg: Config, references: list[dict]) -> dict:
-    """Every table, figure and config of the search folder, and the summary (returned)."""
+def write_outputs(study: optuna.Study, cfg: Config, references: list[dict], reranked: Optional[dict] = None) -> dict:
+    """Every table, figure and config of the search folder, and the summary (returned). ``reranked``: the
+    re-rank's ``{"trials": {number: metrics}, "references": [...]}`` (column ``rerank_<metric>`` of trials.csv)."""
     out = cfg.run_dir / "search"
     table = trials_table(study, cfg)
+    reranked = reranked or {}
+    if reranked.get("trials") and len(table):
+        metric = metric_of(cfg)
+        table[f"rerank_{metric}"] = table["number"].map(lambda n: reranked["trials"].get(int(n), {}).get(metric))
     write_csv(out / "trials.csv", table)
     good = usable(table)
     pareto = good[pareto_mask(losses(good, cfg.search.objectives))] if len(good) else good
@@ -213,7 +244,9 @@ def write_outputs(study: optuna.Study, cfg: Config, references: list[dict]) -> d
                "infeasible": int((table.get("feasible") == False).sum()) if len(table) else 0,  # noqa: E712
                "hypervolume": float(curve["hypervolume"].iloc[-1]) if len(curve) else 0.0,
                "reference_point": reference_point(cfg), "pareto": pareto["number"].tolist(),
-               "best": export_best(study, cfg, best_trials(table, cfg), out), "references": references}
+               "best": export_best(study, cfg, best_trials(table, cfg), out), "references": references,
+               "rerank": {str(n): m for n, m in reranked.get("trials", {}).items()},
+               "rerank_references": reranked.get("references", [])}
     write_json(out / "summary.json", summary)
     log.info("search: %d trials (%s), %d on the Pareto front, hypervolume %.4f; best configs in %s", len(table),
              states, len(pareto), summary["hypervolume"], out / "best")

@@ -85,6 +85,36 @@ def test_study_enforces_constraints_and_exports_loadable_configs(tmp_path, share
     assert sorted(t.user_attrs["params"] for t in warm.trials) == sorted(pareto["params"])
 
 
+
+def test_rerank_retrains_the_proxys_best_and_picks_by_the_full_fidelity_score(tmp_path, shared_competition):
+    cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=6", "search.rerank_top=2", "train.epochs=2",
+                     "search.best_budgets=[3000]", "search.references=[airnet_tiny]", "search.sampler=random")
+    summary = search.run(cfg)
+    out = cfg.run_dir / "search"
+    trials = pd.read_csv(out / "trials.csv")
+    reranked = trials[trials["rerank_accuracy"].notna()]
+    good = trials[(trials["state"] == "COMPLETE") & (trials["feasible"] == True)]  # noqa: E712
+    expected = set(good.sort_values(["accuracy", "params"], ascending=[False, True])["number"].head(2))
+    expected |= set(good[good["params"] <= 3000].sort_values(["accuracy", "params"], ascending=[False, True])
+                    ["number"].head(2))
+    assert set(reranked["number"]) == expected and set(summary["rerank"]) == {str(n) for n in expected}
+    best = reranked.sort_values(["rerank_accuracy", "params"], ascending=[False, True]).iloc[0]
+    assert summary["best"]["most_accurate"]["trial"] == best["number"]
+    assert "rerank_accuracy" in (out / "best" / "most_accurate.yaml").read_text().splitlines()[0]
+    assert read_json(out / "rerank_references.json")["models"]["airnet_tiny"]["accuracy"] >= 0
+    cached = read_json(out / "rerank.json")
+    search.run(cfg)  # resumed with nothing new to do: the re-rank is read back, not retrained
+    assert read_json(out / "rerank.json") == cached
+
+
+def test_top_pick_prefers_the_rerank_score_where_there_is_one():
+    from pipeline.search_report import top_pick
+
+    by_proxy = pd.DataFrame({"number": [3, 1, 2], "accuracy": [0.6, 0.5, 0.4], "params": [900, 500, 100]})
+    assert top_pick(by_proxy, "accuracy")["number"] == 3
+    by_proxy["rerank_accuracy"] = [0.70, 0.75, None]
+    assert top_pick(by_proxy, "accuracy")["number"] == 1
+
 SEED_SPEC = "{pool: max, blocks: [{type: ConvPool, out: 8}, {type: Conv, out: 12, stride: 2}]}"
 
 
