@@ -308,16 +308,26 @@ def enqueue_seed_specs(study: optuna.Study, cfg: Config) -> int:
     return len(cfg.search.seed_specs)
 
 
+def fidelity(cfg: Config, rerank: bool = False) -> tuple[Optional[int], int, str]:
+    """``(subsample, epochs, protocol)`` of the proxy trials, or of the re-rank (``search.rerank_subsample``
+    images at ``train.epochs``); the protocol string keys the caches of trained scores."""
+    search = cfg.search
+    subsample, epochs = (search.rerank_subsample, cfg.train.epochs) if rerank else (search.subsample, search.epochs)
+    return subsample, epochs, training_fingerprint(cfg) + repr((subsample, search.holdout, epochs, search.seed))
+
+
+def open_cache(path: Path, protocol: str, field: str) -> dict:
+    """A JSON cache of trained models' scores, started afresh when the training protocol changed."""
+    cached = read_json(path) if path.is_file() else {}
+    return cached if cached.get("protocol") == protocol else {"protocol": protocol, field: {}}
+
+
 def score_references(cfg: Config, data: TrialData, device: torch.device, rerank: bool = False) -> list[dict]:
     """The ``search.references`` models trained with the trials' protocol (cached in references.json), or with
-    the re-rank's (``train.epochs`` on ``search.rerank_subsample`` images, cached in rerank_references.json)."""
-    search = cfg.search
+    the re-rank's (cached in rerank_references.json)."""
     path = search_dir(cfg) / ("rerank_references.json" if rerank else "references.json")
-    subsample, epochs = (search.rerank_subsample, cfg.train.epochs) if rerank else (search.subsample, search.epochs)
-    protocol = training_fingerprint(cfg) + repr((subsample, search.holdout, epochs, search.seed))
-    cached = read_json(path) if path.is_file() else {}
-    if cached.get("protocol") != protocol:
-        cached = {"protocol": protocol, "models": {}}
+    _, epochs, protocol = fidelity(cfg, rerank)
+    cached = open_cache(path, protocol, "models")
     for name in cfg.search.references:
         if name not in cached["models"]:
             cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": epochs})
@@ -341,13 +351,10 @@ def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
     numbers = rerank_candidates(trials_table(study, cfg), cfg)
     if not numbers:
         return {}
-    data = load_trial_data(with_values(cfg, {"search.subsample": search.rerank_subsample}))
+    subsample, _, protocol = fidelity(cfg, rerank=True)
+    data = load_trial_data(with_values(cfg, {"search.subsample": subsample}))
     path = search_dir(cfg) / "rerank.json"
-    protocol = training_fingerprint(cfg) + repr((search.rerank_subsample, search.holdout, cfg.train.epochs,
-                                                 search.seed))
-    cached = read_json(path) if path.is_file() else {}
-    if cached.get("protocol") != protocol:
-        cached = {"protocol": protocol, "trials": {}}
+    cached = open_cache(path, protocol, "trials")
     log.info("search: re-ranking trials %s at %d epochs on %d train / %d holdout images", numbers,
              cfg.train.epochs, len(data.train_rows), len(data.valid_rows))
     trials, metric = study.get_trials(deepcopy=False), primary_metric(cfg)

@@ -103,12 +103,17 @@ def hypervolume_curve(table: pd.DataFrame, cfg: Config, reference: Optional[dict
     return pd.DataFrame(rows)
 
 
+def ranked(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Rows by ``column``, best first; ties go to the smaller model."""
+    return table.sort_values([column, "params"], ascending=[False, True])
+
+
 def rerank_candidates(table: pd.DataFrame, cfg: Config) -> list[int]:
     """The trials the re-rank retrains: the proxy's top ``search.rerank_top``, overall and under each budget."""
     good, k = usable(table), cfg.search.rerank_top
     if not k or good.empty or "params" not in good:
         return []
-    ordered = good.sort_values([metric_of(cfg), "params"], ascending=[False, True])
+    ordered = ranked(good, metric_of(cfg))
     numbers = list(ordered["number"].head(k))
     for budget in cfg.search.best_budgets:
         numbers += list(ordered[ordered["params"] <= budget]["number"].head(k))
@@ -120,7 +125,7 @@ def top_pick(candidates: pd.DataFrame, metric: str) -> pd.Series:
     those by the re-rank score (column ``rerank_<metric>``)."""
     column = f"rerank_{metric}"
     if column in candidates and candidates[column].notna().any():
-        return candidates.dropna(subset=[column]).sort_values([column, "params"], ascending=[False, True]).iloc[0]
+        return ranked(candidates.dropna(subset=[column]), column).iloc[0]
     return candidates.iloc[0]
 
 
@@ -131,7 +136,7 @@ def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
     if good.empty or "params" not in good:
         return {}
     metric = metric_of(cfg)
-    ordered = good.sort_values([metric, "params"], ascending=[False, True])
+    ordered = ranked(good, metric)
     top = ordered.iloc[0]
     picks = {"most_accurate": top_pick(ordered, metric)}
     for rule, floor in (("smallest_within", top[metric] - cfg.search.best_within),
