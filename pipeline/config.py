@@ -282,6 +282,7 @@ class ArchSpaceConfig:
     types: list[str] = field(default_factory=lambda: ["Conv", "DWConv", "InvertedResidualv2",
                                                        "InvertedResidualv3", "ConvPool", "Pass"])  # Pass never in slot 1
     pools: list[str] = field(default_factory=lambda: ["avg", "max"])  # the head's global pool
+    heads: list[str] = field(default_factory=lambda: ["linear"])  # linear, airnet (bias-free, logits × 1/9)
     channels: list[list[int]] = field(default_factory=_slot_channels)  # output channel choices, one list a slot
     repeats: list[int] = field(default_factory=lambda: [1, 3])  # [low, high]
     kernels: list[int] = field(default_factory=lambda: [3, 5])

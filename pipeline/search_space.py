@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from .arch import load_spec
+from .arch import HEADS, load_spec
 from .config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
 
 # objective name → Optuna direction
@@ -31,6 +31,9 @@ def check_search(search: SearchConfig) -> None:
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"search.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, "
                               f"got {dist!r}")
+    unknown_heads = set(search.arch.heads) - set(HEADS)
+    if unknown_heads or not search.arch.heads:
+        raise ConfigError(f"search.arch.heads: expected names from {list(HEADS)}, got {search.arch.heads}")
     for spec in search.seed_specs:  # before any data is read: a seed the space cannot sample is a config error
         spec_params(load_spec(spec), search.arch)
 
@@ -54,6 +57,7 @@ def suggest_arch(trial: optuna.Trial, space: ArchSpaceConfig) -> None:
     trial.suggest_categorical("width", list(space.width_multipliers))
     trial.suggest_categorical("depth", list(space.depth_multipliers))
     trial.suggest_categorical("pool", list(space.pools))
+    trial.suggest_categorical("head", list(space.heads))
     for i, channels in enumerate(space.channels):
         types = [t for t in space.types if t != "Pass"] if i == 0 else list(space.types)
         trial.suggest_categorical(f"b{i}_type", types)
@@ -87,7 +91,8 @@ def arch_spec(params: dict, space: ArchSpaceConfig, image_size: int) -> dict:
             block["act"] = params[f"b{i}_act"]
         blocks.append(block)
     return {"width_multiplier": float(params["width"]), "depth_multiplier": float(params["depth"]),
-            "max_downsample": cap, "pool": params.get("pool", "avg"), "blocks": blocks}
+            "max_downsample": cap, "pool": params.get("pool", "avg"), "head": params.get("head", "linear"),
+            "blocks": blocks}
 
 
 def spec_params(spec: dict, space: ArchSpaceConfig) -> dict:
@@ -98,8 +103,9 @@ def spec_params(spec: dict, space: ArchSpaceConfig) -> dict:
         raise ConfigError(f"search.seed_specs: {len(blocks)} blocks, but the space has {len(space.channels)} slots")
     blocks += [{"type": "Pass"}] * (len(space.channels) - len(blocks))
     params = {"width": float(spec.get("width_multiplier", 1.0)), "depth": float(spec.get("depth_multiplier", 1.0)),
-              "pool": spec.get("pool", "avg")}
-    choices = {"width": space.width_multipliers, "depth": space.depth_multipliers, "pool": space.pools}
+              "pool": spec.get("pool", "avg"), "head": spec.get("head", "linear")}
+    choices = {"width": space.width_multipliers, "depth": space.depth_multipliers, "pool": space.pools,
+               "head": space.heads}
     for i, block in enumerate(blocks):
         params.update({f"b{i}_type": block["type"], f"b{i}_repeats": int(block.get("repeats", space.repeats[0])),
                        f"b{i}_out": int(block.get("out", space.channels[i][0])),

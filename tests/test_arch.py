@@ -54,6 +54,22 @@ def test_convpool_blocks_rebuild_airnet_tiny_layer_for_layer():
     assert isinstance(spec_net.pool, torch.nn.AdaptiveMaxPool2d)
 
 
+def test_airnet_head_makes_the_spec_net_airnet_tiny_exactly():
+    """``head: airnet`` (bias-free, logits × 1/9): the same parameters as airnet_tiny, and with airnet_tiny's
+    weights loaded, the same logits."""
+    airnet = create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_tiny"]).model, 10).eval()
+    spec_net = SpecNet({**AIRNET_TINY, "head": "airnet"}, num_classes=10).eval()
+    assert count_parameters(spec_net) == count_parameters(airnet)
+    spec_net.load_state_dict(dict(zip(spec_net.state_dict(), airnet.state_dict().values())))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(spec_net(x), airnet(x), atol=1e-5)
+        linear = SpecNet(AIRNET_TINY, num_classes=10).eval()
+        linear.load_state_dict({**dict(zip(linear.state_dict(), airnet.state_dict().values())),
+                                "head.bias": torch.zeros(10)})
+        assert torch.allclose(linear(x) / 9, airnet(x), atol=1e-5)  # the only difference is the 1/9
+
+
 
 def test_shipped_seed_specs_fit_their_search_space_and_bounds():
     """configs/cifar10-search-545k.yaml's seed designs: within its params bound, sampleable by its space."""
@@ -72,6 +88,7 @@ def test_shipped_seed_specs_fit_their_search_space_and_bounds():
 
 @pytest.mark.parametrize("bad, message", [
     ({"blocks": [{"type": "Conv", "out": 8}], "pool": "mean"}, "pool: must be one of"),
+    ({"blocks": [{"type": "Conv", "out": 8}], "head": "mlp"}, "head: must be one of"),
     ({"blocks": [{"type": "Pass"}, {"type": "Conv", "out": 8}]}, "first block cannot be Pass"),
     ({"blocks": [{"type": "Dense", "out": 8}]}, "'type' must be one of"),
     ({"blocks": [{"type": "Conv", "out": 8, "kernal": 3}]}, "unknown key"),

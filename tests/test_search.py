@@ -33,8 +33,9 @@ def search_cfg(tmp_path, root, *overrides):
 
 
 def test_random_samples_of_the_default_space_build_valid_models(tmp_path):
-    cfg = make_cfg(tmp_path, None, "search.record_latency=false")
+    cfg = make_cfg(tmp_path, None, "search.record_latency=false", "search.arch.heads=[linear, airnet]")
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+    heads = set()
     for i in range(20):
         trial = study.ask()
         cfg_t = trial_config(cfg, suggest(trial, cfg.search))
@@ -48,6 +49,8 @@ def test_random_samples_of_the_default_space_build_valid_models(tmp_path):
             costs = search.model_costs(model, 32, latency=False)
             assert costs["params"] == count_parameters(model) and costs["macs"] > 0
         study.tell(trial, [0.0, count_parameters(model)])
+        heads.add((spec["head"], model.head.bias is None))
+    assert heads == {("linear", False), ("airnet", True)}  # both heads sampled, the airnet one bias-free
 
 
 def test_study_enforces_constraints_and_exports_loadable_configs(tmp_path, shared_competition):
@@ -148,6 +151,7 @@ def test_single_objective_hpo_over_config_keys(tmp_path, shared_competition):
 
 @pytest.mark.parametrize("override, message", [("search.objectives=[accuracy, size]", "unknown objective"),
                                                ("search.space={train.lr: {normal: [0, 1]}}", "expected one of"),
+                                               ("search.arch.heads=[linear, mlp]", "search.arch.heads"),
                                                ("search.sampler=cmaes", "cmaes")])
 def test_bad_search_settings_fail_clearly(tmp_path, shared_competition, override, message):
     try:
