@@ -42,7 +42,7 @@ from .models import count_parameters, create_model
 from .registry import Registry
 from .schedulers import build_scheduler
 from .search_report import rerank_candidates, trial_line, trials_table, write_outputs
-from .search_space import OBJECTIVES, check_search, spec_params, suggest, trial_config
+from .search_space import OBJECTIVES, check_same_space, check_search, spec_params, suggest, trial_config
 from .weights import normalization
 from .whiten import freeze_whitening, init_whitening
 from .utils import (compute_settings, configure_backends, read_json, resolve_device, seed_everything, write_json,
@@ -274,6 +274,7 @@ def open_study(cfg: Config) -> optuna.Study:
     if recorded is not None and recorded != list(search.objectives):
         raise ValueError(f"study '{study.study_name}' was made with objectives {recorded}, not "
                          f"{list(search.objectives)}: set search.study_name or search.storage for a new study")
+    check_same_space(study, search)
     study.set_user_attr("objectives", list(search.objectives))
     return study
 

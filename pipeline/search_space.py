@@ -38,6 +38,25 @@ def check_search(search: SearchConfig) -> None:
         spec_params(load_spec(spec), search.arch)
 
 
+def check_same_space(study: optuna.Study, search: SearchConfig) -> None:
+    """Refuse a stored study whose parameters the configured space redefines incompatibly (other categorical
+    choices, another kind): Optuna would fail every new trial of it with "dynamic value space"."""
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(0)).ask()
+    suggest(probe, search)
+    current = probe.distributions
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            if name not in current:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(old, current[name])
+            except ValueError:
+                raise ConfigError(f"search: study '{study.study_name}' sampled '{name}' from {old} (trial "
+                                  f"{trial.number}); the config now gives {current[name]}. Optuna cannot change "
+                                  "that in a study: set search.study_name (or another experiment) for a new "
+                                  "one") from None
+
+
 def suggest(trial: optuna.Trial, search: SearchConfig) -> dict:
     """Ask the trial for every parameter of the space; returns ``trial.params``."""
     if search.arch.enabled:

@@ -131,6 +131,9 @@ def test_seed_specs_are_the_first_trials_and_must_fit_the_space(tmp_path, shared
     assert trial.user_attrs["params"] == count_parameters(SpecNet(cfg.search.seed_specs[0], 3))
     search.run(with_values(cfg, {"search.n_trials": 2}))  # resuming does not enqueue the seed again
     assert [t.params for t in study.trials][1] != trial.params
+    with pytest.raises(ConfigError, match="sampled 'pool'.*search.study_name"):  # not a failed trial each
+        search.run(with_values(cfg, {"search.n_trials": 3, "search.arch.pools": ["max"]}))
+    assert len(study.trials) == 2
     with pytest.raises(ConfigError, match="b1_out=13 is outside the space"):
         search.run(with_values(cfg, {"experiment": "bad", "search.seed_specs": [
             {"blocks": [{"type": "Conv", "out": 8}, {"type": "Conv", "out": 13}]}]}))
