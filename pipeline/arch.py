@@ -148,8 +148,7 @@ class SpecNet(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.drop(self.pool(self.features(x)).flatten(1)))
-        return logits * self.head_scale if self.head_scale != 1.0 else logits
+        return self.head(self.drop(self.pool(self.features(x)).flatten(1))) * self.head_scale
 
 
 def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:

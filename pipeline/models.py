@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .arch import SpecNet
+from .arch import HEADS, SpecNet
 from .config import ModelConfig
 from .registry import Registry
 from .utils import setup_logging
@@ -68,7 +68,8 @@ class AirNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, widths: Sequence[int] = (64, 256, 256), stem: int = 32,
-                 in_chans: int = 3, drop_rate: float = 0.0, head_scale: float = 1 / 9, patch_stem: int = 0) -> None:
+                 in_chans: int = 3, drop_rate: float = 0.0, head_scale: float = HEADS["airnet"][0],
+                 patch_stem: int = 0) -> None:
         super().__init__()
         self.stem = make_patch_stem(in_chans, patch_stem) if patch_stem else conv_bn(in_chans, stem)
         groups, c_in = [], self.stem[0].out_channels

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from .arch import HEADS, load_spec
+from .arch import HEADS, POOLS, load_spec
 from .config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
 
 # objective name → Optuna direction
@@ -31,9 +31,9 @@ def check_search(search: SearchConfig) -> None:
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"search.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, "
                               f"got {dist!r}")
-    unknown_heads = set(search.arch.heads) - set(HEADS)
-    if unknown_heads or not search.arch.heads:
-        raise ConfigError(f"search.arch.heads: expected names from {list(HEADS)}, got {search.arch.heads}")
+    for key, chosen, valid in (("pools", search.arch.pools, POOLS), ("heads", search.arch.heads, HEADS)):
+        if not chosen or set(chosen) - set(valid):  # else every trial would fail building its spec
+            raise ConfigError(f"search.arch.{key}: expected names from {list(valid)}, got {chosen}")
     for spec in search.seed_specs:  # before any data is read: a seed the space cannot sample is a config error
         spec_params(load_spec(spec), search.arch)
 

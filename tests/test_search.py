@@ -155,6 +155,7 @@ def test_single_objective_hpo_over_config_keys(tmp_path, shared_competition):
 @pytest.mark.parametrize("override, message", [("search.objectives=[accuracy, size]", "unknown objective"),
                                                ("search.space={train.lr: {normal: [0, 1]}}", "expected one of"),
                                                ("search.arch.heads=[linear, mlp]", "search.arch.heads"),
+                                               ("search.arch.pools=[mean]", "search.arch.pools"),
                                                ("search.sampler=cmaes", "cmaes")])
 def test_bad_search_settings_fail_clearly(tmp_path, shared_competition, override, message):
     try:
