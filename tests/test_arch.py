@@ -71,11 +71,12 @@ def test_airnet_head_makes_the_spec_net_airnet_tiny_exactly():
 
 
 
-def test_shipped_seed_specs_fit_their_search_space_and_bounds():
-    """configs/cifar10-search-545k.yaml's seed designs: within its params bound, sampleable by its space."""
+@pytest.mark.parametrize("config", ["cifar10-search-545k.yaml", "cifar10-search-545k-air.yaml"])
+def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
+    """The half-size studies' seed designs: within their bounds, sampleable by their space, rebuilt exactly."""
     from pipeline.search_space import arch_spec, spec_params
 
-    cfg = load_config(REPO / "configs" / "cifar10-search-545k.yaml")
+    cfg = load_config(REPO / "configs" / config)
     for path in cfg.search.seed_specs:
         spec = load_spec(REPO / path)
         net = SpecNet(spec, num_classes=10)
@@ -83,6 +84,7 @@ def test_shipped_seed_specs_fit_their_search_space_and_bounds():
             create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_small"]).model, 10))
         assert count_macs(net, 32) <= cfg.search.constraints["macs"]
         rebuilt = arch_spec(spec_params(spec, cfg.search.arch), cfg.search.arch, 32)
+        assert [block for block in rebuilt["blocks"] if block["type"] != "Pass"] == spec["blocks"]
         assert count_parameters(SpecNet(rebuilt, num_classes=10)) == count_parameters(net)
 
 
