@@ -6,7 +6,8 @@ parameters, MACs and 1-thread CPU latency, refuses models over the hard constrai
 trains the rest with the train stage's building blocks on a stratified subsample held in memory (one holdout,
 ``search.epochs`` epochs, ``search.trial_timeout``). Single-objective studies prune with Optuna's pruners on
 per-epoch scores; multi-objective studies stop a trial once ``search.prune_dominated`` finished trials with
-no more parameters beat it at the same epoch.
+no more parameters beat it at the same epoch. A trial whose training config an earlier trial already trained
+(the samplers draw parameters that a block type ignores) takes that trial's result instead of training again.
 
 The study lives in Optuna storage (SQLite in ``runs/<experiment>/search/`` by default, or ``search.storage``:
 a journal file, any SQLAlchemy URL): the same command resumes it, several workers share it, and a trial
@@ -15,6 +16,7 @@ whose worker died is failed by the heartbeat and retried once (RDB storages). Ou
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -189,6 +191,10 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple | float:
         search = self.cfg.search
         cfg_t = trial_config(self.cfg, suggest(trial, search), epochs=search.epochs)
+        trial.set_user_attr("config_sha1", config_sha1(cfg_t))
+        twin = twin_of(trial.study, trial.user_attrs["config_sha1"])
+        if twin is not None:
+            return self.repeat(trial, twin)
         seed_everything(cfg_t.seed)
         model = create_model(cfg_t.model, len(self.data.classes))
         costs = model_costs(model, cfg_t.data.image_size, search.record_latency)
@@ -205,6 +211,19 @@ class Objective:
                       deadline)
         trial.set_user_attr("timed_out", bool(metrics.get("timed_out")))
         return self.values({**metrics, **costs})
+
+    def repeat(self, trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> tuple | float:
+        """The result of ``twin``, which trained this exact configuration: the samplers also draw the parameters
+        a block type ignores (a ConvPool's expansion ratio) and strides the downsampling cap overrides, so equal
+        models recur, and seeded training would only repeat the same scores."""
+        for key, value in twin.constraints.items():
+            trial.set_constraint(key, value)
+        for key, value in twin.user_attrs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("same_as", twin.number)
+        if twin.state == optuna.trial.TrialState.PRUNED:
+            raise optuna.TrialPruned(f"as trial {twin.number}")
+        return tuple(twin.values) if self.multi else twin.values[0]
 
     def values(self, measured: dict) -> tuple | float:
         out = tuple(float(measured[o]) for o in self.cfg.search.objectives)
@@ -223,13 +242,29 @@ class Objective:
             raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
 
 
+def config_sha1(cfg: Config) -> str:
+    """What decides a trial's scores: its training config and the search's data and fidelity settings."""
+    return hashlib.sha1(fidelity(cfg)[2].encode()).hexdigest()
+
+
+def twin_of(study: optuna.Study, key: str) -> Optional[optuna.trial.FrozenTrial]:
+    """The first finished trial that trained the configuration ``key`` (not a repeat, not cut by the timeout)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)):
+        attrs = t.user_attrs
+        if attrs.get("config_sha1") == key and "same_as" not in attrs and not attrs.get("timed_out"):
+            return t
+    return None
+
+
 def losing(study: optuna.Study, params: int, epoch: int, value: float, k: int) -> bool:
-    """True when ``k`` finished trials with no more parameters scored higher at the same epoch."""
+    """True when ``k`` finished trials (repeats counted once) with no more parameters scored higher at the
+    same epoch."""
     beaten = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         curve = t.user_attrs.get("curve", [])
-        if t.user_attrs.get("feasible") and t.user_attrs["params"] <= params and len(curve) > epoch \
-                and curve[epoch] > value:
+        if t.user_attrs.get("feasible") and "same_as" not in t.user_attrs and t.user_attrs["params"] <= params \
+                and len(curve) > epoch and curve[epoch] > value:
             beaten += 1
     return beaten >= k
 

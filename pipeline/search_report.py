@@ -56,10 +56,11 @@ def trials_table(study: optuna.Study, cfg: Config) -> pd.DataFrame:
 
 
 def usable(table: pd.DataFrame) -> pd.DataFrame:
-    """Complete, feasible (trained) trials."""
+    """Complete, feasible trials that trained (a repeat of an earlier trial's configuration is left out)."""
     if table.empty or "feasible" not in table:
         return table.iloc[0:0]
-    return table[(table["state"] == "COMPLETE") & (table["feasible"] == True)]  # noqa: E712 (NaN-safe)
+    trained = table["same_as"].isna() if "same_as" in table else True
+    return table[(table["state"] == "COMPLETE") & (table["feasible"] == True) & trained]  # noqa: E712 (NaN-safe)
 
 
 def losses(table: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
@@ -246,6 +247,7 @@ def write_outputs(study: optuna.Study, cfg: Config, references: list[dict], rera
     states = table["state"].value_counts().to_dict() if len(table) else {}
     summary = {"study": study.study_name, "sampler": cfg.search.sampler, "objectives": list(cfg.search.objectives),
                "trials": len(table), "states": states, "trained": len(good),
+               "repeats": int(table["same_as"].notna().sum()) if "same_as" in table else 0,
                "infeasible": int((table.get("feasible") == False).sum()) if len(table) else 0,  # noqa: E712
                "hypervolume": float(curve["hypervolume"].iloc[-1]) if len(curve) else 0.0,
                "reference_point": reference_point(cfg), "pareto": pareto["number"].tolist(),
@@ -263,6 +265,8 @@ def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, cfg: Config
     attrs, metric = trial.user_attrs, metric_of(cfg)
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     head = f"trial {trial.number} {trial.state.name.lower()}: params {attrs.get('params', 0):,}"
+    if "same_as" in attrs:
+        return f"{head}, the configuration of trial {attrs['same_as']}: its result, not trained again"
     if trial.state == optuna.trial.TrialState.COMPLETE and not attrs.get("feasible", True):
         bounds = ", ".join(f"{k} {attrs.get(k)} > {v}" for k, v in cfg.search.constraints.items()
                            if float(attrs.get(k, 0)) > float(v))

@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline import preprocess, search
 from pipeline.arch import SpecNet, downsampling
@@ -137,6 +138,30 @@ def test_seed_specs_are_the_first_trials_and_must_fit_the_space(tmp_path, shared
     with pytest.raises(ConfigError, match="b1_out=13 is outside the space"):
         search.run(with_values(cfg, {"experiment": "bad", "search.seed_specs": [
             {"blocks": [{"type": "Conv", "out": 8}, {"type": "Conv", "out": 13}]}]}))
+
+
+def test_a_configuration_already_trained_is_not_trained_again(tmp_path, shared_competition):
+    """Parameters a block ignores (a ConvPool's expansion ratio) make equal models look new to the sampler:
+    the repeat takes its twin's result, and the Pareto set, the re-rank and the trained count list it once."""
+    from pipeline.arch import load_spec
+    from pipeline.search_space import spec_params
+
+    cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=3", "search.arch.expansions=[1.0, 4.0]",
+                     "search.rerank_top=2", "search.best_floor=0.0")
+    (cfg.run_dir / "search").mkdir(parents=True)
+    study = search.open_study(cfg)
+    params = spec_params(load_spec(yaml.safe_load(SEED_SPEC)), cfg.search.arch)
+    study.enqueue_trial(params)
+    study.enqueue_trial({**params, "b0_expansion": 4.0})  # a different trial, the same ConvPool model
+    summary = search.run(cfg)
+    first, repeat = study.trials[:2]
+    assert first.params != repeat.params and trial_config(cfg, first.params) == trial_config(cfg, repeat.params)
+    assert "same_as" not in first.user_attrs and repeat.user_attrs["same_as"] == 0
+    assert repeat.values == first.values and repeat.user_attrs["curve"] == first.user_attrs["curve"]
+    assert summary["repeats"] == 1 and summary["trained"] == 2
+    out = cfg.run_dir / "search"
+    assert 1 not in pd.read_csv(out / "pareto.csv")["number"].tolist()
+    assert "1" not in read_json(out / "rerank.json")["trials"]  # retrained once, as trial 0
 
 
 def test_single_objective_hpo_over_config_keys(tmp_path, shared_competition):
