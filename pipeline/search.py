@@ -191,8 +191,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple | float:
         search = self.cfg.search
         cfg_t = trial_config(self.cfg, suggest(trial, search), epochs=search.epochs)
-        trial.set_user_attr("config_sha1", config_sha1(cfg_t))
-        twin = twin_of(trial.study, trial.user_attrs["config_sha1"])
+        key = config_sha1(cfg_t)
+        trial.set_user_attr("config_sha1", key)
+        twin = twin_of(trial.study, key)
         if twin is not None:
             return self.repeat(trial, twin)
         seed_everything(cfg_t.seed)

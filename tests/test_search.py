@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from pipeline import preprocess, search
-from pipeline.arch import SpecNet, downsampling
+from pipeline.arch import SpecNet, downsampling, load_spec
 from pipeline.config import ConfigError, load_config, with_values
 from pipeline.models import count_parameters, create_model
-from pipeline.search_space import suggest, trial_config
+from pipeline.search_space import spec_params, suggest, trial_config
 from pipeline.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg
@@ -143,9 +143,6 @@ def test_seed_specs_are_the_first_trials_and_must_fit_the_space(tmp_path, shared
 def test_a_configuration_already_trained_is_not_trained_again(tmp_path, shared_competition):
     """Parameters a block ignores (a ConvPool's expansion ratio) make equal models look new to the sampler:
     the repeat takes its twin's result, and the Pareto set, the re-rank and the trained count list it once."""
-    from pipeline.arch import load_spec
-    from pipeline.search_space import spec_params
-
     cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=3", "search.arch.expansions=[1.0, 4.0]",
                      "search.rerank_top=2", "search.best_floor=0.0")
     (cfg.run_dir / "search").mkdir(parents=True)
