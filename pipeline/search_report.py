@@ -7,8 +7,8 @@
   ``most_accurate``, ``smallest_within`` (``search.best_within`` of the best score) and
   ``smallest_above_floor`` (score >= ``search.best_floor``), plus ``most_accurate_under_<N>`` for each
   parameter budget in ``search.best_budgets``; ``summary.json``. With ``search.rerank_top``, the proxy's best
-  trials are retrained at ``train.epochs`` (``rerank.json``, column ``rerank_<metric>``) and ``most_accurate*``
-  pick by that score,
+  trials (and the proxy's picks for the two smallest_* rules) are retrained at ``train.epochs`` (``rerank.json``,
+  column ``rerank_<metric>``) and every rule picks by that score,
 * TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
 
 ``python -m pipeline.search_report --compare DIR... --out FIG`` draws the hypervolume of several studies
@@ -118,6 +118,7 @@ def rerank_candidates(table: pd.DataFrame, cfg: Config) -> list[int]:
     numbers = list(ordered["number"].head(k))
     for budget in cfg.search.best_budgets:
         numbers += list(ordered[ordered["params"] <= budget]["number"].head(k))
+    numbers += [row["number"] for row in smallest_picks(good, metric_of(cfg), cfg).values()]  # by the proxy
     return sorted({int(n) for n in numbers})
 
 
@@ -130,21 +131,33 @@ def top_pick(candidates: pd.DataFrame, metric: str) -> pd.Series:
     return candidates.iloc[0]
 
 
+def smallest_picks(rows: pd.DataFrame, score: str, cfg: Config) -> dict:
+    """smallest_within (``search.best_within`` of the best ``score`` in ``rows``) and smallest_above_floor
+    (``score`` >= ``search.best_floor``): the smallest qualifying row of each, a rule with none left out."""
+    picks, best = {}, rows[score].max()
+    for rule, floor in (("smallest_within", best - cfg.search.best_within),
+                        ("smallest_above_floor", cfg.search.best_floor)):
+        ok = rows[rows[score] >= floor - 1e-12].sort_values(["params", score], ascending=[True, False])
+        if len(ok):
+            picks[rule] = ok.iloc[0]
+    return picks
+
+
 def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
-    """The rules' trial rows (a rule with no qualifying trial is left out). most_accurate and
-    most_accurate_under_<N> prefer the re-rank's score where there is one; the other rules use the proxy's."""
+    """The rules' trial rows (a rule with no qualifying trial is left out). Where the re-rank scored trials
+    (column ``rerank_<metric>``), every rule judges by that score: most_accurate* among all trials by
+    :func:`top_pick`, the smallest_* rules among the re-ranked ones (the proxy's picks are re-ranked too)."""
     good = usable(table)
     if good.empty or "params" not in good:
         return {}
     metric = metric_of(cfg)
     ordered = ranked(good, metric)
-    top = ordered.iloc[0]
     picks = {"most_accurate": top_pick(ordered, metric)}
-    for rule, floor in (("smallest_within", top[metric] - cfg.search.best_within),
-                        ("smallest_above_floor", cfg.search.best_floor)):
-        ok = good[good[metric] >= floor - 1e-12].sort_values(["params", metric], ascending=[True, False])
-        if len(ok):
-            picks[rule] = ok.iloc[0]
+    column = f"rerank_{metric}"
+    if column in good and good[column].notna().any():
+        picks.update(smallest_picks(good.dropna(subset=[column]), column, cfg))
+    else:
+        picks.update(smallest_picks(good, metric, cfg))
     for budget in cfg.search.best_budgets:
         ok = ordered[ordered["params"] <= budget]
         if len(ok):

@@ -101,6 +101,11 @@ def test_rerank_retrains_the_proxys_best_and_picks_by_the_full_fidelity_score(tm
     expected = set(good.sort_values(["accuracy", "params"], ascending=[False, True])["number"].head(2))
     expected |= set(good[good["params"] <= 3000].sort_values(["accuracy", "params"], ascending=[False, True])
                     ["number"].head(2))
+    within = good[good["accuracy"] >= good["accuracy"].max() - cfg.search.best_within - 1e-12]
+    expected.add(within.sort_values(["params", "accuracy"], ascending=[True, False])["number"].iloc[0])
+    above = good[good["accuracy"] >= cfg.search.best_floor - 1e-12]
+    if len(above):
+        expected.add(above.sort_values(["params", "accuracy"], ascending=[True, False])["number"].iloc[0])
     assert set(reranked["number"]) == expected and set(summary["rerank"]) == {str(n) for n in expected}
     best = reranked.sort_values(["rerank_accuracy", "params"], ascending=[False, True]).iloc[0]
     assert summary["best"]["most_accurate"]["trial"] == best["number"]
@@ -118,6 +123,21 @@ def test_top_pick_prefers_the_rerank_score_where_there_is_one():
     assert top_pick(by_proxy, "accuracy")["number"] == 3
     by_proxy["rerank_accuracy"] = [0.70, 0.75, None]
     assert top_pick(by_proxy, "accuracy")["number"] == 1
+
+def test_every_rule_judges_by_the_rerank_score_where_there_is_one(tmp_path):
+    from pipeline.search_report import best_trials, rerank_candidates
+
+    cfg = make_cfg(tmp_path, None, "search.rerank_top=1", "search.best_within=0.05",
+                     "search.best_floor=0.5")
+    table = pd.DataFrame({"number": [0, 1, 2, 3], "state": "COMPLETE", "feasible": True,
+                          "accuracy": [0.60, 0.58, 0.56, 0.40], "params": [900, 500, 100, 50]})
+    assert {r: row["number"] for r, row in best_trials(table, cfg).items()} == {
+        "most_accurate": 0, "smallest_within": 2, "smallest_above_floor": 2}
+    assert rerank_candidates(table, cfg) == [0, 2]  # the proxy's best and its pick for both smallest_* rules
+    table["rerank_accuracy"] = [0.80, None, 0.70, None]  # at full epochs trial 2 falls 10 points behind
+    picks = {r: row["number"] for r, row in best_trials(table, cfg).items()}
+    assert picks == {"most_accurate": 0, "smallest_within": 0, "smallest_above_floor": 2}
+
 
 SEED_SPEC = "{pool: max, blocks: [{type: ConvPool, out: 8}, {type: Conv, out: 12, stride: 2}]}"
 
