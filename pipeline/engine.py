@@ -321,10 +321,14 @@ class FoldRun:
         metrics["loss"] = float(self.eval_loss(logits, y))
         return probs, metrics
 
+    @property
+    def monitor(self) -> str:
+        """``train.monitor``, or ``last`` for the refit, which holds nothing out."""
+        return self.cfg.train.monitor if len(self.valid_rows) else "last"
+
     def monitor_value(self, metrics: dict) -> float:
         """Higher is better; with ``monitor: last`` every epoch improves on the one before."""
-        monitor = self.cfg.train.monitor if len(self.valid_rows) else "last"
-        return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[monitor]
+        return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[self.monitor]
 
     def resume(self) -> None:
         """Continue from ``last_state.pt`` when it exists and was made with the same config: weights, optimizer,
@@ -354,8 +358,9 @@ class FoldRun:
         self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
                                                               state["stale"])
         self.restore_random(state["rng"])
-        log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", self.name, self.epoch, self.best,
-                 self.best_epoch + 1)
+        kept = "keeping the last epoch" if self.monitor == "last" else \
+            f"best {self.monitor} {abs(self.best):.4f} at epoch {self.best_epoch + 1}"  # loss is stored negated
+        log.info("%s: resuming after epoch %d (%s)", self.name, self.epoch, kept)
 
     def random_state(self) -> dict:
         """Every random stream training draws from (see :mod:`pipeline.rng`)."""

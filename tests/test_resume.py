@@ -88,7 +88,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(prepared, tmp_path, capl
 
     with caplog.at_level("INFO", logger="pipeline"):
         train.run(cfg)
-    assert "resuming after epoch 1" in caplog.text
+    assert "resuming after epoch 1 (keeping the last epoch)" in caplog.text  # train.monitor=last
     for name, data in reference.items():
         assert (fold_dir / name).read_bytes() == data, f"{name} differs after kill + resume"
 
