@@ -248,12 +248,17 @@ def config_sha1(cfg: Config) -> str:
     return hashlib.sha1(fidelity(cfg)[2].encode()).hexdigest()
 
 
+def is_repeat(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a trial that repeated an earlier trial's configuration and took its result untrained."""
+    return "same_as" in trial.user_attrs
+
+
 def twin_of(study: optuna.Study, key: str) -> Optional[optuna.trial.FrozenTrial]:
     """The first finished trial that trained the configuration ``key`` (not a repeat, not cut by the timeout)."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                        optuna.trial.TrialState.PRUNED)):
         attrs = t.user_attrs
-        if attrs.get("config_sha1") == key and "same_as" not in attrs and not attrs.get("timed_out"):
+        if attrs.get("config_sha1") == key and not is_repeat(t) and not attrs.get("timed_out"):
             return t
     return None
 
@@ -264,7 +269,7 @@ def losing(study: optuna.Study, params: int, epoch: int, value: float, k: int) -
     beaten = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         curve = t.user_attrs.get("curve", [])
-        if t.user_attrs.get("feasible") and "same_as" not in t.user_attrs and t.user_attrs["params"] <= params \
+        if t.user_attrs.get("feasible") and not is_repeat(t) and t.user_attrs["params"] <= params \
                 and len(curve) > epoch and curve[epoch] > value:
             beaten += 1
     return beaten >= k

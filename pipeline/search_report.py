@@ -122,13 +122,17 @@ def rerank_candidates(table: pd.DataFrame, cfg: Config) -> list[int]:
     return sorted({int(n) for n in numbers})
 
 
+def reranked_rows(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows the re-rank scored (column ``rerank_<metric>`` filled); empty without a re-rank."""
+    column = f"rerank_{metric}"
+    return rows.dropna(subset=[column]) if column in rows else rows.iloc[0:0]
+
+
 def top_pick(candidates: pd.DataFrame, metric: str) -> pd.Series:
     """The first of ``candidates`` (ordered by the proxy score), or, where some were re-ranked, the best of
     those by the re-rank score (column ``rerank_<metric>``)."""
-    column = f"rerank_{metric}"
-    if column in candidates and candidates[column].notna().any():
-        return ranked(candidates.dropna(subset=[column]), column).iloc[0]
-    return candidates.iloc[0]
+    rescored = reranked_rows(candidates, metric)
+    return ranked(rescored, f"rerank_{metric}").iloc[0] if len(rescored) else candidates.iloc[0]
 
 
 def smallest_picks(rows: pd.DataFrame, score: str, cfg: Config) -> dict:
@@ -153,11 +157,9 @@ def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
     metric = metric_of(cfg)
     ordered = ranked(good, metric)
     picks = {"most_accurate": top_pick(ordered, metric)}
-    column = f"rerank_{metric}"
-    if column in good and good[column].notna().any():
-        picks.update(smallest_picks(good.dropna(subset=[column]), column, cfg))
-    else:
-        picks.update(smallest_picks(good, metric, cfg))
+    rescored = reranked_rows(good, metric)
+    picks.update(smallest_picks(rescored, f"rerank_{metric}", cfg) if len(rescored)
+                 else smallest_picks(good, metric, cfg))
     for budget in cfg.search.best_budgets:
         ok = ordered[ordered["params"] <= budget]
         if len(ok):
