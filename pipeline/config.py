@@ -242,6 +242,9 @@ class EnsembleConfig:
     metric: Literal["log_loss", "accuracy"] = "log_loss"  # what hill_climb improves on the OOF
     hill_climb_steps: int = 50  # at most this many picks (with replacement) after the best member
     stack_cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # stack: C chosen by CV
+    # temperature: one scalar T fitted on the OOF log loss re-tempers the test probabilities (p ∝ p^(1/T)), for
+    # log-loss competitions; labels and accuracy are unchanged (pipeline/calibration.py). Needs the OOF
+    calibrate: Literal["none", "temperature"] = "none"
     # an experiment trained with train.refit: its refit model's test predictions are used "with" its fold models
     # (refit_weight of the experiment's test probabilities, the folds' mean the rest) or "instead" of them;
     # the OOF scores and fitted weights stay the fold models' (the refit has no held-out rows)

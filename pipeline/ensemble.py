@@ -21,6 +21,8 @@ test ids (and, for the fitted methods, the same folds). Writes ``ensemble.csv``,
 A member trained with ``train.refit`` adds its refit model's test probabilities (``refit/test.npy``) with its
 fold models (``ensemble.refit_weight`` of the member's share) or instead of them (``ensemble.refit: instead``);
 the OOF scores and fitted weights remain the fold models' (the refit model has no held-out rows).
+``ensemble.calibrate: temperature`` then re-tempers the combination's probabilities with one scalar fitted on the
+honest OOF log loss (:mod:`pipeline.calibration`); the OOF is re-scored with each fold's T fitted on the others.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
+from .calibration import temperature_report, with_temperature
 from .cli import stage_main
 from .config import Config, EnsembleConfig, load_config
 from .data.cache import load_manifest
@@ -311,6 +314,17 @@ def contributions(cfg: Config, members: list[dict], oof: dict) -> dict:
     return out
 
 
+def calibrated(report: dict, test: np.ndarray, honest: np.ndarray, oof: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Temperature scaling fitted on the honest OOF: the test probabilities with that T, the OOF re-scored with
+    each fold's T fitted on the other folds (``report["oof"]``; the uncalibrated score stays beside it)."""
+    t, nested, summary = temperature_report(honest, oof["labels"], oof["folds"])
+    report["calibration"], report["oof_uncalibrated"] = summary, report["oof"]
+    report["oof"] = score(oof["labels"], nested)
+    log.info("ensemble: temperature %.3f: OOF log loss %.4f -> %.4f, ECE %.4f -> %.4f (%s)", t,
+             *summary["oof_log_loss"], *summary["oof_ece"], summary["scoring"])
+    return with_temperature(test, t), nested
+
+
 def run(cfg: Config) -> pd.DataFrame:
     """Fit the combination on the members' OOF, combine their fold predictions; write ``ensemble.csv``."""
     method = ENSEMBLERS.get(cfg.ensemble.method)
@@ -325,15 +339,16 @@ def run(cfg: Config) -> pd.DataFrame:
     classes, ids = members[0]["classes"], members[0]["ids"]
     ensembler = method(cfg.ensemble, len(members))
     oof = load_oof(members, classes, same_folds=method.fitted)
+    if cfg.ensemble.calibrate != "none" and oof is None:
+        raise FileNotFoundError(f"ensemble.calibrate={cfg.ensemble.calibrate} fits on the OOF predictions, but a "
+                                "member has no complete oof.csv: train every fold of every member")
     if method.fitted:
         if oof is None:
             raise FileNotFoundError(f"ensemble.method={cfg.ensemble.method} fits weights on the OOF predictions, "
                                     "but a member has no complete oof.csv: train every fold of every member")
         ensembler.fit(oof["probs"], oof["labels"], oof["folds"])
     member_folds = [_aligned(m, ids) for m in members]
-    frame = pd.DataFrame(ensembler.predict_folds(member_folds, [m["shares"] for m in members]), columns=classes)
-    frame.insert(0, "id", ids)
-    write_csv(cfg.run_dir / "ensemble.csv", frame)
+    test = ensembler.predict_folds(member_folds, [m["shares"] for m in members])
     report = {"method": cfg.ensemble.method, "members": [str(m["dir"]) for m in members],
               "models": sum(len(f) for f in member_folds), "weights": cfg.ensemble.weights,
               "member_weights": dict(zip([m["name"] for m in members], ensembler.member_weights())), "oof": None}
@@ -345,11 +360,16 @@ def run(cfg: Config) -> pd.DataFrame:
     if oof is not None:
         scores, honest = oof_report(cfg, members, oof, ensembler)
         report.update(scores)
+        if cfg.ensemble.calibrate == "temperature":
+            test, honest = calibrated(report, test, honest, oof)
         table = pd.DataFrame(honest, columns=classes)
         table.insert(0, "fold", oof["folds"])
         table.insert(0, "label", oof["label"])
         table.insert(0, "id", oof["ids"])
         write_csv(cfg.run_dir / "ensemble_oof.csv", table)
+    frame = pd.DataFrame(test, columns=classes)
+    frame.insert(0, "id", ids)
+    write_csv(cfg.run_dir / "ensemble.csv", frame)
     write_json(cfg.run_dir / "ensemble.json", report)
     log.info("ensemble: %s of %d fold models from %d experiment(s), member weights %s; OOF %s",
              cfg.ensemble.method, report["models"], len(members), report["member_weights"], report["oof"])

@@ -9,6 +9,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .metrics import reliability
+
 
 def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix") -> Figure:
     """Row-normalised confusion matrix (true class per row) with the counts written in each cell."""
@@ -36,11 +38,7 @@ def reliability_figure(confidence: np.ndarray, correct: np.ndarray, bins: int = 
     """Accuracy against confidence (the top probability) in equal-width bins, and the expected calibration
     error (ECE: the bin-size-weighted mean gap)."""
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(count, 1)
-    conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(count, 1)
-    ece = float((count * np.abs(acc - conf)).sum() / max(count.sum(), 1))
+    count, acc, conf, ece = reliability(confidence, correct, bins)
     fig = Figure(figsize=(4.6, 4.2))
     ax = fig.subplots()
     used = count > 0

@@ -31,3 +31,20 @@ def score(labels: np.ndarray, probs: np.ndarray) -> dict:
             "macro_f1": float(f1_score(labels, preds, average="macro", labels=np.unique(labels))),
             "log_loss": float(log_loss(labels, clipped, labels=classes)),
             "n": int(len(labels))}
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> tuple[np.ndarray, ...]:
+    """Per equal-width bin of the confidence (the top probability): row count, accuracy and mean confidence,
+    and the expected calibration error (ECE: the count-weighted mean gap between the two)."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    acc = np.bincount(which, weights=np.asarray(correct, dtype=float), minlength=bins) / np.maximum(count, 1)
+    conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(count, 1)
+    ece = float((count * np.abs(acc - conf)).sum() / max(count.sum(), 1))
+    return count, acc, conf, ece
+
+
+def calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """The ECE of class probabilities against integer labels (10 bins of the top probability)."""
+    return reliability(probs.max(1), probs.argmax(1) == np.asarray(labels), bins)[3]

@@ -32,10 +32,11 @@ NAV = [("cv", "CV"), ("classes", "Per class"), ("confusion", "Confusion"), ("wro
 
 
 def oof_source(run_dir: Path) -> Path:
-    """The ensemble's nested OOF when this run ensembled several experiments or is an ensemble config's (no OOF
-    of its own), else its own (TTA) OOF."""
-    ensembled = (run_dir / "ensemble.json").is_file() and (
-        len(read_json(run_dir / "ensemble.json")["members"]) > 1 or not (run_dir / "oof.csv").is_file())
+    """The ensemble's nested OOF when this run ensembled several experiments, calibrated its probabilities or is
+    an ensemble config's (no OOF of its own), else its own (TTA) OOF."""
+    report = read_json(run_dir / "ensemble.json") if (run_dir / "ensemble.json").is_file() else None
+    ensembled = report is not None and (len(report["members"]) > 1 or "calibration" in report
+                                        or not (run_dir / "oof.csv").is_file())
     for name in ("ensemble_oof.csv", "oof_tta.csv", "oof.csv"):
         if (run_dir / name).is_file() and (ensembled or name != "ensemble_oof.csv"):
             return run_dir / name
