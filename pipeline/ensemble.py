@@ -325,6 +325,15 @@ def calibrated(report: dict, test: np.ndarray, honest: np.ndarray, oof: dict) ->
     return with_temperature(test, t), nested
 
 
+def write_oof(path: Path, oof: dict, probs: np.ndarray, classes: list[str]) -> None:
+    """The ensemble's honest OOF probabilities as a table: id, label, fold, one column per class."""
+    table = pd.DataFrame(probs, columns=classes)
+    table.insert(0, "fold", oof["folds"])
+    table.insert(0, "label", oof["label"])
+    table.insert(0, "id", oof["ids"])
+    write_csv(path, table)
+
+
 def run(cfg: Config) -> pd.DataFrame:
     """Fit the combination on the members' OOF, combine their fold predictions; write ``ensemble.csv``."""
     method = ENSEMBLERS.get(cfg.ensemble.method)
@@ -362,11 +371,7 @@ def run(cfg: Config) -> pd.DataFrame:
         report.update(scores)
         if cfg.ensemble.calibrate == "temperature":
             test, honest = calibrated(report, test, honest, oof)
-        table = pd.DataFrame(honest, columns=classes)
-        table.insert(0, "fold", oof["folds"])
-        table.insert(0, "label", oof["label"])
-        table.insert(0, "id", oof["ids"])
-        write_csv(cfg.run_dir / "ensemble_oof.csv", table)
+        write_oof(cfg.run_dir / "ensemble_oof.csv", oof, honest, classes)
     frame = pd.DataFrame(test, columns=classes)
     frame.insert(0, "id", ids)
     write_csv(cfg.run_dir / "ensemble.csv", frame)
