@@ -325,6 +325,16 @@ def calibrated(report: dict, test: np.ndarray, honest: np.ndarray, oof: dict) ->
     return with_temperature(test, t), nested
 
 
+def load_members(cfg: Config) -> list[dict]:
+    """Every member's predictions (:func:`member_dirs` order), each with its refit model as ``ensemble.refit`` says."""
+    members: list[dict] = []
+    for path in member_dirs(cfg):
+        member = load_member(path, members[0]["classes"] if members else None)
+        refit = cfg.train.refit if not members else trained_with_refit(path)  # this run: as configured now
+        members.append(with_refit(member, refit, cfg.ensemble))
+    return members
+
+
 def write_oof(path: Path, oof: dict, probs: np.ndarray, classes: list[str]) -> None:
     """The ensemble's honest OOF probabilities as a table: id, label, fold, one column per class."""
     table = pd.DataFrame(probs, columns=classes)
@@ -337,11 +347,7 @@ def write_oof(path: Path, oof: dict, probs: np.ndarray, classes: list[str]) -> N
 def run(cfg: Config) -> pd.DataFrame:
     """Fit the combination on the members' OOF, combine their fold predictions; write ``ensemble.csv``."""
     method = ENSEMBLERS.get(cfg.ensemble.method)
-    members: list[dict] = []
-    for path in member_dirs(cfg):
-        member = load_member(path, members[0]["classes"] if members else None)
-        refit = cfg.train.refit if not members else trained_with_refit(path)  # this run: as configured now
-        members.append(with_refit(member, refit, cfg.ensemble))
+    members = load_members(cfg)
     if cfg.ensemble.weights is not None and len(cfg.ensemble.weights) != len(members) and not method.fitted:
         raise ValueError(f"ensemble.weights has {len(cfg.ensemble.weights)} values for {len(members)} experiments "
                          f"({', '.join(str(m['dir']) for m in members)})")
