@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import softmax
 
 from .metrics import calibration_error, metric_loss, score
 
 
 def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities re-tempered: softmax(log p / T). T > 1 softens, T < 1 sharpens, T = 1 changes nothing."""
-    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) / temperature
-    logits -= logits.max(1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(1, keepdims=True)
+    return softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) / temperature, axis=1)
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:

@@ -354,13 +354,12 @@ def run(cfg: Config) -> pd.DataFrame:
     classes, ids = members[0]["classes"], members[0]["ids"]
     ensembler = method(cfg.ensemble, len(members))
     oof = load_oof(members, classes, same_folds=method.fitted)
-    if cfg.ensemble.calibrate != "none" and oof is None:
-        raise FileNotFoundError(f"ensemble.calibrate={cfg.ensemble.calibrate} fits on the OOF predictions, but a "
-                                "member has no complete oof.csv: train every fold of every member")
+    fits = [f"ensemble.method={cfg.ensemble.method}"] * method.fitted + \
+        [f"ensemble.calibrate={cfg.ensemble.calibrate}"] * (cfg.ensemble.calibrate != "none")
+    if fits and oof is None:
+        raise FileNotFoundError(f"{' and '.join(fits)} fit on the OOF predictions, but a member has no complete "
+                                "oof.csv: train every fold of every member")
     if method.fitted:
-        if oof is None:
-            raise FileNotFoundError(f"ensemble.method={cfg.ensemble.method} fits weights on the OOF predictions, "
-                                    "but a member has no complete oof.csv: train every fold of every member")
         ensembler.fit(oof["probs"], oof["labels"], oof["folds"])
     member_folds = [_aligned(m, ids) for m in members]
     test = ensembler.predict_folds(member_folds, [m["shares"] for m in members])
