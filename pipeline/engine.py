@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import augment, finetune
 from . import rng as rngs
+from .arch import load_spec
 from .config import Config, TrainConfig, to_dict
 from .data.dataset import ImageDataset, center_crop, gather, to_float
 from .data.device import DeviceLoader, fits_on_device
@@ -469,6 +470,8 @@ def training_fingerprint(cfg: Config) -> str:
     keep = {k: full[k] for k in ("seed", "data", "folds", "model", "augment", "train")}
     for section, keys in _NOT_TRAINING.items():
         keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    if isinstance(cfg.model.spec, str):  # the architecture, not its file's name: editing the file retrains
+        keep["model"]["spec"] = load_spec(cfg.model.spec)
     if cfg.train.teacher:  # the teacher's predictions themselves: a retrained teacher retrains the student
         keep["train"]["teacher_oof_sha1"] = teacher_signature(cfg)
     return yaml.safe_dump(keep, sort_keys=True)

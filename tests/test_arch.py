@@ -116,3 +116,22 @@ def test_a_spec_file_trains_and_infers_through_the_pipeline(tmp_path, shared_com
     assert best["config"]["model"]["spec"] == str(path) and (cfg.run_dir / "test_probs.csv").is_file()
     saved = load_config(cfg.run_dir / "config.yaml")  # the saved config rebuilds the same network
     assert count_parameters(create_model(saved.model, 3)) == count_parameters(SpecNet(SPEC, 3))
+
+
+def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
+    """A fold's fingerprint holds the architecture a spec file describes, not the file's name: a trained fold
+    is reused after the file moves, and retrained after its contents change."""
+    from pipeline import engine
+
+    def fingerprint(spec):
+        return engine.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,
+                                                                                         f"model.spec={spec}")))
+
+    first, moved = tmp_path / "net.yaml", tmp_path / "moved.yaml"
+    first.write_text(yaml.safe_dump(SPEC))
+    moved.write_text(yaml.safe_dump(SPEC))
+    trained = fingerprint(first)
+    cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, f"model.spec={moved}"))
+    assert engine.same_training(trained, cfg)
+    moved.write_text(yaml.safe_dump({**SPEC, "width_multiplier": 2.0}))
+    assert not engine.same_training(trained, cfg) and fingerprint(moved) != trained
