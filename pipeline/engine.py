@@ -346,6 +346,10 @@ class FoldRun:
         if not same_training(state.get("fingerprint"), self.cfg):
             log.warning("%s: last checkpoint was made with other training settings; starting over", self.name)
             return
+        if not same_split(state, self.cfg):
+            log.warning("%s: last checkpoint was made on other folds (labels or fold settings changed); starting "
+                        "over", self.name)
+            return
         if not {"model", "step", "rng"} <= set(state):
             log.warning("%s: %s predates exact resume (no random state); starting over", self.name, state_path)
             return
@@ -392,7 +396,7 @@ class FoldRun:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
             "step": self.step.state_dict(), "rng": self.random_state(),
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-            "fingerprint": training_fingerprint(self.cfg), "updates": self.step.updates})
+            **trained_with(self.cfg), "updates": self.step.updates})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -432,7 +436,7 @@ class FoldRun:
         best = read_json(self.dir / "best.json")
         result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
                   "seconds": round(time.perf_counter() - start, 1), "parameters": count_parameters(self.model),
-                  "fingerprint": training_fingerprint(self.cfg)}
+                  **trained_with(self.cfg)}
         write_json(self.dir / "result.json", result)
         return result
 
@@ -496,6 +500,26 @@ def same_training(stored: Optional[str], cfg: Config) -> bool:
     return old == current
 
 
+def split_signature(cfg: Config) -> Optional[str]:
+    """The folds stage's fingerprint (``folds.json``: every id, its label, the fold settings); None without it."""
+    try:
+        return read_json(cfg.run_dir / "folds.json").get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def trained_with(cfg: Config) -> dict:
+    """What a fold's model depends on, stored with it: the training settings and the folds it was split by."""
+    return {"fingerprint": training_fingerprint(cfg), "folds": split_signature(cfg)}
+
+
+def same_split(stored: dict, cfg: Config) -> bool:
+    """True unless ``stored`` was trained on other folds: a label fixed in train.csv or new fold settings remake
+    ``folds.csv``, and a model trained on the old split would leak into the new one's held-out rows. Models
+    saved before the folds were recorded count as the same."""
+    return stored.get("folds") is None or stored["folds"] == split_signature(cfg)
+
+
 def model_dir(cfg: Config, fold: Optional[int]) -> Path:
     """Where a fold's model lives (``fold<k>/``), or the refit's (``refit/``) for ``fold=None``."""
     return cfg.run_dir / (f"fold{fold}" if fold is not None else "refit")
@@ -511,6 +535,10 @@ def fold_done(cfg: Config, fold: Optional[int]) -> Optional[dict]:
         result = read_json(path)
     except (OSError, ValueError):
         log.warning("%s: %s is damaged: the model is trained again", "refit" if fold is None else f"fold {fold}", path)
+        return None
+    if not same_split(result, cfg):
+        log.info("%s was trained on other folds (labels or fold settings changed): it is trained again",
+                 "the refit" if fold is None else f"fold {fold}")
         return None
     return result if same_training(result.get("fingerprint"), cfg) else None
 

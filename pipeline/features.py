@@ -189,7 +189,7 @@ def head_probs(head: nn.Module, feats: list[np.ndarray]) -> np.ndarray:
 def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.DataFrame, folds: pd.DataFrame,
              classes: list[str]) -> dict:
     """Fit the head on the other folds (every view), score the fold (identity view), save like a checkpoint."""
-    from .engine import save_checkpoint, training_fingerprint
+    from .engine import save_checkpoint, trained_with
     from .metrics import score
 
     start = time.perf_counter()
@@ -210,7 +210,7 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
     with atomic_path(fold_dir / "oof.npy") as tmp:
         np.save(tmp, probs.astype(np.float32))
     result = {"fold": fold, "best_epoch": 0, "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
-              "parameters": sum(p.numel() for p in head.parameters()), "fingerprint": training_fingerprint(cfg)}
+              "parameters": sum(p.numel() for p in head.parameters()), **trained_with(cfg)}
     write_json(fold_dir / "result.json", result)
     log.info("fold %d: %s head on %d×%d features: acc %.4f log_loss %.4f (%.1fs)", fold, cfg.train.head,
              *x.shape, metrics["accuracy"], metrics["log_loss"], result["seconds"])

@@ -152,6 +152,34 @@ def test_changing_only_inference_settings_does_not_retrain(chain):
 
 
 @pytest.mark.slow
+def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_ones(tmp_path, caplog):
+    """EDA flags a wrong label and the user fixes train.csv: the folds are made again, and no model trained on
+    the old split is kept or resumed (it saw rows that the new split holds out)."""
+    root = make_competition(tmp_path / "comp")
+    argv = stage_argv(tmp_path, root, *OVERRIDES)
+    for stage in (preprocess, folds, train):
+        assert stage.main(argv) == 0
+    cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, root, *OVERRIDES))
+    old = engine.split_signature(cfg)
+    assert old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == old for k in range(N_FOLDS))
+    (cfg.run_dir / "fold0" / "result.json").unlink()  # fold 0 as if killed after its last checkpoint
+    table = pd.read_csv(root / "train.csv", dtype=str)
+    table.loc[0, "label"] = next(c for c in sorted(set(table["label"])) if c != table.loc[0, "label"])
+    table.to_csv(root / "train.csv", index=False)
+
+    caplog.set_level(logging.INFO)
+    for stage in (preprocess, folds, train):
+        assert stage.main(argv) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fold 0: last checkpoint was made on other folds") for m in messages), messages
+    assert sum("was trained on other folds" in m for m in messages) == N_FOLDS - 1
+    assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
+    new = engine.split_signature(cfg)
+    assert new != old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == new
+                              for k in range(N_FOLDS))
+
+
+@pytest.mark.slow
 def test_interrupted_fold_resumes_from_its_last_checkpoint(chain, caplog):
     """Fold 0 as if the run had been killed after epoch 1: its last checkpoint says epoch 1, no result."""
     run_dir = chain["run_dir"]
