@@ -264,6 +264,7 @@ class FoldRun:
         self.name, self.dir = f"fold {fold}" if fold is not None else "refit", model_dir(cfg, fold)
         seed = cfg.seed + (fold if fold is not None else cfg.folds.n_splits)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.provenance = trained_with(cfg)  # recorded in every checkpoint and the result: computed once
         self.dtype, self.channels_last = compute_settings(cfg, device)
         self.size = cfg.data.image_size
         configure_backends(cfg.train.deterministic)
@@ -396,7 +397,7 @@ class FoldRun:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
             "step": self.step.state_dict(), "rng": self.random_state(),
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-            **trained_with(self.cfg), "updates": self.step.updates})
+            **self.provenance, "updates": self.step.updates})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -436,7 +437,7 @@ class FoldRun:
         best = read_json(self.dir / "best.json")
         result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
                   "seconds": round(time.perf_counter() - start, 1), "parameters": count_parameters(self.model),
-                  **trained_with(self.cfg)}
+                  **self.provenance}
         write_json(self.dir / "result.json", result)
         return result
 

@@ -374,7 +374,7 @@ def run(cfg: Config) -> pd.DataFrame:
     if oof is not None:
         scores, honest = oof_report(cfg, members, oof, ensembler)
         report.update(scores)
-        if cfg.ensemble.calibrate == "temperature":
+        if cfg.ensemble.calibrate != "none":
             test, honest = calibrated(report, test, honest, oof)
         write_oof(cfg.run_dir / "ensemble_oof.csv", oof, honest, classes)
     frame = pd.DataFrame(test, columns=classes)
