@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import softmax
 
 from pipeline import ensemble
 from pipeline.calibration import fit_temperature, nested_temperature, with_temperature
@@ -21,7 +22,7 @@ def sampled(n: int = 4000, c: int = 5, seed: int = 0):
     """Labels drawn from softmax(logits): those probabilities are calibrated by construction."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 2.0, (n, c))
-    probs = with_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 1.0)
+    probs = softmax(logits, axis=1)
     labels = np.array([rng.choice(c, p=p) for p in probs])
     return logits, labels
 
@@ -29,7 +30,7 @@ def sampled(n: int = 4000, c: int = 5, seed: int = 0):
 @pytest.mark.parametrize("true_t", [0.5, 2.5])
 def test_fit_recovers_the_temperature_that_spoiled_calibrated_probabilities(true_t):
     logits, labels = sampled()
-    spoiled = with_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 1.0 / true_t)
+    spoiled = with_temperature(softmax(logits, axis=1), 1.0 / true_t)
     t = fit_temperature(spoiled, labels)
     assert t == pytest.approx(true_t, rel=0.1)  # undoes the spoiling: (log p × true_t) / t = log p
     fixed = with_temperature(spoiled, t)
@@ -46,7 +47,7 @@ def test_temperature_one_changes_nothing_and_rows_sum_to_one():
 
 def test_nested_fits_each_fold_without_its_rows():
     logits, labels = sampled(n=1000, seed=1)
-    spoiled = with_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 0.4)
+    spoiled = with_temperature(softmax(logits, axis=1), 0.4)
     folds = np.arange(1000) % 5
     nested = nested_temperature(spoiled, labels, folds)
     held = folds == 0
@@ -57,7 +58,7 @@ def test_nested_fits_each_fold_without_its_rows():
 
 def test_ensemble_stage_calibrates_the_test_probabilities_and_scores_honestly(tmp_path):
     logits, labels = sampled(n=300, c=3, seed=2)
-    under = with_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 4.0)  # under-confident
+    under = with_temperature(softmax(logits, axis=1), 4.0)  # under-confident
     folds = np.arange(300) % 5
     test = [random_probs(1), random_probs(2)]
     plain = make_cfg(tmp_path, None, "experiment=plain")
