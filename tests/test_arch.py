@@ -1,6 +1,8 @@
 """Architecture specs: timm blocks built from plain data, checked, and trained by the normal train stage."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -86,6 +88,19 @@ def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
         rebuilt = arch_spec(spec_params(spec, cfg.search.arch), cfg.search.arch, 32)
         assert [block for block in rebuilt["blocks"] if block["type"] != "Pass"] == spec["blocks"]
         assert count_parameters(SpecNet(rebuilt, num_classes=10)) == count_parameters(net)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "specs").glob("airnet_half_*.yaml")),
+                         ids=lambda path: path.stem)
+def test_every_shipped_half_size_spec_is_half_airnet_small_and_states_its_size(path):
+    """Each half-size design (the search's seeds and the hand-made rivals the README reports) builds, fits the
+    bracket the issue sets (at most half of airnet_small's parameters), and its header's count is the real one."""
+    net = SpecNet(load_spec(path), num_classes=10)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    airnet_small = create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_small"]).model, 10)
+    assert 2 * count_parameters(net) <= count_parameters(airnet_small)
+    stated = re.search(r"(\d{1,3}(?:,\d{3})+) param", path.read_text())
+    assert stated and int(stated.group(1).replace(",", "")) == count_parameters(net)
 
 
 @pytest.mark.parametrize("bad, message", [
