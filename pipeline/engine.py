@@ -27,6 +27,7 @@ from . import augment, finetune
 from . import rng as rngs
 from .arch import load_spec
 from .config import Config, TrainConfig, to_dict
+from .data.cache import MANIFEST
 from .data.dataset import ImageDataset, center_crop, gather, to_float
 from .data.device import DeviceLoader, fits_on_device
 from .distill import teacher_signature
@@ -347,9 +348,9 @@ class FoldRun:
         if not same_training(state.get("fingerprint"), self.cfg):
             log.warning("%s: last checkpoint was made with other training settings; starting over", self.name)
             return
-        if not same_split(state, self.cfg):
-            log.warning("%s: last checkpoint was made on other folds (labels or fold settings changed); starting "
-                        "over", self.name)
+        change = data_change(state, self.cfg)
+        if change:
+            log.warning("%s: last checkpoint was made on %s; starting over", self.name, change)
             return
         if not {"model", "step", "rng"} <= set(state):
             log.warning("%s: %s predates exact resume (no random state); starting over", self.name, state_path)
@@ -509,16 +510,30 @@ def split_signature(cfg: Config) -> Optional[str]:
         return None
 
 
+def images_signature(cfg: Config) -> Optional[str]:
+    """The preprocess stage's digest of the decoded train pixels (``preprocess.json``); None without it."""
+    try:
+        return read_json(cfg.run_dir / MANIFEST)["train"].get("content")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
 def trained_with(cfg: Config) -> dict:
-    """What a fold's model depends on, stored with it: the training settings and the folds it was split by."""
-    return {"fingerprint": training_fingerprint(cfg), "folds": split_signature(cfg)}
+    """What a fold's model depends on, stored with it: the training settings, the folds it was split by and the
+    pixels it saw."""
+    return {"fingerprint": training_fingerprint(cfg), "folds": split_signature(cfg), "images": images_signature(cfg)}
 
 
-def same_split(stored: dict, cfg: Config) -> bool:
-    """True unless ``stored`` was trained on other folds: a label fixed in train.csv or new fold settings remake
-    ``folds.csv``, and a model trained on the old split would leak into the new one's held-out rows. Models
-    saved before the folds were recorded count as the same."""
-    return stored.get("folds") is None or stored["folds"] == split_signature(cfg)
+def data_change(stored: dict, cfg: Config) -> Optional[str]:
+    """What a stored model was trained on that the run no longer holds, or None. Other folds: a label fixed in
+    train.csv or new fold settings remake ``folds.csv``, and a model trained on the old split would leak into the
+    new one's held-out rows. Other images: an image replaced in place. Models saved before either was recorded
+    count as the same."""
+    for key, now, what in (("folds", split_signature, "other folds (labels or fold settings changed)"),
+                           ("images", images_signature, "other images (an image was replaced)")):
+        if stored.get(key) is not None and stored[key] != now(cfg):
+            return what
+    return None
 
 
 def model_dir(cfg: Config, fold: Optional[int]) -> Path:
@@ -537,9 +552,9 @@ def fold_done(cfg: Config, fold: Optional[int]) -> Optional[dict]:
     except (OSError, ValueError):
         log.warning("%s: %s is damaged: the model is trained again", "refit" if fold is None else f"fold {fold}", path)
         return None
-    if not same_split(result, cfg):
-        log.info("%s was trained on other folds (labels or fold settings changed): it is trained again",
-                 "the refit" if fold is None else f"fold {fold}")
+    change = data_change(result, cfg)
+    if change:
+        log.info("%s was trained on %s: it is trained again", "the refit" if fold is None else f"fold {fold}", change)
         return None
     return result if same_training(result.get("fingerprint"), cfg) else None
 

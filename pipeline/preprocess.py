@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from .cli import stage_main
 from .config import Config, to_yaml
-from .data.cache import MANIFEST, cache_path, cache_side, decode, load_manifest, manifest_digest, open_array, signature
+from .data.cache import (MANIFEST, cache_path, cache_side, content_digest, decode, load_manifest, manifest_digest,
+                         open_array, signature)
 from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from .runs import check_data
 from .utils import atomic_path, write_csv, write_json, write_text
@@ -90,9 +91,9 @@ def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> 
     entry = {"array": str(out), "index": f"{split}_index.csv", "signature": sig, "n": len(paths), "size": size}
     if out.is_file() and previous.get(split, {}).get("signature") == sig:
         try:
-            open_array(out, len(paths), size)
+            images = open_array(out, len(paths), size)
             log.info("%s cache up to date: %s", split, out)
-            return entry, []
+            return {**entry, "content": previous[split].get("content") or content_digest(images)}, []
         except ValueError as err:
             log.warning("%s; rebuilding it", err)
     try:
@@ -100,7 +101,7 @@ def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> 
                    resize=cfg.data.resize)
     except DataError as err:
         return entry, err.problems
-    return entry, []
+    return {**entry, "content": content_digest(np.load(out, mmap_mode="r"))}, []
 
 
 def unreadable_images(comp: Competition, cfg: Config) -> list[str]:

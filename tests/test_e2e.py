@@ -10,6 +10,7 @@ import ast
 import json
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import engine, ensemble, folds, infer, preprocess, submit, train
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
@@ -151,15 +153,25 @@ def test_changing_only_inference_settings_does_not_retrain(chain):
     assert engine.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
 
 
+def trained_competition(tmp_path: Path) -> tuple[Path, list[str], Config]:
+    """A tiny competition taken through preprocess, folds and train: its root, the stages' argv, its config."""
+    root = make_competition(tmp_path / "comp")
+    argv = stage_argv(tmp_path, root, *OVERRIDES)
+    retrain(argv)
+    return root, argv, load_config(DEFAULT_CONFIG, config_overrides(tmp_path, root, *OVERRIDES))
+
+
+def retrain(argv: list[str]) -> None:
+    """preprocess, folds and train again, as a user re-running after changing the data."""
+    for stage in (preprocess, folds, train):
+        assert stage.main(argv) == 0
+
+
 @pytest.mark.slow
 def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_ones(tmp_path, caplog):
     """EDA flags a wrong label and the user fixes train.csv: the folds are made again, and no model trained on
     the old split is kept or resumed (it saw rows that the new split holds out)."""
-    root = make_competition(tmp_path / "comp")
-    argv = stage_argv(tmp_path, root, *OVERRIDES)
-    for stage in (preprocess, folds, train):
-        assert stage.main(argv) == 0
-    cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, root, *OVERRIDES))
+    root, argv, cfg = trained_competition(tmp_path)
     old = engine.split_signature(cfg)
     assert old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == old for k in range(N_FOLDS))
     (cfg.run_dir / "fold0" / "result.json").unlink()  # fold 0 as if killed after its last checkpoint
@@ -168,8 +180,7 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     table.to_csv(root / "train.csv", index=False)
 
     caplog.set_level(logging.INFO)
-    for stage in (preprocess, folds, train):
-        assert stage.main(argv) == 0
+    retrain(argv)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("fold 0: last checkpoint was made on other folds") for m in messages), messages
     assert sum("was trained on other folds" in m for m in messages) == N_FOLDS - 1
@@ -177,6 +188,34 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     new = engine.split_signature(cfg)
     assert new != old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == new
                               for k in range(N_FOLDS))
+
+
+@pytest.mark.slow
+def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path, caplog):
+    """The models record the pixels they saw: touching every image (new mtimes, so preprocess decodes them
+    again) keeps every fold; one image replaced by another under its own name retrains every fold."""
+    root, argv, cfg = trained_competition(tmp_path)
+    old = engine.images_signature(cfg)
+    assert old and read_json(cfg.run_dir / "fold0" / "result.json")["images"] == old
+    decoded = read_json(cfg.run_dir / "preprocess.json")["train"]["signature"]
+    images = sorted((root / "train").iterdir())
+    later = time.time() + 10
+    for path in images:
+        os.utime(path, (later, later))
+
+    caplog.set_level(logging.INFO)
+    retrain(argv)
+    messages = [r.getMessage() for r in caplog.records]
+    assert read_json(cfg.run_dir / "preprocess.json")["train"]["signature"] != decoded  # decoded again
+    assert engine.images_signature(cfg) == old and not any(" epoch 1/2" in m for m in messages), messages
+
+    Image.open(images[1]).save(images[0])  # another image under the first one's name
+    caplog.clear()
+    retrain(argv)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("was trained on other images" in m for m in messages) == N_FOLDS, messages
+    assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
+    assert engine.images_signature(cfg) not in (None, old)
 
 
 @pytest.mark.slow

@@ -103,6 +103,15 @@ def open_array(path: str | Path, n: int, size: int) -> np.ndarray:
     return images
 
 
+def content_digest(images: np.ndarray, chunk: int = 1024) -> str:
+    """A hash of the decoded pixels themselves: unlike :func:`signature` (names, sizes, mtimes), it moves when an
+    image is replaced in place and stays when the data folder moves or a file is merely touched."""
+    h = hashlib.blake2b(repr((images.shape, str(images.dtype))).encode(), digest_size=20)
+    for start in range(0, len(images), chunk):
+        h.update(np.ascontiguousarray(images[start:start + chunk]).data)
+    return h.hexdigest()
+
+
 def load_split(run_dir: str | Path, split: str, manifest: Optional[dict] = None) -> tuple[np.ndarray, pd.DataFrame]:
     """The uint8 N×S×S×3 array (memory-mapped) and the index table (id, label, label_idx, …) of a split."""
     manifest = manifest or load_manifest(run_dir)
