@@ -6,6 +6,7 @@
 #   ./run.sh test [pytest args]                             the test suite
 #   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble results submit
 #   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
+#   ./run.sh compare RUN RUN[,SEED_RUN...] [--plain]        is the CV gap real? paired bootstrap and McNemar on OOF rows
 #   ./run.sh help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,7 +16,7 @@ VENV=${VENV:-.venv}   # another virtual environment: VENV=/path/to/venv ./run.sh
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 
@@ -58,6 +59,9 @@ case "$cmd" in
     stage_args "$@"
     "$PY" -m pipeline.preprocess "${ARGS[@]}"
     exec "$PY" -m pipeline.search "${ARGS[@]}" ;;
+  compare)
+    setup
+    exec "$PY" -m pipeline.compare "$@" ;;
   eda|preprocess|folds|train|infer|ensemble|results|submit|bench|augment)
     setup
     stage_args "$@"
