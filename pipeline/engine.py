@@ -35,7 +35,7 @@ from .losses import build_loss
 from .metrics import score
 from .models import count_parameters, create_model
 from .schedulers import Schedule, build_scheduler
-from .weights import normalization
+from .weights import normalization, start_digest
 from .whiten import freeze_whitening, init_whitening
 from .utils import (atomic_path, autocast, compute_settings, configure_backends, read_json, seed_everything,
                     write_json)
@@ -519,19 +519,23 @@ def images_signature(cfg: Config) -> Optional[str]:
 
 
 def trained_with(cfg: Config) -> dict:
-    """What a fold's model depends on, stored with it: the training settings, the folds it was split by and the
-    pixels it saw."""
-    return {"fingerprint": training_fingerprint(cfg), "folds": split_signature(cfg), "images": images_signature(cfg)}
+    """What a fold's model depends on, stored with it: the training settings, the folds it was split by, the
+    pixels it saw and the weights it started from."""
+    return {"fingerprint": training_fingerprint(cfg), "folds": split_signature(cfg), "images": images_signature(cfg),
+            "start_weights": start_digest(cfg.model)}
 
 
 def data_change(stored: dict, cfg: Config) -> Optional[str]:
     """What a stored model was trained on that the run no longer holds, or None. Other folds: a label fixed in
     train.csv or new fold settings remake ``folds.csv``, and a model trained on the old split would leak into the
-    new one's held-out rows. Other images: an image replaced in place. Models saved before either was recorded
+    new one's held-out rows. Other images: an image replaced in place. Other starting weights: ``model.weights``
+    replaced under the same name (a deleted one changes nothing). Models saved before any of these was recorded
     count as the same."""
-    for key, now, what in (("folds", split_signature, "other folds (labels or fold settings changed)"),
-                           ("images", images_signature, "other images (an image was replaced)")):
-        if stored.get(key) is not None and stored[key] != now(cfg):
+    for key, now, what in (("folds", split_signature(cfg), "other folds (labels or fold settings changed)"),
+                           ("images", images_signature(cfg), "other images (an image was replaced)"),
+                           ("start_weights", start_digest(cfg.model) or stored.get("start_weights"),
+                            "other starting weights (model.weights or the shipped file changed)")):
+        if stored.get(key) is not None and stored[key] != now:
             return what
     return None
 

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections import Counter
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -106,6 +107,26 @@ def weights_id(cfg: ModelConfig) -> str:
     with open(path, "rb") as f:
         digest = hashlib.sha1(f.read(1 << 20)).hexdigest()[:12]  # the first MiB and the size identify a file
     return f"{path.stem}-{path.stat().st_size}-{digest}"
+
+
+def start_digest(cfg: ModelConfig) -> Optional[str]:
+    """SHA-1 of the whole file a backbone starts from (``model.weights`` or the shipped weights), stored with
+    every trained fold: a checkpoint re-exported under the same name retrains. None without a file, or when
+    the file is gone: a trained model stays valid after its starting point is deleted."""
+    try:
+        path = pretrained_source(cfg)
+    except FileNotFoundError:
+        return None
+    if path is None:
+        return None
+    stat = path.resolve().stat()
+    return _file_sha1(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _file_sha1(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 # --------------------------------------------------------------------------- reading and mapping

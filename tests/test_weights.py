@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
 from pipeline.models import create_model
+from pipeline.utils import read_json
 from pipeline.weights import SHIPPED, WeightsError, load_pretrained, normalization, read_state
 
 MANIFEST = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
@@ -77,3 +78,28 @@ def test_model_weights_mismatch_names_the_keys(tmp_path):
         create_model(ModelConfig(name="resnet18", weights=str(tmp_path / "missing.pth")), num_classes=3)
     with pytest.raises(ValueError, match="compact model"):
         create_model(ModelConfig(name="airnet_tiny", weights=str(tmp_path / "bad.safetensors")), num_classes=3)
+
+
+def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_deleted_one_does_not(tmp_path, competition):
+    """model.weights re-exported at the same path is another starting point: every fold trained from the old one is
+    stale. Deleting the file after training leaves the trained folds valid (inference does not need it)."""
+    from pipeline import engine, folds, preprocess, train
+
+    from conftest import make_cfg
+
+    path = tmp_path / "start.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
+    cfg = make_cfg(tmp_path, competition, "model.name=test_efficientnet", f"model.weights={path}",
+                   "train.epochs=1", "train.folds=[0]")
+    for stage in (preprocess, folds, train):
+        stage.run(cfg)
+    first = read_json(cfg.run_dir / "fold0" / "result.json")["start_weights"]
+    assert first and engine.fold_done(cfg, 0) is not None
+
+    path.unlink()
+    assert engine.fold_done(cfg, 0) is not None
+    torch.manual_seed(1)
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))  # same name, size and layout
+    assert engine.data_change(read_json(cfg.run_dir / "fold0" / "result.json"), cfg).startswith("other starting")
+    assert engine.fold_done(cfg, 0) is None
