@@ -10,7 +10,7 @@ through the normal K-fold pipeline::
       - {type: InvertedResidualv2, repeats: 2, out: 24, kernel: 3, stride: 2, expansion: 4}
       - {type: InvertedResidualv3, repeats: 2, out: 40, kernel: 5, stride: 2, expansion: 3, se: true,
          act: hardswish}
-      - {type: ConvPool, repeats: 2, out: 64, kernel: 3, stride: 2}
+      - {type: ConvPool, repeats: 2, out: 64, kernel: 3, stride: 2, skip: true}
       - {type: Pass}
     pool: avg                  # the head's global pool: avg or max
     head: linear               # linear, or airnet: bias-free with logits × 1/9 (airnet_*'s head)
@@ -19,7 +19,8 @@ The head is fixed: global pool (``pool``), dropout (``model.drop_rate``), linear
 ``_efficientnet_blocks`` (ConvBnAct, DepthwiseSeparableConv, InvertedResidual with SqueezeExcite) and, for
 ConvPool, airbench's conv → max-pool → BN → GELU (the pool, not a strided conv, halves the resolution, so the
 conv sees every pixel; airnet_* are stacks of these). The first repeat of a block carries its stride, the others
-keep the resolution (and get timm's residual connection where timm's block has one).
+keep the resolution (and get timm's residual connection where timm's block has one; a ConvPool block's with
+``skip: true``, airbench96's identity around a group's later convs, free in parameters).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ DEFAULT_ACT = {"Conv": "relu", "DWConv": "relu", "InvertedResidualv2": "relu6", 
 POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
 # head → (logit scale, bias): airnet_*'s small bias-free head suits SGD at lr 0.1 (2 points on a 543k ConvPool net)
 HEADS = {"linear": (1.0, True), "airnet": (1 / 9, False)}
-_BLOCK_KEYS = {"type", "repeats", "out", "kernel", "stride", "expansion", "se", "act"}
+_BLOCK_KEYS = {"type", "repeats", "out", "kernel", "stride", "expansion", "se", "act", "skip"}
 _SPEC_KEYS = {"blocks", "width_multiplier", "depth_multiplier", "max_downsample", "pool", "head"}
 
 
@@ -80,6 +81,8 @@ def validate_spec(spec: Any) -> None:
             raise SpecError(f"{where}: 'out' and 'repeats' must be positive")
         if int(block.get("kernel", 3)) % 2 == 0 or int(block.get("stride", 1)) not in (1, 2):
             raise SpecError(f"{where}: 'kernel' must be odd and 'stride' 1 or 2")
+        if block.get("skip", False) not in (True, False) or (block.get("skip") and block["type"] != "ConvPool"):
+            raise SpecError(f"{where}: 'skip' is true or false, and only for ConvPool (timm's blocks have their own)")
     if spec.get("pool", "avg") not in POOLS:
         raise SpecError(f"model.spec.pool: must be one of {list(POOLS)}, got {spec['pool']!r}")
     if spec.get("head", "linear") not in HEADS:
@@ -106,12 +109,24 @@ class ConvPool(nn.Sequential):
                          nn.MaxPool2d(2) if stride == 2 else nn.Identity(), nn.BatchNorm2d(c_out), act_layer())
 
 
+class Residual(nn.Module):
+    """``x + fn(x)``: the identity around a ConvPool repeat that keeps the shape (airbench96's groups)."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(x)
+
+
 def make_block(block: dict, c_in: int, c_out: int, stride: int) -> nn.Module:
     """One repeat of a spec block as the matching timm block (ConvPool: :class:`ConvPool`)."""
     kind, kernel = block["type"], int(block.get("kernel", 3))
     act = get_act_layer(block.get("act") or DEFAULT_ACT[kind])
     if kind == "ConvPool":
-        return ConvPool(c_in, c_out, kernel, stride, act)
+        layer = ConvPool(c_in, c_out, kernel, stride, act)
+        return Residual(layer) if block.get("skip") and stride == 1 and c_in == c_out else layer
     se = partial(SqueezeExcite, rd_ratio=0.25, gate_layer="hard_sigmoid") if block.get("se") else None
     if kind == "Conv":
         return ConvBnAct(c_in, c_out, kernel, stride=stride, act_layer=act)

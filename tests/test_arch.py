@@ -103,7 +103,23 @@ def test_every_shipped_half_size_spec_is_half_airnet_small_and_states_its_size(p
     assert stated and int(stated.group(1).replace(",", "")) == count_parameters(net)
 
 
+def test_convpool_skip_adds_identities_free_in_parameters():
+    """skip: true puts an identity around every ConvPool repeat that keeps the shape, at no parameter cost."""
+    blocks = [{"type": "ConvPool", "repeats": 1, "out": 8, "kernel": 3, "stride": 1},
+              {"type": "ConvPool", "repeats": 3, "out": 16, "kernel": 3, "stride": 2}]
+    plain = SpecNet({"blocks": blocks}, num_classes=4)
+    skips = SpecNet({"blocks": [blocks[0], {**blocks[1], "skip": True}]}, num_classes=4)
+    assert [type(m).__name__ for m in skips.features] == ["ConvPool", "ConvPool", "Residual", "Residual"]
+    assert count_parameters(skips) == count_parameters(plain)
+    skips.load_state_dict(dict(zip(skips.state_dict(), plain.state_dict().values())))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        inner = plain.features[:2](x)
+        assert torch.allclose(skips.features[:3](x), inner + plain.features[2](inner), atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, message", [
+    ({"blocks": [{"type": "Conv", "out": 8, "skip": True}]}, "only for ConvPool"),
     ({"blocks": [{"type": "Conv", "out": 8}], "pool": "mean"}, "pool: must be one of"),
     ({"blocks": [{"type": "Conv", "out": 8}], "head": "mlp"}, "head: must be one of"),
     ({"blocks": [{"type": "Pass"}, {"type": "Conv", "out": 8}]}, "first block cannot be Pass"),
