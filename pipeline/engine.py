@@ -558,7 +558,8 @@ def fold_done(cfg: Config, fold: Optional[int]) -> Optional[dict]:
         return None
     change = data_change(result, cfg)
     if change:
-        log.info("%s was trained on %s: it is trained again", "the refit" if fold is None else f"fold {fold}", change)
+        log.info("%s was trained on %s: stale until the train stage trains it again",
+                 "the refit" if fold is None else f"fold {fold}", change)
         return None
     return result if same_training(result.get("fingerprint"), cfg) else None
 
