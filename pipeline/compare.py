@@ -2,11 +2,12 @@
 
 ``python -m pipeline.compare runs/A runs/B,runs/B-seed7 ...`` scores every model on the same OOF rows (each run's
 ``oof_tta.csv``, else ``oof.csv``; ``--plain`` takes ``oof.csv``; a CSV path is read as it is). A model given as
-several runs joined by commas (seeds of one recipe) scores the mean of its runs, row by row. Each model after the
-first is compared with the first: the accuracy difference with a paired bootstrap 95% interval over rows (the
-rows resampled together, so what both get right or wrong cancels), and for two single runs McNemar's exact test
-on the rows only one of them gets right. Two seeds of one model differ by about half a point on 10,000 rows:
-a gap inside the interval is noise, whatever the leaderboard of means says.
+several runs joined by commas (seeds of one recipe) scores the mean of its runs. Each model after the first is
+compared with the first: the difference in ``--metric`` (accuracy, macro_f1 or log_loss) with a paired bootstrap
+95% interval over rows (every model scored on the same resamples, so what both get right or wrong cancels), and
+for accuracy between two single runs McNemar's exact test on the rows only one of them gets right. Two seeds of
+one model differ by about half a point on 10,000 rows: a gap inside the interval is noise, whatever the
+leaderboard of means says.
 """
 from __future__ import annotations
 
@@ -43,75 +44,127 @@ def oof_table(path: str | Path, plain: bool = False) -> pd.DataFrame:
     return table.set_index("id").sort_index()
 
 
-def correct(table: pd.DataFrame) -> pd.Series:
-    """1.0 where the OOF arg-max is the label, per id."""
-    probs = table.drop(columns=[c for c in ("label", "fold") if c in table.columns])
-    return pd.Series(probs.to_numpy().argmax(1) == probs.columns.get_indexer(table["label"]), index=table.index,
-                     dtype=float)
+METRICS = ("accuracy", "macro_f1", "log_loss")
 
 
-def model_rows(runs: Sequence[str], plain: bool) -> tuple[pd.Series, pd.Series]:
-    """A model's per-row correctness (the mean over its runs) and its labels; its runs must hold the same rows."""
+def row_stats(table: pd.DataFrame, classes: list[str]) -> dict[str, np.ndarray]:
+    """What every metric needs, per row: right or not, the negative log-probability of the label, and one-hot
+    predicted and true classes (float32, for weighted sums over bootstrap resamples)."""
+    probs = table[classes].to_numpy(dtype=np.float64)
+    label = pd.Index(classes).get_indexer(table["label"])
+    pred = probs.argmax(1)
+    eye = np.eye(len(classes), dtype=np.float32)
+    label_p = np.where(label >= 0, probs[np.arange(len(probs)), np.maximum(label, 0)], 0.0)
+    return {"correct": (pred == label).astype(np.float32), "nll": -np.log(np.clip(label_p, 1e-15, 1.0)),
+            "pred": eye[pred], "true": np.where(label[:, None] >= 0, eye[np.maximum(label, 0)], 0.0)}
+
+
+def weighted_metric(metric: str, rows: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """``metric`` under each row of ``weights`` (resample counts per OOF row; all ones: the plain score)."""
+    total = weights.sum(1)
+    if metric == "accuracy":
+        return weights @ rows["correct"] / total
+    if metric == "log_loss":
+        return weights @ rows["nll"] / total
+    tp, pred, true = weights @ (rows["pred"] * rows["true"]), weights @ rows["pred"], weights @ rows["true"]
+    both = pred + true  # macro-F1 over the classes true or predicted in the resample, as scikit-learn's
+    f1 = np.divide(2 * tp, both, out=np.zeros_like(both), where=both > 0)
+    return f1.sum(1) / np.maximum((both > 0).sum(1), 1)
+
+
+def resample_weights(n: int, n_boot: int, seed: int, chunk: int = 200):
+    """Bootstrap resamples of ``n`` rows as count matrices (chunk × n), ``n_boot`` in all."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        picks = rng.integers(0, n, (m, n)) + n * np.arange(m)[:, None]
+        yield np.bincount(picks.ravel(), minlength=m * n).reshape(m, n).astype(np.float32)
+
+
+def model_tables(runs: Sequence[str], plain: bool) -> list[pd.DataFrame]:
+    """A model's OOF tables, one per run (seed); its runs must hold the same rows and labels."""
     tables = [oof_table(run, plain) for run in runs]
     for table in tables[1:]:
         if not table.index.equals(tables[0].index) or not table["label"].equals(tables[0]["label"]):
             raise ValueError(f"{table.attrs['source']} and {tables[0].attrs['source']} hold other rows or labels: "
                              "seeds of one model must be scored on the same OOF rows")
-    return pd.concat([correct(t) for t in tables], axis=1).mean(axis=1), tables[0]["label"]
+    return tables
 
 
-def paired_interval(diff: np.ndarray, n_boot: int, seed: int, chunk: int = 500) -> tuple[float, float]:
-    """The 95% percentile interval of the mean of ``diff`` over bootstrap resamples of its rows."""
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([diff[rng.integers(0, len(diff), (min(chunk, n_boot - i), len(diff)))].mean(1)
-                            for i in range(0, n_boot, chunk)])
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def compare(models: Sequence[Sequence[str]], plain: bool = False, n_boot: int = 10000, seed: int = 0) -> dict:
-    """Every model's OOF accuracy (with its own bootstrap interval) and each later model against the first on
-    the rows they share."""
-    scored = [model_rows(runs, plain) for runs in models]
-    shared = scored[0][0].index
-    for rows, _ in scored[1:]:
-        shared = shared.intersection(rows.index)
+def shared_rows(models: Sequence[Sequence[str]], tables: list[list[pd.DataFrame]]) -> pd.Index:
+    """The ids every model predicted, refused when two models label them differently or score other classes."""
+    shared = tables[0][0].index
+    for model in tables[1:]:
+        shared = shared.intersection(model[0].index)
     if len(shared) == 0:
         raise ValueError("the models share no out-of-fold row")
-    for (_, labels), runs in zip(scored[1:], models[1:]):
-        if not labels.reindex(shared).equals(scored[0][1].reindex(shared)):
+    first = tables[0][0]
+    for model, runs in zip(tables[1:], models[1:]):
+        if not model[0]["label"].reindex(shared).equals(first["label"].reindex(shared)):
             raise ValueError(f"{','.join(runs)} labels rows differently from {','.join(models[0])}: not the same "
                              "competition (or a label was fixed: compare runs trained on the same train.csv)")
-    base = scored[0][0].reindex(shared).to_numpy()
-    report = {"rows": int(len(shared)), "oof": "plain" if plain else "tta (else plain)", "models": []}
-    for k, ((rows, _), runs) in enumerate(zip(scored, models)):
-        acc = rows.reindex(shared).to_numpy()
-        entry = {"model": ",".join(runs), "runs": len(runs), "accuracy": float(acc.mean()),
-                 "ci95": paired_interval(acc, n_boot, seed)}
+        if set(model[0].columns) != set(first.columns):
+            raise ValueError(f"{','.join(runs)} scores other classes than {','.join(models[0])}")
+    return shared
+
+
+def compare(models: Sequence[Sequence[str]], plain: bool = False, n_boot: int = 10000, seed: int = 0,
+            metric: str = "accuracy") -> dict:
+    """Every model's OOF ``metric`` (the mean over its runs, with a bootstrap interval) and each later model
+    against the first on the rows they share, every model scored on the same resamples."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {list(METRICS)}")
+    tables = [model_tables(runs, plain) for runs in models]
+    shared = shared_rows(models, tables)
+    classes = [c for c in tables[0][0].columns if c not in ("label", "fold")]
+    stats = [[row_stats(t.loc[shared], classes) for t in model] for model in tables]
+
+    def value(k: int, weights: np.ndarray) -> np.ndarray:
+        return np.mean([weighted_metric(metric, rows, weights) for rows in stats[k]], axis=0)
+
+    boots = [np.concatenate(parts) for parts in zip(*[[value(k, w) for k in range(len(models))]
+                                                      for w in resample_weights(len(shared), n_boot, seed)])]
+    ones = np.ones((1, len(shared)), dtype=np.float32)
+    report = {"rows": int(len(shared)), "metric": metric, "oof": "plain" if plain else "tta (else plain)",
+              "models": []}
+    for k, runs in enumerate(models):
+        entry = {"model": ",".join(runs), "runs": len(runs), metric: float(value(k, ones)[0]),
+                 "ci95": interval(boots[k])}
         if k:
-            diff = acc - base
-            entry["vs_first"] = {"difference": float(diff.mean()), "ci95": paired_interval(diff, n_boot, seed)}
-            if len(runs) == 1 and len(models[0]) == 1:
-                only_this, only_first = int((diff > 0).sum()), int((diff < 0).sum())
-                entry["vs_first"].update(only_this_right=only_this, only_first_right=only_first,
-                                         mcnemar_p=binomtest(only_this, only_this + only_first).pvalue
-                                         if only_this + only_first else 1.0)
+            entry["vs_first"] = {"difference": entry[metric] - report["models"][0][metric],
+                                 "ci95": interval(boots[k] - boots[0])}
+            if metric == "accuracy" and len(runs) == 1 and len(models[0]) == 1:
+                entry["vs_first"].update(mcnemar(stats[0][0]["correct"], stats[k][0]["correct"]))
         report["models"].append(entry)
     return report
 
 
+def interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mcnemar(first: np.ndarray, this: np.ndarray) -> dict:
+    """McNemar's exact test on the rows exactly one of two single runs gets right."""
+    only_this, only_first = int((this > first).sum()), int((this < first).sum())
+    p = binomtest(only_this, only_this + only_first).pvalue if only_this + only_first else 1.0
+    return {"only_this_right": only_this, "only_first_right": only_first, "mcnemar_p": float(p)}
+
+
 def lines(report: dict) -> list[str]:
-    """The report as a short table, one line per model."""
-    out = [f"{report['rows']} shared OOF rows ({report['oof']}); 95% intervals: bootstrap over rows"]
+    """The report as a short table, one line per model (differences in points, log loss as it is)."""
+    metric = report["metric"]
+    scale, unit, digits = (1, "", 4) if metric == "log_loss" else (100, " points", 2)
+    out = [f"{report['rows']} shared OOF rows ({report['oof']}), {metric}; 95% intervals: bootstrap over rows"]
     for m in report["models"]:
-        line = f"{m['model']}: accuracy {m['accuracy']:.4f} [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]"
+        line = f"{m['model']}: {metric} {m[metric]:.4f} [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]"
         if "vs_first" in m:
             v = m["vs_first"]
-            line += f"; vs the first {100 * v['difference']:+.2f} points [{100 * v['ci95'][0]:+.2f}, " \
-                    f"{100 * v['ci95'][1]:+.2f}]"
+            line += (f"; vs the first {scale * v['difference']:+.{digits}f}{unit} [{scale * v['ci95'][0]:+.{digits}f}, "
+                     f"{scale * v['ci95'][1]:+.{digits}f}]")
             if "mcnemar_p" in v:
-                line += f", McNemar p {v['mcnemar_p']:.3g} ({v['only_this_right']} rows only it gets right, " \
-                        f"{v['only_first_right']} only the first)"
+                line += (f", McNemar p {v['mcnemar_p']:.3g} ({v['only_this_right']} rows only it gets right, "
+                         f"{v['only_first_right']} only the first)")
         out.append(line)
     return out
 
@@ -124,11 +177,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plain", action="store_true", help="oof.csv (without TTA) instead of oof_tta.csv")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metric", choices=METRICS, default="accuracy")
     parser.add_argument("--out", help="also write the report as JSON here")
     args = parser.parse_args(argv)
     if len(args.models) < 2:
         parser.error("give at least two models to compare")
-    report = compare([m.split(",") for m in args.models], args.plain, args.bootstrap, args.seed)
+    report = compare([m.split(",") for m in args.models], args.plain, args.bootstrap, args.seed, args.metric)
     if args.out:
         write_json(Path(args.out), report)
     print("\n".join(lines(report)))

@@ -81,3 +81,27 @@ def test_other_rows_or_labels_are_refused_naming_the_runs(tmp_path):
         compare.compare([[str(a), str(relabelled)]])
     with pytest.raises(FileNotFoundError, match="no oof_tta.csv or oof.csv"):
         compare.compare([[str(a)], [str(tmp_path)]])
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "log_loss"])
+def test_other_metrics_are_scikit_learns(tmp_path, metric):
+    """macro-F1 and log loss from the resample weights equal scikit-learn's on the plain rows; the difference of a
+    model with itself is exactly zero on every resample."""
+    from sklearn.metrics import f1_score, log_loss
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(3), N)
+    labels = rng.integers(0, 3, N)
+    labels[:5] = 0  # every class present
+    table = pd.DataFrame(probs, columns=CLASSES).assign(id=[f"{i:05d}" for i in range(N)],
+                                                        label=np.array(CLASSES)[labels], fold=0)
+    path = tmp_path / "oof.csv"
+    table.to_csv(path, index=False)
+    report = compare.compare([[str(path)], [str(path)]], n_boot=400, metric=metric)
+    want = (f1_score(labels, probs.argmax(1), average="macro") if metric == "macro_f1"
+            else log_loss(labels, probs, labels=[0, 1, 2]))
+    first, same = report["models"]
+    assert first[metric] == pytest.approx(want, abs=1e-5) and first["ci95"][0] < want < first["ci95"][1]
+    assert same["vs_first"] == {"difference": 0.0, "ci95": (0.0, 0.0)}
+    with pytest.raises(ValueError, match="not one of"):
+        compare.compare([[str(path)]], metric="auc")
