@@ -122,8 +122,8 @@ def compare(models: Sequence[Sequence[str]], plain: bool = False, n_boot: int = 
     def value(k: int, weights: np.ndarray) -> np.ndarray:
         return np.mean([weighted_metric(metric, rows, weights) for rows in stats[k]], axis=0)
 
-    boots = [np.concatenate(parts) for parts in zip(*[[value(k, w) for k in range(len(models))]
-                                                      for w in resample_weights(len(shared), n_boot, seed)])]
+    chunks = [[value(k, w) for k in range(len(models))] for w in resample_weights(len(shared), n_boot, seed)]
+    boots = [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(models))]  # per model, per resample
     ones = np.ones((1, len(shared)), dtype=np.float32)
     report = {"rows": int(len(shared)), "metric": metric, "oof": "plain" if plain else "tta (else plain)",
               "models": []}
@@ -140,6 +140,7 @@ def compare(models: Sequence[Sequence[str]], plain: bool = False, n_boot: int = 
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap values."""
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
