@@ -12,7 +12,6 @@ leaderboard of means says.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -20,18 +19,18 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
-from .utils import setup_logging, write_json
+from .utils import OOF_TABLES, run_oof, setup_logging, write_json
 
 
 def oof_table(path: str | Path, plain: bool = False) -> pd.DataFrame:
     """A run's OOF table (id, label, fold, one probability column per class): its TTA one unless ``plain``."""
     path = Path(path)
     if path.is_dir():
-        names = ["oof.csv"] if plain else ["oof_tta.csv", "oof.csv"]
-        found = [path / n for n in names if (path / n).is_file()]
-        if not found:
+        found = run_oof(path, plain)
+        if found is None:
+            names = OOF_TABLES[1:] if plain else OOF_TABLES
             raise FileNotFoundError(f"{path}: no {' or '.join(names)} (train and infer the run first)")
-        path = found[0]
+        path = found
     table = pd.read_csv(path, dtype={"id": str, "label": str})
     missing = {"id", "label"} - set(table.columns)
     if missing:

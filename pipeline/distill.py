@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
+from .utils import run_oof
 
 
 def teacher_table(cfg: Config) -> Optional[Path]:
@@ -32,9 +33,8 @@ def teacher_table(cfg: Config) -> Optional[Path]:
         path = Path(cfg.runs_dir) / cfg.train.teacher
     if path.is_file():
         return path
-    for name in ("oof_tta.csv", "oof.csv"):
-        if (path / name).is_file():
-            return path / name
+    if (table := run_oof(path)) is not None:
+        return table
     if Path(cfg.train.teacher).suffix == ".csv":
         raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no such file (run the teacher's ensemble first)")
     raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no OOF table (oof_tta.csv, oof.csv) in {path}: "

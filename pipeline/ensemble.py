@@ -44,7 +44,7 @@ from .config import Config, EnsembleConfig, load_config
 from .data.cache import load_manifest
 from .metrics import metric_loss, score
 from .registry import Registry
-from .utils import write_csv, write_json
+from .utils import run_oof, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
     if not fold_files:
         raise FileNotFoundError(f"ensemble member {run_dir} has no fold*/test.npy: run its infer stage")
     ids = pd.read_csv(run_dir / manifest["test"]["index"], dtype={"id": str})["id"].to_numpy()
-    oof_path = next((p for p in (run_dir / "oof_tta.csv", run_dir / "oof.csv") if p.is_file()), None)
+    oof_path = run_oof(run_dir)
     return {"dir": run_dir, "name": run_dir.name, "classes": manifest["classes"], "ids": ids,
             "folds": [np.load(p) for p in fold_files], "oof": oof_path}
 

@@ -64,6 +64,15 @@ def write_csv(path: str | Path, frame: "pd.DataFrame") -> None:  # noqa: F821
         frame.to_csv(tmp, index=False)
 
 
+OOF_TABLES = ("oof_tta.csv", "oof.csv")  # a run folder's out-of-fold table: with TTA when infer scored it, else plain
+
+
+def run_oof(run_dir: str | Path, plain: bool = False) -> "Path | None":
+    """A run folder's OOF table (``oof_tta.csv``, else ``oof.csv``; ``oof.csv`` only when ``plain``), None without."""
+    names = OOF_TABLES[1:] if plain else OOF_TABLES
+    return next((Path(run_dir) / n for n in names if (Path(run_dir) / n).is_file()), None)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

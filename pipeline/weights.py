@@ -119,8 +119,9 @@ def start_digest(cfg: ModelConfig) -> Optional[str]:
         return None
     if path is None:
         return None
-    stat = path.resolve().stat()
-    return _file_sha1(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    path = path.resolve()
+    stat = path.stat()
+    return _file_sha1(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=8)
