@@ -483,17 +483,20 @@ def training_fingerprint(cfg: Config) -> str:
     return yaml.safe_dump(keep, sort_keys=True)
 
 
-def same_training(stored: Optional[str], cfg: Config) -> bool:
+def same_training(stored: Optional[str], cfg: Config, weights_by_content: bool = False) -> bool:
     """True when a stored fingerprint describes the same training as ``cfg``.
 
     A key the stored fingerprint lacks (added to the config after that fold was trained) counts as the same
     when ``cfg`` leaves it at its default: a new option's default keeps the old behaviour, so adding one must
-    not retrain every finished experiment."""
+    not retrain every finished experiment. With ``weights_by_content`` (the model recorded its starting file's
+    digest, checked by :func:`data_change`) ``model.weights``' path may differ: a moved file is the same start."""
     if stored is None:
         return False
     current = yaml.safe_load(training_fingerprint(cfg))
     default = yaml.safe_load(training_fingerprint(Config()))
     old = yaml.safe_load(stored)
+    if weights_by_content and old.get("model", {}).get("weights") and current["model"]["weights"]:
+        old["model"]["weights"] = current["model"]["weights"]
     for section, values in current.items():
         if isinstance(values, dict) and isinstance(old.get(section), dict):
             for key in set(values) - set(old[section]):
@@ -554,14 +557,16 @@ def fold_done(cfg: Config, fold: Optional[int]) -> Optional[dict]:
     try:
         result = read_json(path)
     except (OSError, ValueError):
-        log.warning("%s: %s is damaged: the model is trained again", "refit" if fold is None else f"fold {fold}", path)
+        log.warning("%s: %s is damaged: stale until the train stage trains it again",
+                    "refit" if fold is None else f"fold {fold}", path)
         return None
     change = data_change(result, cfg)
     if change:
         log.info("%s was trained on %s: stale until the train stage trains it again",
                  "the refit" if fold is None else f"fold {fold}", change)
         return None
-    return result if same_training(result.get("fingerprint"), cfg) else None
+    by_content = result.get("start_weights") is not None
+    return result if same_training(result.get("fingerprint"), cfg, weights_by_content=by_content) else None
 
 
 def counted_folds(cfg: Config, fold_of: np.ndarray) -> list[int]:

@@ -2,6 +2,8 @@
 mismatches, and the normalisation statistics of pretrained backbones."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import timm
 import torch
@@ -80,9 +82,11 @@ def test_model_weights_mismatch_names_the_keys(tmp_path):
         create_model(ModelConfig(name="airnet_tiny", weights=str(tmp_path / "bad.safetensors")), num_classes=3)
 
 
-def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_deleted_one_does_not(tmp_path, competition):
+def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_deleted_one_does_not(tmp_path,
+                                                                                                   competition):
     """model.weights re-exported at the same path is another starting point: every fold trained from the old one is
-    stale. Deleting the file after training leaves the trained folds valid (inference does not need it)."""
+    stale. Moving the file (the same bytes under another name) or deleting it after training leaves the trained
+    folds valid (inference does not need it)."""
     from pipeline import engine, folds, preprocess, train
 
     from conftest import make_cfg
@@ -96,6 +100,13 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_deleted_on
         stage.run(cfg)
     first = read_json(cfg.run_dir / "fold0" / "result.json")["start_weights"]
     assert first and engine.fold_done(cfg, 0) is not None
+
+    moved = tmp_path / "moved" / "start.safetensors"
+    moved.parent.mkdir()
+    path.rename(moved)
+    assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=str(moved))), 0) is not None
+    assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=None)), 0) is None
+    moved.rename(path)
 
     path.unlink()
     assert engine.fold_done(cfg, 0) is not None
