@@ -345,7 +345,8 @@ class FoldRun:
             log.warning("%s: %s is damaged (%s: %s); starting the fold over", self.name, state_path,
                         type(err).__name__, err)
             return
-        if not same_training(state.get("fingerprint"), self.cfg):
+        if not same_training(state.get("fingerprint"), self.cfg,
+                             weights_by_content=state.get("start_weights") is not None):
             log.warning("%s: last checkpoint was made with other training settings; starting over", self.name)
             return
         change = data_change(state, self.cfg)

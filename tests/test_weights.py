@@ -2,6 +2,7 @@
 mismatches, and the normalisation statistics of pretrained backbones."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -83,7 +84,7 @@ def test_model_weights_mismatch_names_the_keys(tmp_path):
 
 
 def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_deleted_one_does_not(tmp_path,
-                                                                                                   competition):
+                                                                                                   competition, caplog):
     """model.weights re-exported at the same path is another starting point: every fold trained from the old one is
     stale. Moving the file (the same bytes under another name) or deleting it after training leaves the trained
     folds valid (inference does not need it)."""
@@ -106,6 +107,10 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     path.rename(moved)
     assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=str(moved))), 0) is not None
     assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=None)), 0) is None
+    (cfg.run_dir / "fold0" / "result.json").unlink()  # as if killed after its last checkpoint: it resumes
+    with caplog.at_level(logging.INFO, logger="pipeline.engine"):
+        train.run(replace(cfg, model=replace(cfg.model, weights=str(moved))))
+    assert "fold 0: resuming after epoch 1" in caplog.text and "starting over" not in caplog.text
     moved.rename(path)
 
     path.unlink()
