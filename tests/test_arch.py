@@ -73,7 +73,7 @@ def test_airnet_head_makes_the_spec_net_airnet_tiny_exactly():
 
 
 
-@pytest.mark.parametrize("config", ["cifar10-search-545k.yaml", "cifar10-search-545k-air.yaml"])
+@pytest.mark.parametrize("config", ["experiments/cifar10-search-545k-air.yaml"])
 def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
     """The half-size studies' seed designs: within their bounds, sampleable by their space, rebuilt exactly."""
     from pipeline.search_space import arch_spec, spec_params
@@ -90,7 +90,7 @@ def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
         assert count_parameters(SpecNet(rebuilt, num_classes=10)) == count_parameters(net)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "specs").glob("airnet_half_*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments" / "specs").glob("airnet_half_*.yaml")),
                          ids=lambda path: path.stem)
 def test_every_shipped_half_size_spec_is_half_airnet_small_and_states_its_size(path):
     """Each half-size design (the search's seeds and the hand-made rivals the README reports) builds, fits the
