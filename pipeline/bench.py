@@ -10,7 +10,7 @@
 * ``train_img_s``: the same steps fed by the train stage's own loader (cache read, augmentation policy,
   collation) and mixer; ``train_ratio`` = train / floor (≥ 0.9: the pipeline does not starve training);
 * ``tta_floor_img_s``: forward passes on an in-memory batch at ``infer.batch_size``; ``tta_img_s``:
-  view-images per second of :func:`pipeline.tta.predict_tta` over the cached test set, i.e. test images/s ×
+  view-images per second of :func:`pipeline.evaluation.tta.predict_tta` over the cached test set, i.e. test images/s ×
   the number of views (``tta_test_img_s`` is test images/s); ``tta_ratio`` = tta / floor;
 * ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does;
 * ``augment``: images/s of the configured policy on ``train.batch_size × 4`` cached images per call, per
@@ -22,7 +22,7 @@
 
 ``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``).
 
-Training and inference call the train stage's building blocks (loader, :class:`~pipeline.engine.TrainStep`,
+Training and inference call the train stage's building blocks (loader, :class:`~pipeline.training.engine.TrainStep`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run.
 """
 from __future__ import annotations
@@ -38,12 +38,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import augment
-from .config import Config
+from pipeline import augment
+from pipeline.core.config import Config
 from .data.cache import load_manifest, load_split
-from .runs import training_slot
-from .tta import configured_views
-from .utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision, seed_everything,
+from pipeline.rundir import training_slot
+from pipeline.evaluation.tta import configured_views
+from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision, seed_everything,
                     write_json)
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ def timed(fn: Callable[[], int], warmup: int, repeats: int) -> float:
 def build_step(cfg: Config, num_classes: int, labels: np.ndarray, manifest: dict, device: torch.device,
                dtype: Optional[torch.dtype], channels_last: bool, mixer: Optional[Callable] = None):
     """A fresh model wrapped in the train stage's :class:`TrainStep` (no LR schedule: throughput only)."""
-    from .losses import build_loss
-    from .models import create_model
-    from .engine import TrainStep, build_optimizer
+    from pipeline.training.losses import build_loss
+    from pipeline.models.factory import create_model
+    from pipeline.training.engine import TrainStep, build_optimizer
 
     model = create_model(cfg.model, num_classes).to(device)
     if channels_last:
@@ -111,7 +111,7 @@ def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[t
 def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                    channels_last: bool, batches: int) -> float:
     """Training images/s fed by the train stage's loader (``data.loader``), policy and mixer."""
-    from .engine import make_fold_loader
+    from pipeline.training.engine import make_fold_loader
 
     n_classes, labels = data["num_classes"], data["labels"]
     mixer = augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed)
@@ -195,7 +195,7 @@ def gpu_busy(fn: Callable[[], float], device: torch.device, every: float = 0.05)
 
 
 def eval_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    from .models import create_model
+    from pipeline.models.factory import create_model
 
     model = create_model(cfg.model, num_classes).to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -222,7 +222,7 @@ def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[tor
 def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                  channels_last: bool, batches: int) -> float:
     """View-images/s of the inference stage's TTA prediction over (a slice of) the cached test set."""
-    from .tta import predict_tta
+    from pipeline.evaluation.tta import predict_tta
 
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     views = configured_views(cfg.infer)
@@ -372,7 +372,7 @@ def _round(value: Optional[float]) -> Optional[float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import build_parser, stage_main
+    from pipeline.cli import build_parser, stage_main
 
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")

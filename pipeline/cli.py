@@ -9,9 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import runs
-from .config import Config, ConfigError, load_config
-from .utils import setup_logging
+from pipeline import rundir
+from pipeline.core.config import Config, ConfigError, load_config
+from pipeline.core.utils import setup_logging
 
 log = logging.getLogger("pipeline")
 
@@ -53,11 +53,11 @@ def run_stage(run: Callable[[Config], Any], cfg: Config, exclusive: bool = True)
     """Run one stage on ``cfg`` and turn expected errors into a one-line message: (0, result) or (1, None).
 
     The run folder is checked to hold this config's data and, when ``exclusive`` (every stage but the search,
-    whose workers share one study), locked against a second process (:func:`pipeline.runs.claim`)."""
-    from .data.contract import DataError
+    whose workers share one study), locked against a second process (:func:`pipeline.rundir.claim`)."""
+    from pipeline.data.contract import DataError
 
     try:
-        with logging_redirect_tqdm(), runs.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
+        with logging_redirect_tqdm(), rundir.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
             return 0, run(cfg)
     except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
         return _failed(run, err), None

@@ -22,7 +22,7 @@ A member trained with ``train.refit`` adds its refit model's test probabilities 
 fold models (``ensemble.refit_weight`` of the member's share) or instead of them (``ensemble.refit: instead``);
 the OOF scores and fitted weights remain the fold models' (the refit model has no held-out rows).
 ``ensemble.calibrate: temperature`` then re-tempers the combination's probabilities with one scalar fitted on the
-honest OOF log loss (:mod:`pipeline.calibration`); the OOF is re-scored with each fold's T fitted on the others.
+honest OOF log loss (:mod:`pipeline.evaluation.calibration`); the OOF is re-scored with each fold's T fitted on the others.
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
-from .calibration import temperature_report, with_temperature
-from .cli import stage_main
-from .config import Config, EnsembleConfig, load_config
+from pipeline.evaluation.calibration import temperature_report, with_temperature
+from pipeline.cli import stage_main
+from pipeline.core.config import Config, EnsembleConfig, load_config
 from .data.cache import load_manifest
-from .metrics import metric_loss, score
-from .registry import Registry
-from .utils import run_oof, write_csv, write_json
+from pipeline.evaluation.metrics import metric_loss, score
+from pipeline.core.registry import Registry
+from pipeline.core.utils import run_oof, write_csv, write_json
 
 log = logging.getLogger(__name__)
 

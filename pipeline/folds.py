@@ -16,10 +16,10 @@ from scipy.sparse import bmat, coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from .cli import stage_main
-from .config import Config
+from pipeline.cli import stage_main
+from pipeline.core.config import Config
 from .data.cache import load_split, read_folds
-from .utils import read_json, write_csv, write_json
+from pipeline.core.utils import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .cli import build_parser, config_path, run_stage
-from .config import Config, ConfigError, load_config, with_values
-from .utils import setup_logging
+from pipeline.cli import build_parser, config_path, run_stage
+from pipeline.core.config import Config, ConfigError, load_config, with_values
+from pipeline.core.utils import setup_logging
 
 log = logging.getLogger(__name__)
 

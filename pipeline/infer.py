@@ -6,7 +6,7 @@
 ``oof_tta`` entry of ``cv.json``), so the TTA gain is measured, not assumed. With ``infer.tta: auto`` the
 views are chosen on the OOF: every candidate of ``infer.tta_candidates`` predicts the held-out folds
 (``fold<k>/oof_views.npy``), then views are added greedily from identity while the OOF ``infer.tta_metric``
-improves (:func:`pipeline.tta.select_views`); ``cv.json``'s ``tta_auto`` shows each view's effect and the steps.
+improves (:func:`pipeline.evaluation.tta.select_views`); ``cv.json``'s ``tta_auto`` shows each view's effect and the steps.
 With ``train.refit`` the refit model (trained on every row) predicts the test set too (``refit/test.npy``, same
 views); ``test_probs.csv`` stays the folds' mean, the ensemble stage combines the two (``ensemble.refit``).
 """
@@ -22,22 +22,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import stage_main
-from .config import Config
+from pipeline.cli import stage_main
+from pipeline.core.config import Config
 from .data.cache import load_manifest, load_split, read_folds
-from .models import create_model
-from .engine import collect_oof, counted_folds, cv_report, fold_done, load_weights, model_dir, weights_intact
-from . import features
-from .runs import training_slot
-from .tta import predict_tta, select_views
-from .weights import normalization
-from .utils import atomic_path, compute_settings, read_json, resolve_device, write_csv, write_json
+from pipeline.models.factory import create_model
+from pipeline.training.engine import collect_oof, counted_folds, cv_report, fold_done, load_weights, model_dir, weights_intact
+from pipeline.training import features
+from pipeline.rundir import training_slot
+from pipeline.evaluation.tta import predict_tta, select_views
+from pipeline.models.weights import normalization
+from pipeline.core.utils import atomic_path, compute_settings, read_json, resolve_device, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 
 def trained_folds(cfg: Config) -> list[int]:
-    """The folds that count (:func:`pipeline.engine.counted_folds`: in ``folds.csv`` and ``train.folds``,
+    """The folds that count (:func:`pipeline.training.engine.counted_folds`: in ``folds.csv`` and ``train.folds``,
     finished with the current training settings) and have a best checkpoint."""
     fold_of = read_folds(cfg.run_dir, load_split(cfg.run_dir, "train")[1])["fold"].to_numpy()
     folds = [f for f in counted_folds(cfg, fold_of) if (cfg.run_dir / f"fold{f}" / "best.safetensors").is_file()]

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .cli import stage_main
-from .config import Config, to_yaml
+from pipeline.cli import stage_main
+from pipeline.core.config import Config, to_yaml
 from .data.cache import (MANIFEST, cache_path, cache_side, content_digest, decode, load_manifest, manifest_digest,
                          open_array, signature)
 from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
-from .runs import check_data
-from .utils import atomic_path, write_csv, write_json, write_text
+from pipeline.rundir import check_data
+from pipeline.core.utils import atomic_path, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from .cli import stage_main
-from .config import Config
+from pipeline.cli import stage_main
+from pipeline.core.config import Config
 from .data.cache import gather, load_manifest, load_split
-from .figures import confusion_figure, reliability_figure, thumbs_figure
-from .metrics import score
-from .utils import read_json, write_json, write_text
-from .webpage import esc, figure, page, png_base64, section, table
+from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
+from pipeline.evaluation.metrics import score
+from pipeline.core.utils import read_json, write_json, write_text
+from pipeline.report.webpage import esc, figure, page, png_base64, section, table
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import stage_main
-from .config import Config
+from pipeline.cli import stage_main
+from pipeline.core.config import Config
 from .data.cache import load_manifest
 
 log = logging.getLogger(__name__)

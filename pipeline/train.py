@@ -10,7 +10,7 @@ the other folds and scores the held-out one, keeping
 * TensorBoard scalars under ``runs/<experiment>/tb/fold<k>`` (``tensorboard --logdir runs``),
 
 then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and overall). With
-``train.teacher`` the targets mix a teacher's out-of-fold probabilities with the labels (pipeline.distill).
+``train.teacher`` the targets mix a teacher's out-of-fold probabilities with the labels (pipeline.training.distill).
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from typing import Optional
 
 import torch
 
-from . import distributed
-from .cli import stage_main
-from .config import Config, to_yaml
+from pipeline.training import distributed
+from pipeline.cli import stage_main
+from pipeline.core.config import Config, to_yaml
 from .data.cache import load_manifest, load_split, read_folds
-from .distill import distill_targets, teacher_probs, teacher_table
-from .features import fit_folds
-from .engine import FoldRun, collect_oof, cv_report, fold_done, model_dir, weights_intact
-from .runs import training_slot
-from .utils import compute_settings, read_json, resolve_device, write_csv, write_json, write_text
+from pipeline.training.distill import distill_targets, teacher_probs, teacher_table
+from pipeline.training.features import fit_folds
+from pipeline.training.engine import FoldRun, collect_oof, cv_report, fold_done, model_dir, weights_intact
+from pipeline.rundir import training_slot
+from pipeline.core.utils import compute_settings, read_json, resolve_device, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 

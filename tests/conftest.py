@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import engine
+from pipeline.training import engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -94,7 +94,7 @@ def config_overrides(tmp_path: Path, root: Optional[Path], *overrides: str) -> l
 
 def make_cfg(tmp_path: Path, root: Optional[Path], *overrides: str):
     """A Config from configs/default.yaml whose outputs (runs, cache, submissions, reports) are in tmp_path."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     return load_config(DEFAULT_CONFIG, config_overrides(tmp_path, root, *overrides))
 

@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from pipeline import folds, infer, preprocess, train
-from pipeline.arch import SpecError, SpecNet, count_macs, cpu_latency_ms, load_spec
-from pipeline.config import load_config
-from pipeline.models import count_parameters, create_model
-from pipeline.utils import read_json
+from pipeline.models.arch import SpecError, SpecNet, count_macs, cpu_latency_ms, load_spec
+from pipeline.core.config import load_config
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, stage_argv
 
@@ -76,7 +76,7 @@ def test_airnet_head_makes_the_spec_net_airnet_tiny_exactly():
 @pytest.mark.parametrize("config", ["experiments/cifar10-search-545k-air.yaml"])
 def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
     """The half-size studies' seed designs: within their bounds, sampleable by their space, rebuilt exactly."""
-    from pipeline.search_space import arch_spec, spec_params
+    from pipeline.search.space import arch_spec, spec_params
 
     cfg = load_config(REPO / "configs" / config)
     for path in cfg.search.seed_specs:
@@ -152,7 +152,7 @@ def test_a_spec_file_trains_and_infers_through_the_pipeline(tmp_path, shared_com
 def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
     """A fold's fingerprint holds the architecture a spec file describes, not the file's name: a trained fold
     is reused after the file moves, and retrained after its contents change."""
-    from pipeline import engine
+    from pipeline.training import engine
 
     def fingerprint(spec):
         return engine.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,

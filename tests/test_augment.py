@@ -11,7 +11,7 @@ import torch
 from pipeline import augment
 from pipeline.augment import (POLICIES, RANDAUGMENT_OPS, Mixer, build_mixer, build_policy, preview_grid,
                               randaugment_ops, resize_batch, size_at_epoch)
-from pipeline.config import AugmentConfig, ConfigError, from_dict
+from pipeline.core.config import AugmentConfig, ConfigError, from_dict
 
 SIZE = 32
 MAGNITUDE_FREE = {"Invert", "Equalize", "AutoContrast"}

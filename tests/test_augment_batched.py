@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import rng as rngs
+from pipeline.core import rng as rngs
 from pipeline.augment import (BATCHED_OPS, RANDAUGMENT_OPS, BatchAugment, BatchedRandAugment, build_op,
                               build_policy, randaugment_ops)
 from pipeline.augment.batched import alternate_flip_mask, cutout, hflip, pad_crop
-from pipeline.config import AugmentConfig, ConfigError, from_dict
+from pipeline.core.config import AugmentConfig, ConfigError, from_dict
 from test_augment import IMAGES, SIZE, mean_abs_diff
 
 GEOMETRIC = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline import bench
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.data.demo import build
-from pipeline.utils import compute_settings
+from pipeline.core.utils import compute_settings
 
 KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
         "preprocess_img_s", "model", "batch_size", "threads", "device", "floors", "best_floor"]

@@ -11,8 +11,8 @@ import pytest
 from scipy.special import softmax
 
 from pipeline import ensemble
-from pipeline.calibration import fit_temperature, nested_temperature, with_temperature
-from pipeline.metrics import calibration_error, metric_loss
+from pipeline.evaluation.calibration import fit_temperature, nested_temperature, with_temperature
+from pipeline.evaluation.metrics import calibration_error, metric_loss
 
 from conftest import make_cfg
 from test_ensemble import CLASSES, fake_run, oof_table, random_probs

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline import compare
-from pipeline.utils import read_json
+from pipeline.core.utils import read_json
 
 CLASSES = ["ant", "bee", "cat"]
 N = 600

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
+from pipeline.core.config import Config, ConfigError, from_dict, load_config, parse_override, to_dict, to_yaml
 
 from conftest import REPO
 

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import engine, folds, preprocess, train
+from pipeline.training import engine
+from pipeline import folds, preprocess, train
 from pipeline.augment import BatchAugment
-from pipeline.config import AugmentConfig, from_dict
+from pipeline.core.config import AugmentConfig, from_dict
 from pipeline.data.device import DeviceLoader
 
 from conftest import make_cfg
@@ -100,7 +101,7 @@ def test_folds_too_large_for_the_device_stream_from_host_memory_instead():
 
 
 def test_deterministic_mode_sets_torch_and_cudnn_and_benchmark_mode_undoes_it():
-    from pipeline.utils import configure_backends
+    from pipeline.core.utils import configure_backends
 
     try:
         configure_backends(True)

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import distill, engine, folds, preprocess, train
-from pipeline.config import load_config
+from pipeline.training import distill, engine
+from pipeline import folds, preprocess, train
+from pipeline.core.config import load_config
 from pipeline.data.cache import load_manifest, load_split
 
 from conftest import DEFAULT_CONFIG, config_overrides, stage_argv

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from pipeline import distributed, folds, preprocess, train
+from pipeline.training import distributed
+from pipeline import folds, preprocess, train
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import engine, ensemble, folds, infer, preprocess, submit, train
-from pipeline.config import Config, load_config
-from pipeline.utils import read_json
+from pipeline.training import engine
+from pipeline import ensemble, folds, infer, preprocess, submit, train
+from pipeline.core.config import Config, load_config
+from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline import eda
-from pipeline.config import from_dict
+from pipeline.core.config import from_dict
 from pipeline.eda.dups import near_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -175,7 +175,7 @@ def synthetic_oof(n: int = 600, c: int = 4, seed: int = 0, n_folds: int = 5):
 
 
 def ens_cfg(**values):
-    from pipeline.config import EnsembleConfig
+    from pipeline.core.config import EnsembleConfig
 
     return EnsembleConfig(**values)
 
@@ -188,7 +188,7 @@ def test_hill_climb_gives_a_useless_member_weight_zero(metric):
     assert weights[2] == 0.0 and weights[0] > 0 and weights[1] > 0
     combined = fitted.predict(probs)
     # better than either informative member alone, on the metric it climbed
-    from pipeline.metrics import metric_loss
+    from pipeline.evaluation.metrics import metric_loss
     assert metric_loss(metric, labels, combined) < min(metric_loss(metric, labels, p) for p in probs[:2])
 
 
@@ -212,14 +212,14 @@ def test_stack_learns_to_ignore_a_useless_member_and_fixes_calibration():
     combined = fitted.predict(probs)
     np.testing.assert_allclose(combined.sum(1), 1.0, rtol=1e-6)
     average = ensemble.soft_vote(probs[:2], np.ones(2))
-    from pipeline.metrics import metric_loss
+    from pipeline.evaluation.metrics import metric_loss
     assert metric_loss("log_loss", labels, combined) < metric_loss("log_loss", labels, average)
 
 
 @pytest.mark.parametrize("method", ["hill_climb", "stack"])
 def test_nested_score_is_not_above_the_in_sample_one(method):
     """Weights fitted on the rows they score flatter the ensemble; fitted on the other folds they cannot."""
-    from pipeline.metrics import metric_loss
+    from pipeline.evaluation.metrics import metric_loss
 
     cfg = ens_cfg(method=method)
     differs = []
@@ -253,7 +253,7 @@ def test_run_fits_on_the_oof_and_reports_honest_scores(tmp_path, method):
     assert sum(report["member_weights"].values()) == pytest.approx(1.0)
     honest = pd.read_csv(cfg.run_dir / "ensemble_oof.csv", dtype={"id": str})
     assert list(honest.columns) == ["id", "label", "fold"] + CLASSES and len(honest) == 300
-    from pipeline.metrics import score
+    from pipeline.evaluation.metrics import score
     assert score(labels, honest[CLASSES].to_numpy())["accuracy"] == pytest.approx(report["oof"]["accuracy"])
 
 

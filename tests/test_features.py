@@ -9,7 +9,7 @@ import timm
 from safetensors.torch import save_file
 
 from pipeline import ensemble, folds, infer, preprocess, submit, train
-from pipeline.utils import read_json
+from pipeline.core.utils import read_json
 
 from conftest import fold_run, make_cfg
 

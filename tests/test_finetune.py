@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import engine, finetune, folds, preprocess, train
-from pipeline.models import create_model
-from pipeline.utils import read_json
+from pipeline.training import engine, finetune
+from pipeline import folds, preprocess, train
+from pipeline.models.factory import create_model
+from pipeline.core.utils import read_json
 
 from conftest import fold_run, make_cfg
 
@@ -29,7 +30,7 @@ def test_freeze_then_unfreeze(tmp_path, competition):
 
 
 def test_backbone_lr_mult_and_frozen_batch_norm():
-    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.core.config import ModelConfig, TrainConfig
 
     model = create_model(ModelConfig(name="airnet_tiny"), 3)
     cfg = TrainConfig(lr=0.1, backbone_lr_mult=0.1, bn="frozen", scheduler="onecycle", epochs=2)
@@ -38,7 +39,7 @@ def test_backbone_lr_mult_and_frozen_batch_norm():
     for group in optimizer.param_groups:
         is_head = any(id(p) in head_ids for p in group["params"])
         assert group["lr"] == pytest.approx(0.1 if is_head else 0.01)
-    from pipeline.schedulers import build_scheduler
+    from pipeline.training.schedulers import build_scheduler
 
     build_scheduler(cfg, optimizer, 5)  # one-cycle keeps each group's own peak
     assert sorted({round(g["max_lr"], 6) for g in optimizer.param_groups}) == [0.01, 0.1]

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline import full
-from pipeline.config import ConfigError
-from pipeline.utils import read_json
+from pipeline.core.config import ConfigError
+from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, config_overrides
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import engine, folds, preprocess
-from pipeline.config import TrainConfig
+from pipeline.training import engine
+from pipeline import folds, preprocess
+from pipeline.core.config import TrainConfig
 from pipeline.data.cache import load_split
-from pipeline.engine import build_optimizer
-from pipeline.schedulers import build_scheduler
+from pipeline.training.engine import build_optimizer
+from pipeline.training.schedulers import build_scheduler
 
 from conftest import KeepEpochOne, make_cfg
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainConfig
-from pipeline.losses import LOSSES, SoftCrossEntropy, build_loss, class_weights, soft_targets
+from pipeline.core.config import TrainConfig
+from pipeline.training.losses import LOSSES, SoftCrossEntropy, build_loss, class_weights, soft_targets
 
 torch.manual_seed(0)
 LOGITS = torch.randn(16, 4) * 3

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.metrics import score
+from pipeline.evaluation.metrics import score
 
 
 def test_score_values():

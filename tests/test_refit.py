@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import engine, ensemble, folds, infer, preprocess, train
-from pipeline.config import ConfigError, with_values
+from pipeline.training import engine
+from pipeline import ensemble, folds, infer, preprocess, train
+from pipeline.core.config import ConfigError, with_values
 from pipeline.data.cache import load_split
-from pipeline.utils import read_json
+from pipeline.core.utils import read_json
 
 from conftest import KeepEpochOne, make_cfg, trained_run
 

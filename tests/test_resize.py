@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import preprocess
 from pipeline.data.cache import PAD_FILL, cache_side, decode, load_split
-from pipeline.engine import iter_batches
+from pipeline.training.engine import iter_batches
 
 from conftest import make_cfg
 

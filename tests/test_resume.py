@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import engine, folds, preprocess, train
+from pipeline.training import engine
+from pipeline import folds, preprocess, train
 from pipeline.data.cache import load_split
 
 from conftest import REPO, KeepEpochOne, config_overrides, make_cfg
@@ -28,8 +29,9 @@ STEPS_PER_EPOCH = 24 // 8  # fold 0 trains on 24 of the 36 images, in batches of
 SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from pipeline import engine, train
-from pipeline.config import load_config
+from pipeline.training import engine
+from pipeline import train
+from pipeline.core.config import load_config
 
 kill_at, marker = int(os.environ["KILL_AT"]), os.environ["MARKER"]
 original, calls = engine.TrainStep.__call__, [0]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import runs, train
-from pipeline.utils import read_json
+from pipeline import rundir
+from pipeline import train
+from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
 
@@ -84,7 +85,7 @@ def test_a_stage_without_config_and_a_busy_run_folder(tmp_path):
     """``--set`` first (no CONFIG) reaches the stage as overrides; the run folder's lock refuses a 2nd process."""
     root = make_competition(tmp_path / "comp")
     sets = [a for text in config_overrides(tmp_path, root, "experiment=busy") for a in ("--set", text)]
-    with runs.run_lock(tmp_path / "runs" / "busy", "train"):
+    with rundir.run_lock(tmp_path / "runs" / "busy", "train"):
         done = run_sh(tmp_path, "preprocess", *sets)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"{tmp_path / 'runs' / 'busy'} is in use by another pipeline process (pid {os.getpid()}, train" in done.stderr

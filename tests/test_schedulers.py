@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.schedulers import build_scheduler
+from pipeline.core.config import TrainConfig
+from pipeline.training.schedulers import build_scheduler
 
 
 def make(**kwargs):

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import preprocess, search
-from pipeline.arch import SpecNet, downsampling, load_spec
-from pipeline.config import ConfigError, load_config, with_values
-from pipeline.models import count_parameters, create_model
-from pipeline.search_space import spec_params, suggest, trial_config
-from pipeline.utils import read_json
+from pipeline import preprocess
+from pipeline.search import study as search
+from pipeline.models.arch import SpecNet, downsampling, load_spec
+from pipeline.core.config import ConfigError, load_config, with_values
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.search.space import spec_params, suggest, trial_config
+from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg
 
@@ -117,7 +118,7 @@ def test_rerank_retrains_the_proxys_best_and_picks_by_the_full_fidelity_score(tm
 
 
 def test_top_pick_prefers_the_rerank_score_where_there_is_one():
-    from pipeline.search_report import top_pick
+    from pipeline.search.report import top_pick
 
     by_proxy = pd.DataFrame({"number": [3, 1, 2], "accuracy": [0.6, 0.5, 0.4], "params": [900, 500, 100]})
     assert top_pick(by_proxy, "accuracy")["number"] == 3
@@ -125,7 +126,7 @@ def test_top_pick_prefers_the_rerank_score_where_there_is_one():
     assert top_pick(by_proxy, "accuracy")["number"] == 1
 
 def test_every_rule_judges_by_the_rerank_score_where_there_is_one(tmp_path):
-    from pipeline.search_report import best_trials, rerank_candidates
+    from pipeline.search.report import best_trials, rerank_candidates
 
     cfg = make_cfg(tmp_path, None, "search.rerank_top=1", "search.best_within=0.05",
                      "search.best_floor=0.5")

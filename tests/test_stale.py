@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import folds, infer, preprocess, runs, train
-from pipeline.utils import read_json
+from pipeline import folds, infer, preprocess, train
+from pipeline import rundir
+from pipeline.core.utils import read_json
 
 from conftest import make_cfg, make_competition, stage_argv, trained_run
 
@@ -85,7 +86,7 @@ def test_a_run_folder_refuses_another_dataset(trained, capsys):
 
 def test_a_second_process_on_the_run_folder_refuses(trained, capsys):
     tmp, root, cfg = trained
-    with runs.run_lock(cfg.run_dir, "train"):  # another open file description: flock refuses it as it would
+    with rundir.run_lock(cfg.run_dir, "train"):  # another open file description: flock refuses it as it would
         assert folds.main(stage_argv(tmp, root, *OVERRIDES)) == 1  # another process
     err = capsys.readouterr().err
     assert f"{cfg.run_dir} is in use by another pipeline process (pid {os.getpid()}, train since" in err

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline import augment
-from pipeline.config import from_dict
-from pipeline.engine import make_train_loader
+from pipeline.core.config import from_dict
+from pipeline.training.engine import make_train_loader
 
 
 def _setup(n: int, batch_size: int, policy: str = "none"):

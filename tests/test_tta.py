@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.tta import VIEWS, get_view, predict_tta
+from pipeline.evaluation.tta import VIEWS, get_view, predict_tta
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -120,7 +120,7 @@ def test_predict_tta_needs_a_view():
 
 
 def test_select_views_keeps_views_that_help_and_drops_one_that_hurts():
-    from pipeline.tta import select_views
+    from pipeline.evaluation.tta import select_views
 
     rng = np.random.default_rng(0)
     n, c = 2000, 5
@@ -151,7 +151,7 @@ def test_infer_auto_chooses_views_on_the_oof(tmp_path, shared_competition):
     import json
 
     from pipeline import folds, infer, preprocess, train
-    from pipeline.utils import read_json
+    from pipeline.core.utils import read_json
 
     from conftest import stage_argv
 

@@ -10,10 +10,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import ModelConfig
-from pipeline.models import create_model
-from pipeline.utils import read_json
-from pipeline.weights import SHIPPED, WeightsError, load_pretrained, normalization, read_state
+from pipeline.core.config import ModelConfig
+from pipeline.models.factory import create_model
+from pipeline.core.utils import read_json
+from pipeline.models.weights import SHIPPED, WeightsError, load_pretrained, normalization, read_state
 
 MANIFEST = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
 
@@ -88,7 +88,8 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     """model.weights re-exported at the same path is another starting point: every fold trained from the old one is
     stale. Moving the file (the same bytes under another name) or deleting it after training leaves the trained
     folds valid (inference does not need it)."""
-    from pipeline import engine, folds, preprocess, train
+    from pipeline.training import engine
+    from pipeline import folds, preprocess, train
 
     from conftest import make_cfg
 
@@ -108,7 +109,7 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=str(moved))), 0) is not None
     assert engine.fold_done(replace(cfg, model=replace(cfg.model, weights=None)), 0) is None
     (cfg.run_dir / "fold0" / "result.json").unlink()  # as if killed after its last checkpoint: it resumes
-    with caplog.at_level(logging.INFO, logger="pipeline.engine"):
+    with caplog.at_level(logging.INFO, logger="pipeline.training.engine"):
         train.run(replace(cfg, model=replace(cfg.model, weights=str(moved))))
     assert "fold 0: resuming after epoch 1" in caplog.text and "starting over" not in caplog.text
     moved.rename(path)

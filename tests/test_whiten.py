@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import engine, folds, preprocess, search
-from pipeline.config import ModelConfig, TrainConfig, with_values
+from pipeline.training import engine
+from pipeline import folds, preprocess
+from pipeline.search import study as search
+from pipeline.core.config import ModelConfig, TrainConfig, with_values
 from pipeline.data.cache import load_split
-from pipeline.engine import FoldRun, build_optimizer, load_weights
-from pipeline.models import create_model
-from pipeline.weights import normalization
-from pipeline.whiten import first_conv, patch_covariance, whiten_conv
+from pipeline.training.engine import FoldRun, build_optimizer, load_weights
+from pipeline.models.factory import create_model
+from pipeline.models.weights import normalization
+from pipeline.models.whiten import first_conv, patch_covariance, whiten_conv
 
 from conftest import KeepEpochOne, make_cfg, trained_run
 

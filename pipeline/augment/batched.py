@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import AugmentConfig
+from pipeline.core.config import AugmentConfig
 from .policies import FILL
 from .randaugment import randaugment_ops
 

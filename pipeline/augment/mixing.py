@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import AugmentConfig
+from pipeline.core.config import AugmentConfig
 
 
 class Mixer:

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import AugmentConfig
-from ..registry import Registry
+from pipeline.core.config import AugmentConfig
+from pipeline.core.registry import Registry
 
 FILL = 128  # grey: what geometric ops and Cutout leave behind
 POLICIES: Registry[Callable[[AugmentConfig, int], Any]] = Registry("augment policy")

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import AugmentConfig, Config
+from pipeline.core.config import AugmentConfig, Config
 from .mixing import build_mixer
 from .policies import build_policy
 
@@ -66,7 +66,7 @@ def run(cfg: Config, out: Optional[str | Path] = None, n: int = 32) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import build_parser, stage_main
+    from pipeline.cli import build_parser, stage_main
 
     parser = build_parser("Preview the augmentation policy on training images from the cache.")
     parser.add_argument("--preview", action="store_true", help="write a PNG grid of augmented samples")

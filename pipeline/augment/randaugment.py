@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional
 import albumentations as A
 import numpy as np
 
-from .. import rng as rngs
-from ..config import AugmentConfig
+from pipeline.core import rng as rngs
+from pipeline.core.config import AugmentConfig
 from .policies import FILL, POLICIES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import AugmentConfig
+from pipeline.core.config import AugmentConfig
 
 
 def size_at_epoch(cfg: AugmentConfig, epoch: int, default: int) -> int:

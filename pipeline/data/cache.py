@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from ..utils import read_json
+from pipeline.core.utils import read_json
 
 MANIFEST = "preprocess.json"
 

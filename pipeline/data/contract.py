@@ -20,7 +20,7 @@ from typing import Optional
 
 import pandas as pd
 
-from ..config import DataConfig
+from pipeline.core.config import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -21,7 +21,7 @@ class ImageDataset(Dataset):
                  transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
         self.images = images
         self.indices = np.asarray(indices, dtype=np.int64)
-        # class indices (N,), or soft targets (N, C) such as a teacher's (see pipeline.distill)
+        # class indices (N,), or soft targets (N, C) such as a teacher's (see pipeline.training.distill)
         self.labels = None if labels is None else np.asarray(labels)
         if self.labels is not None:
             self.labels = self.labels.astype(np.float32 if self.labels.ndim == 2 else np.int64)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..utils import setup_logging, write_csv
+from pipeline.core.utils import setup_logging, write_csv
 
 log = logging.getLogger(__name__)
 

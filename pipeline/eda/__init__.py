@@ -23,10 +23,10 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from ..config import Config
+from pipeline.core.config import Config
 from ..data.contract import Competition, load_competition
-from ..utils import read_json, write_csv, write_json, write_text
-from . import dups, plots, sections, stats, suggest
+from pipeline.core.utils import read_json, write_csv, write_json, write_text
+from pipeline.eda import dups, plots, sections, stats, suggest
 from .report import page
 from .scan import default_workers, scan_paths
 
@@ -219,7 +219,7 @@ def run(cfg: Config, force: bool = False) -> EdaResult:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import build_parser, stage_main
+    from pipeline.cli import build_parser, stage_main
 
     parser = build_parser(__doc__.splitlines()[0])
     parser.prog = "python -m pipeline.eda"

@@ -11,8 +11,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from ..figures import mosaic_figure
-from ..webpage import png_base64
+from pipeline.report.figures import mosaic_figure
+from pipeline.report.webpage import png_base64
 from .scan import rgb01
 
 log = logging.getLogger(__name__)

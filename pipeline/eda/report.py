@@ -1,12 +1,12 @@
 """The self-contained EDA page: headings, tables of figures and base64 PNG plots, no scripts, no links out.
 
 :func:`render` turns the ``eda.json`` dict plus the figure images into one HTML string; the page pieces are
-shared with the results report (:mod:`pipeline.webpage`).
+shared with the results report (:mod:`pipeline.report.webpage`).
 """
 from __future__ import annotations
 
-from .. import webpage
-from ..webpage import CSS, esc, figure, fmt, section, table  # noqa: F401 - the EDA sections' building blocks
+from pipeline.report import webpage
+from pipeline.report.webpage import CSS, esc, figure, fmt, section, table  # noqa: F401 - the EDA sections' building blocks
 
 HTML_ROWS = 25  # listed rows per table in the page; eda.json and the CSV keep more, the counts are exact
 

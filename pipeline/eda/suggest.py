@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..config import Config
+from pipeline.core.config import Config
 
 PRETRAINED_SIZES = (224, 256, 288, 320, 384, 448, 512)
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .config import Config, ConfigError
-from .utils import read_json, write_json
+from pipeline.core.config import Config, ConfigError
+from pipeline.core.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def check_data(cfg: Config, stamp_it: bool = False) -> None:
 @contextlib.contextmanager
 def claim(cfg: Config, what: str, exclusive: bool = True) -> Iterator[None]:
     """The run folder for one stage: checked to hold this data and (``exclusive``) locked against other
-    processes. Under torchrun only rank 0 locks it: the other ranks are the same stage (pipeline.distributed)."""
+    processes. Under torchrun only rank 0 locks it: the other ranks are the same stage (pipeline.training.distributed)."""
     exclusive = exclusive and int(os.environ.get("RANK", "0")) == 0
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.run_dir, what) if exclusive else contextlib.nullcontext():

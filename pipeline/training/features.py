@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config
-from .data.dataset import to_float
-from .models import create_model
-from .registry import Registry
-from .tta import get_view
-from .utils import atomic_path, autocast, compute_settings, write_json
-from .weights import is_pretrained, normalization, weights_id
+from pipeline.core.config import Config
+from pipeline.data.dataset import to_float
+from pipeline.models.factory import create_model
+from pipeline.core.registry import Registry
+from pipeline.evaluation.tta import get_view
+from pipeline.core.utils import atomic_path, autocast, compute_settings, write_json
+from pipeline.models.weights import is_pretrained, normalization, weights_id
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def train_views(cfg: Config) -> list[str]:
 def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
               manifest: dict, device: torch.device) -> int:
     """Fit the head of every wanted fold not already done with these settings; return how many were fitted."""
-    from .engine import fold_done
+    from pipeline.training.engine import fold_done
 
     todo = [f for f in wanted if not fold_done(cfg, f)]
     if todo:
@@ -75,7 +75,7 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
 @torch.no_grad()
 def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
            device: torch.device, desc: str) -> list[np.ndarray]:
-    from .engine import iter_batches  # the engine imports the model stack; keep this module light to import
+    from pipeline.training.engine import iter_batches  # the engine imports the model stack; keep this module light to import
 
     dtype = compute_settings(cfg, device)[0]
     fns = [get_view(v) for v in views]
@@ -92,7 +92,7 @@ def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, 
 
 def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
     """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached."""
-    from .data.cache import load_split
+    from pipeline.data.cache import load_split
 
     paths = {v: features_path(cfg, manifest, split, v) for v in views}
     missing = [v for v, p in paths.items() if not p.is_file()]
@@ -189,8 +189,8 @@ def head_probs(head: nn.Module, feats: list[np.ndarray]) -> np.ndarray:
 def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.DataFrame, folds: pd.DataFrame,
              classes: list[str]) -> dict:
     """Fit the head on the other folds (every view), score the fold (identity view), save like a checkpoint."""
-    from .engine import save_checkpoint, trained_with
-    from .metrics import score
+    from pipeline.training.engine import save_checkpoint, trained_with
+    from pipeline.evaluation.metrics import score
 
     start = time.perf_counter()
     labels = index["label_idx"].to_numpy()
@@ -220,7 +220,7 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
 def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.ndarray, views: list[str],
                  device: torch.device) -> np.ndarray:
     """A fold head's probabilities for ``rows`` of ``split``, averaged over the TTA ``views``."""
-    from .engine import load_weights
+    from pipeline.training.engine import load_weights
 
     feats = embeddings(cfg, manifest, split, views, device)
     dim = next(iter(feats.values())).shape[1]

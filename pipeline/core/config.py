@@ -151,11 +151,11 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    loss: str = "ce"  # see pipeline.losses.LOSSES
+    loss: str = "ce"  # see pipeline.training.losses.LOSSES
     label_smoothing: float = 0.1
     focal_gamma: float = 2.0
     class_weights: Optional[Union[Literal["balanced"], list[float]]] = None
-    scheduler: str = "cosine"  # see pipeline.schedulers.SCHEDULERS
+    scheduler: str = "cosine"  # see pipeline.training.schedulers.SCHEDULERS
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     plateau_patience: int = 2
@@ -196,12 +196,12 @@ class TrainConfig:
     lookahead_k: int = 0
     lookahead_alpha: float = 0.5
     bn: Literal["train", "frozen"] = "train"  # frozen: batch norm keeps pretrained statistics (tiny batches)
-    head: str = "logreg"  # features mode: see pipeline.features.HEADS
+    head: str = "logreg"  # features mode: see pipeline.training.features.HEADS
     head_c: float = 1.0  # logreg: inverse L2 strength on standardised features
     head_hidden: int = 256  # mlp: hidden units
     head_steps: int = 300  # mlp: full-batch AdamW steps
     # distillation: a teacher's OOF probabilities (a run folder, an experiment name, or an OOF CSV such as an
-    # ensemble's ensemble_oof.csv) mixed with the hard labels, see pipeline.distill
+    # ensemble's ensemble_oof.csv) mixed with the hard labels, see pipeline.training.distill
     teacher: Optional[str] = None
     distill_alpha: float = 0.5  # weight of the teacher's probabilities in the targets (1 - alpha: the label)
     distill_temperature: float = 1.0  # > 1 softens the teacher's probabilities
@@ -306,7 +306,7 @@ class SearchConfig:
     n_trials: Optional[int] = 40  # finished trials the study stops at (all workers together); None: no cap
     timeout: Optional[float] = None  # seconds this worker searches (the study time limit)
     trial_timeout: Optional[float] = None  # seconds a trial trains; then it stops and is scored as it is
-    sampler: str = "nsga2"  # see pipeline.search.SAMPLERS: nsga2, motpe, random, tpe, cmaes
+    sampler: str = "nsga2"  # see pipeline.search.study.SAMPLERS: nsga2, motpe, random, tpe, cmaes
     pruner: str = "median"  # single objective: none, median, hyperband (per-epoch validation scores)
     seed: int = 0
     worker: int = 0  # this worker's index: its sampler is seeded with seed + worker (workers sharing a study)

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .metrics import reliability
+from pipeline.evaluation.metrics import reliability
 
 
 def confusion_figure(cm: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix") -> Figure:

@@ -1,10 +1,10 @@
 """Models by name: compact CNNs registered here, or any timm model.
 
 ``create_model(cfg.model, num_classes)`` looks the name up in :data:`MODELS` first (small nets built for
-low-resolution images such as CIFAR), builds ``model.spec`` (an architecture spec, :mod:`pipeline.arch`, as
+low-resolution images such as CIFAR), builds ``model.spec`` (an architecture spec, :mod:`pipeline.models.arch`, as
 the search stage exports) when ``name`` is ``spec``, and otherwise asks ``timm.create_model``.
 Pretrained weights are only used when ``model.pretrained`` is true or ``model.weights`` names a file: shipped
-weights (``pipeline.weights.SHIPPED``, e.g. efficientnet_lite0) and local files load offline; other timm models
+weights (``pipeline.models.weights.SHIPPED``, e.g. efficientnet_lite0) and local files load offline; other timm models
 are fetched, and offline that fails with a message saying how to get them (``python -m pipeline.models
 --download NAME`` on a connected machine).
 """
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .arch import HEADS, SpecNet
-from .config import ModelConfig
-from .registry import Registry
-from .utils import setup_logging
-from .weights import load_pretrained, pretrained_source
+from pipeline.models.arch import HEADS, SpecNet
+from pipeline.core.config import ModelConfig
+from pipeline.core.registry import Registry
+from pipeline.core.utils import setup_logging
+from pipeline.models.weights import load_pretrained, pretrained_source
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .config import Config
-from .utils import run_oof
+from pipeline.core.config import Config
+from pipeline.core.utils import run_oof
 
 
 def teacher_table(cfg: Config) -> Optional[Path]:

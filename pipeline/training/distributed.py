@@ -6,7 +6,7 @@ CUDA, so N GPUs train N folds at once), writing its folds' files to the run fold
 After a barrier, rank 0 collects the out-of-fold table and the CV report. A fold's weights depend only on
 the config and the fold (every stream is seeded by ``seed + fold``), so the result is the one process's.
 Without torchrun (``WORLD_SIZE`` unset or 1) nothing changes. Only rank 0 locks the run folder
-(:func:`pipeline.runs.claim`); the other stages run as usual, in one process.
+(:func:`pipeline.rundir.claim`); the other stages run as usual, in one process.
 """
 from __future__ import annotations
 

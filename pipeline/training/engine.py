@@ -23,21 +23,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import augment, finetune
-from . import rng as rngs
-from .arch import load_spec
-from .config import Config, TrainConfig, to_dict
-from .data.cache import MANIFEST
-from .data.dataset import ImageDataset, center_crop, gather, to_float
-from .data.device import DeviceLoader, fits_on_device
-from .distill import teacher_signature
-from .losses import build_loss
-from .metrics import score
-from .models import count_parameters, create_model
-from .schedulers import Schedule, build_scheduler
-from .weights import normalization, start_digest
-from .whiten import freeze_whitening, init_whitening
-from .utils import (atomic_path, autocast, compute_settings, configure_backends, read_json, seed_everything,
+from pipeline import augment
+from pipeline.training import finetune
+from pipeline.core import rng as rngs
+from pipeline.models.arch import load_spec
+from pipeline.core.config import Config, TrainConfig, to_dict
+from pipeline.data.cache import MANIFEST
+from pipeline.data.dataset import ImageDataset, center_crop, gather, to_float
+from pipeline.data.device import DeviceLoader, fits_on_device
+from pipeline.training.distill import teacher_signature
+from pipeline.training.losses import build_loss
+from pipeline.evaluation.metrics import score
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.training.schedulers import Schedule, build_scheduler
+from pipeline.models.weights import normalization, start_digest
+from pipeline.models.whiten import freeze_whitening, init_whitening
+from pipeline.core.utils import (atomic_path, autocast, compute_settings, configure_backends, read_json, seed_everything,
                     write_json)
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, size: Op
 def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
                    dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512,
                    size: Optional[int] = None) -> torch.Tensor:
-    """Logits (float32, CPU) for ``rows`` of the cache, centre ``size`` (TTA views: :func:`pipeline.tta.predict_tta`)."""
+    """Logits (float32, CPU) for ``rows`` of the cache, centre ``size`` (TTA views: :func:`pipeline.evaluation.tta.predict_tta`)."""
     model.eval()
     out = []
     for batch in iter_batches(images, rows, batch_size, size):
@@ -371,7 +372,7 @@ class FoldRun:
         log.info("%s: resuming after epoch %d (%s)", self.name, self.epoch, kept)
 
     def random_state(self) -> dict:
-        """Every random stream training draws from (see :mod:`pipeline.rng`)."""
+        """Every random stream training draws from (see :mod:`pipeline.core.rng`)."""
         return {"global": rngs.global_state(), "loader": rngs.generator_state(self.loader.generator),
                 "policy": rngs.collect(self.policy), "mixer": rngs.collect(self.step.mixer)}
 
@@ -457,7 +458,7 @@ def log_confusion(writer, labels: np.ndarray, probs: np.ndarray, classes: list[s
     """The fold's confusion matrix (of the kept OOF predictions) as a TensorBoard image."""
     from sklearn.metrics import confusion_matrix
 
-    from .figures import confusion_figure, figure_array
+    from pipeline.report.figures import confusion_figure, figure_array
 
     cm = confusion_matrix(labels, probs.argmax(1), labels=np.arange(len(classes)))
     writer.add_image("confusion_matrix", figure_array(confusion_figure(cm, classes)), step, dataformats="HWC")

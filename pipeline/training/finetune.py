@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import Config, TrainConfig
+from pipeline.core.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def linear_probe_head(cfg: Config, model: nn.Module, manifest: dict, train_rows:
                       device: torch.device) -> None:
     """Set the classifier of ``model`` to a logistic regression fitted on the frozen features of ``train_rows``
     (every TTA view, as the features mode does; embeddings cached and shared with it). Held-out rows unused."""
-    from . import features
+    from pipeline.training import features
 
     head = head_module(model)
     feats = features.embeddings(cfg, manifest, "train", features.train_views(cfg), device)

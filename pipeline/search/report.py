@@ -11,7 +11,7 @@
   column ``rerank_<metric>``) and every rule picks by that score,
 * TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
 
-``python -m pipeline.search_report --compare DIR... --out FIG`` draws the hypervolume of several studies
+``python -m pipeline.search.report --compare DIR... --out FIG`` draws the hypervolume of several studies
 (e.g. NSGA-II, MOTPE, random at the same budget) against the same reference point.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .config import Config, load_config, to_yaml, with_values
-from .search_space import OBJECTIVES, trial_config
-from .utils import atomic_path, setup_logging, write_csv, write_json, write_text
+from pipeline.core.config import Config, load_config, to_yaml, with_values
+from pipeline.search.space import OBJECTIVES, trial_config
+from pipeline.core.utils import atomic_path, setup_logging, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 

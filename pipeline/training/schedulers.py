@@ -12,8 +12,8 @@ from typing import Optional
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as S
 
-from .config import TrainConfig
-from .registry import Registry
+from pipeline.core.config import TrainConfig
+from pipeline.core.registry import Registry
 
 SCHEDULERS: Registry = Registry("scheduler")
 

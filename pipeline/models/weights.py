@@ -27,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from pipeline.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

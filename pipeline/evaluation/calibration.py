@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 
-from .metrics import calibration_error, metric_loss, score
+from pipeline.evaluation.metrics import calibration_error, metric_loss, score
 
 
 def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -11,8 +11,8 @@ from typing import Any
 
 import optuna
 
-from .arch import HEADS, POOLS, load_spec
-from .config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
+from pipeline.models.arch import HEADS, POOLS, load_spec
+from pipeline.core.config import ArchSpaceConfig, Config, ConfigError, SearchConfig, with_values
 
 # objective name → Optuna direction
 OBJECTIVES = {"accuracy": "maximize", "macro_f1": "maximize", "params": "minimize", "macs": "minimize",

@@ -1,7 +1,7 @@
 """Search stage: an Optuna study over compact architectures and any config key (multi- or single-objective).
 
 ``python -m pipeline.search --config CONFIG`` (``./run.sh search CONFIG``) reads the ``search:`` section and
-the preprocess cache. Each trial samples a spec (:mod:`pipeline.search_space`) and config values, measures
+the preprocess cache. Each trial samples a spec (:mod:`pipeline.search.space`) and config values, measures
 parameters, MACs and 1-thread CPU latency, refuses models over the hard constraints before training, and
 trains the rest with the train stage's building blocks on a stratified subsample held in memory (one holdout,
 ``search.epochs`` epochs, ``search.trial_timeout``). Single-objective studies prune with Optuna's pruners on
@@ -12,7 +12,7 @@ no more parameters beat it at the same epoch. A trial whose training config an e
 The study lives in Optuna storage (SQLite in ``runs/<experiment>/search/`` by default, or ``search.storage``:
 a journal file, any SQLAlchemy URL): the same command resumes it, several workers share it, and a trial
 whose worker died is failed by the heartbeat and retried once (RDB storages). Outputs: see
-:mod:`pipeline.search_report`.
+:mod:`pipeline.search.report`.
 """
 from __future__ import annotations
 
@@ -32,22 +32,22 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from . import augment
-from .arch import count_macs, cpu_latency_ms, load_spec
-from .cli import stage_main
-from .config import Config, to_yaml, with_values
-from .data.cache import load_manifest, load_split
-from .engine import TrainStep, build_optimizer, make_fold_loader, predict_logits, training_fingerprint
-from .losses import build_loss
-from .metrics import score
-from .models import count_parameters, create_model
-from .registry import Registry
-from .schedulers import build_scheduler
-from .search_report import rerank_candidates, trial_line, trials_table, write_outputs
-from .search_space import OBJECTIVES, check_same_space, check_search, spec_params, suggest, trial_config
-from .weights import normalization
-from .whiten import freeze_whitening, init_whitening
-from .utils import (compute_settings, configure_backends, read_json, resolve_device, seed_everything, write_json,
+from pipeline import augment
+from pipeline.models.arch import count_macs, cpu_latency_ms, load_spec
+from pipeline.cli import stage_main
+from pipeline.core.config import Config, to_yaml, with_values
+from pipeline.data.cache import load_manifest, load_split
+from pipeline.training.engine import TrainStep, build_optimizer, make_fold_loader, predict_logits, training_fingerprint
+from pipeline.training.losses import build_loss
+from pipeline.evaluation.metrics import score
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.core.registry import Registry
+from pipeline.training.schedulers import build_scheduler
+from pipeline.search.report import rerank_candidates, trial_line, trials_table, write_outputs
+from pipeline.search.space import OBJECTIVES, check_same_space, check_search, spec_params, suggest, trial_config
+from pipeline.models.weights import normalization
+from pipeline.models.whiten import freeze_whitening, init_whitening
+from pipeline.core.utils import (compute_settings, configure_backends, read_json, resolve_device, seed_everything, write_json,
                     write_text)
 
 log = logging.getLogger(__name__)

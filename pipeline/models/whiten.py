@@ -6,7 +6,7 @@ in ± pairs (the strongest directions first): the layer then outputs decorrelate
 components, which lets a small network learn faster. Only the rows a fold trains on are read, so the held-out
 images never shape the model. With ``model.whiten_freeze`` the filters stay fixed during training, and
 ``model.whiten_bias_epochs`` stops training the layer's bias after that many epochs (airbench: 3).
-Used by the training engine (:class:`pipeline.engine.FoldRun`); the result lives in the weights.
+Used by the training engine (:class:`pipeline.training.engine.FoldRun`); the result lives in the weights.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .data.dataset import center_crop, gather, to_float
+from pipeline.core.config import ModelConfig
+from pipeline.data.dataset import center_crop, gather, to_float
 
 log = logging.getLogger(__name__)
 

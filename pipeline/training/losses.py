@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .registry import Registry
+from pipeline.core.config import TrainConfig
+from pipeline.core.registry import Registry
 
 LOSSES: Registry = Registry("loss")
 

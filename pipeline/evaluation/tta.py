@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import metric_loss, score
-from .registry import Registry
-from .utils import autocast
+from pipeline.evaluation.metrics import metric_loss, score
+from pipeline.core.registry import Registry
+from pipeline.core.utils import autocast
 
 View = Callable[[torch.Tensor], torch.Tensor]
 VIEWS: Registry[View] = Registry("TTA view")
@@ -72,8 +72,8 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
     Each batch is read (its centre ``size`` square when the cache holds a margin) and normalised once, then
     goes through every view, so extra views cost only their forward passes.
     """
-    from .data.dataset import to_float
-    from .engine import iter_batches
+    from pipeline.data.dataset import to_float
+    from pipeline.training.engine import iter_batches
 
     if not names:
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")

@@ -1,0 +1,1 @@
+"""The foundation every layer uses: typed config, registries, small utilities, random streams, training jobs."""

@@ -1,0 +1,1 @@
+"""Scoring predictions: metrics, calibration and test-time-augmentation views."""

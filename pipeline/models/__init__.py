@@ -1,0 +1,1 @@
+"""Models: the factory and its registry, architecture specs, pretrained weights, whitening."""

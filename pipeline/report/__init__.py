@@ -1,0 +1,1 @@
+"""HTML pages and figures shared by the EDA, results and search reports."""
