@@ -22,7 +22,7 @@
 
 ``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``).
 
-Training and inference call the train stage's building blocks (loader, :class:`~pipeline.training.engine.TrainStep`,
+Training and inference call the train stage's building blocks (:func:`~pipeline.training.recipe.build_training`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -39,12 +40,19 @@ import numpy as np
 import torch
 
 from pipeline import augment
+from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import Config
-from .data.cache import load_manifest, load_split
-from pipeline.rundir import training_slot
-from pipeline.evaluation.tta import configured_views
-from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision, seed_everything,
-                    write_json)
+from pipeline.core.jobs import training_slot
+from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision,
+                                 seed_everything, write_json)
+from pipeline.data.contract import load_competition
+from pipeline.data.dataset import gather, to_float
+from pipeline.evaluation.tta import configured_views, predict_tta
+from pipeline.models.factory import create_model
+from pipeline.preprocess import decode_all
+from pipeline.preprocess import run as preprocess
+from pipeline.rundir import RunDir, load_manifest, load_split
+from pipeline.training.recipe import Training, build_training
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +70,18 @@ def timed(fn: Callable[[], int], warmup: int, repeats: int) -> float:
 # --------------------------------------------------------------------------- training
 
 
-def build_step(cfg: Config, num_classes: int, labels: np.ndarray, manifest: dict, device: torch.device,
-               dtype: Optional[torch.dtype], channels_last: bool, mixer: Optional[Callable] = None):
-    """A fresh model wrapped in the train stage's :class:`TrainStep` (no LR schedule: throughput only)."""
-    from pipeline.training.losses import build_loss
-    from pipeline.models.factory import create_model
-    from pipeline.training.engine import TrainStep, build_optimizer
-
-    model = create_model(cfg.model, num_classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    loss_fn = build_loss(cfg.train, labels, num_classes).to(device)
-    return TrainStep(model, build_optimizer(cfg.train, model), loss_fn, None, device, dtype, manifest["mean"],
-                     manifest["std"], channels_last, 1, mixer)
+def build_step(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
+               channels_last: bool) -> Training:
+    """The train stage's recipe (:func:`~pipeline.training.recipe.build_training`) on every cached training row, at
+    the given precision; its head starts at random (``train.head_init`` does not change throughput)."""
+    if cfg.train.head_init != "random":
+        log.info("bench: train.head_init: %s does not change throughput; the head starts at random here",
+                 cfg.train.head_init)
+    rows = np.arange(len(data["labels"]))
+    training = build_training(cfg, data["images"], data["labels"], rows, data["manifest"], device, cfg.seed,
+                              precision=(dtype, channels_last), probe=False)
+    training.model.train()
+    return training
 
 
 def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -93,7 +99,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
 def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
                 batches: int) -> float:
     """Training images/s on batches kept in memory: the compute floor the pipeline must match."""
-    step = build_step(cfg, data["num_classes"], data["labels"], data["manifest"], device, dtype, channels_last)
+    step = build_step(cfg, data, device, dtype, channels_last).step
     held = memory_batches(data["images"], data["labels"], cfg.train.batch_size)
     size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
     calls = 0
@@ -111,13 +117,8 @@ def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[t
 def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                    channels_last: bool, batches: int) -> float:
     """Training images/s fed by the train stage's loader (``data.loader``), policy and mixer."""
-    from pipeline.training.engine import make_fold_loader
-
-    n_classes, labels = data["num_classes"], data["labels"]
-    mixer = augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed)
-    step = build_step(cfg, n_classes, labels, data["manifest"], device, dtype, channels_last, mixer)
-    rows = np.arange(len(labels))
-    _, loader = make_fold_loader(cfg, data["images"], rows, labels, cfg.data.image_size, cfg.seed, device)
+    training = build_step(cfg, data, device, dtype, channels_last)
+    step, loader = training.step, training.loader
     size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
     batches = min(batches, max(1, len(loader) - 3))
     it = iter(loader)
@@ -135,15 +136,13 @@ def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optiona
     try:
         return timed(one, warmup=min(3, batches), repeats=batches)
     finally:
-        del it, loader  # stop the workers
+        del it, loader, training  # stop the workers
 
 
 def augment_rates(cfg: Config, data: dict, device: torch.device, batches: int) -> dict:
     """Images/s of the configured policy per image (albumentations on a gathered NHWC batch, the DataLoader
     path) and batched (:class:`~pipeline.augment.BatchAugment` on the same images as an NCHW uint8 tensor on
     ``device``), ``train.batch_size × 4`` images per call (the DataLoader path's chunk)."""
-    from .data.dataset import gather
-
     rows = np.arange(min(len(data["images"]), cfg.train.batch_size * 4))
     nhwc = gather(data["images"], rows)
     policy = augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed)
@@ -169,8 +168,6 @@ def gpu_busy(fn: Callable[[], float], device: torch.device, every: float = 0.05)
     """``fn()`` and, on CUDA with pynvml, the mean GPU utilisation (%) sampled every ``every`` s meanwhile."""
     if device.type != "cuda":
         return fn(), None
-    import threading
-
     samples: list[int] = []
     done = threading.Event()
 
@@ -195,8 +192,6 @@ def gpu_busy(fn: Callable[[], float], device: torch.device, every: float = 0.05)
 
 
 def eval_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    from pipeline.models.factory import create_model
-
     model = create_model(cfg.model, num_classes).to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -204,8 +199,6 @@ def eval_model(cfg: Config, num_classes: int, device: torch.device, channels_las
 def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
               batches: int) -> float:
     """Forward-only images/s on one normalised batch already in memory."""
-    from .data.dataset import to_float
-
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     x, _ = memory_batches(data["test"], np.zeros(len(data["test"]), dtype=np.int64), cfg.infer.batch_size, 1)[0]
     x = to_float(x, data["manifest"]["mean"], data["manifest"]["std"], device, channels_last)
@@ -222,8 +215,6 @@ def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[tor
 def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
                  channels_last: bool, batches: int) -> float:
     """View-images/s of the inference stage's TTA prediction over (a slice of) the cached test set."""
-    from pipeline.evaluation.tta import predict_tta
-
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     views = configured_views(cfg.infer)
     rows = np.arange(min(len(data["test"]), batches * cfg.infer.batch_size // max(1, len(views)) + 1))
@@ -243,9 +234,6 @@ def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[
 
 def preprocess_rate(cfg: Config, count: int) -> Optional[float]:
     """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images."""
-    from .data.contract import load_competition
-    from .preprocess import decode_all
-
     try:
         paths = load_competition(cfg.data).train["path"].tolist()[:count]
     except Exception as err:  # the sources may be gone while the cache remains
@@ -265,8 +253,6 @@ def load_data(cfg: Config) -> dict:
     try:
         manifest = load_manifest(cfg.run_dir)
     except FileNotFoundError:
-        from .preprocess import run as preprocess
-
         log.info("bench: %s has no preprocessed cache yet: running the preprocess stage first", cfg.run_dir)
         manifest = preprocess(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
@@ -308,7 +294,7 @@ def _measure_augment(cfg: Config, batches: int) -> dict:
     device = resolve_device(cfg.train.device)
     result = {"experiment": cfg.experiment, "device": device_name(device), "threads": torch.get_num_threads(),
               "augment": augment_rates(cfg, load_data(cfg), device, batches)}
-    write_json(cfg.run_dir / "bench_augment.json", result)
+    write_json(RunDir.of(cfg).bench_augment, result)
     return result
 
 
@@ -343,7 +329,7 @@ def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, com
         result["gpu_busy_pct"] = max(busy) if busy else None
         result["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     result["preprocess_img_s"] = _round(preprocess_rate(cfg, preprocess_images))
-    write_json(cfg.run_dir / "bench.json", result)
+    write_json(RunDir.of(cfg).bench, result)
     return result
 
 
@@ -372,8 +358,6 @@ def _round(value: Optional[float]) -> Optional[float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.cli import build_parser, stage_main
-
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
     parser.add_argument("--preprocess-images", type=int, default=2000, help="source images decoded for the rate")

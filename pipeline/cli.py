@@ -12,6 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline import rundir
 from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.utils import setup_logging
+from pipeline.data.contract import DataError
 
 log = logging.getLogger("pipeline")
 
@@ -54,8 +55,6 @@ def run_stage(run: Callable[[Config], Any], cfg: Config, exclusive: bool = True)
 
     The run folder is checked to hold this config's data and, when ``exclusive`` (every stage but the search,
     whose workers share one study), locked against a second process (:func:`pipeline.rundir.claim`)."""
-    from pipeline.data.contract import DataError
-
     try:
         with logging_redirect_tqdm(), rundir.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
             return 0, run(cfg)

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
-from pipeline.core.utils import OOF_TABLES, run_oof, setup_logging, write_json
+from pipeline.core.utils import setup_logging, write_json
+from pipeline.rundir import OOF_TABLES, run_oof
 
 
 def oof_table(path: str | Path, plain: bool = False) -> pd.DataFrame:

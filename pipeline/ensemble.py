@@ -38,13 +38,13 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.evaluation.calibration import temperature_report, with_temperature
 from pipeline.cli import stage_main
 from pipeline.core.config import Config, EnsembleConfig, load_config
-from .data.cache import load_manifest
-from pipeline.evaluation.metrics import metric_loss, score
 from pipeline.core.registry import Registry
-from pipeline.core.utils import run_oof, write_csv, write_json
+from pipeline.core.utils import write_csv, write_json
+from pipeline.evaluation.calibration import temperature_report, with_temperature
+from pipeline.evaluation.metrics import metric_loss, score
+from pipeline.rundir import RunDir, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def member_dirs(cfg: Config) -> list[Path]:
 
 def trained_with_refit(run_dir: Path) -> bool:
     """Whether a member's last training had ``train.refit`` on (its saved ``config.yaml``)."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     config = yaml.safe_load(path.read_text()) if path.is_file() else None
     return bool(((config or {}).get("train") or {}).get("refit", False))
 
@@ -227,7 +227,7 @@ def with_refit(member: dict, refit: bool, cfg: EnsembleConfig) -> dict:
     member["shares"], member["refit"] = np.full(len(folds), 1 / len(folds)), None
     if not refit:
         return member
-    path = member["dir"] / "refit" / "test.npy"
+    path = RunDir(member["dir"]).model(None).predictions("test")
     if not path.is_file():
         raise FileNotFoundError(f"ensemble member {member['dir']} was trained with train.refit but has no {path}: "
                                 "run its infer stage")
@@ -244,11 +244,12 @@ def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
     if classes is not None and manifest["classes"] != classes:
         raise ValueError(f"ensemble member {run_dir} has classes {manifest['classes']}, not {classes}: "
                          "its probabilities cannot be combined")
-    fold_files = sorted(run_dir.glob("fold*/test.npy"))
+    run = RunDir(run_dir)
+    fold_files = [m.predictions("test") for m in run.fold_models() if m.predictions("test").is_file()]
     if not fold_files:
         raise FileNotFoundError(f"ensemble member {run_dir} has no fold*/test.npy: run its infer stage")
-    ids = pd.read_csv(run_dir / manifest["test"]["index"], dtype={"id": str})["id"].to_numpy()
-    oof_path = run_oof(run_dir)
+    ids = pd.read_csv(run.index(manifest["test"]), dtype={"id": str})["id"].to_numpy()
+    oof_path = run.oof_table()
     return {"dir": run_dir, "name": run_dir.name, "classes": manifest["classes"], "ids": ids,
             "folds": [np.load(p) for p in fold_files], "oof": oof_path}
 
@@ -346,7 +347,7 @@ def write_oof(path: Path, oof: dict, probs: np.ndarray, classes: list[str]) -> N
 
 def run(cfg: Config) -> pd.DataFrame:
     """Fit the combination on the members' OOF, combine their fold predictions; write ``ensemble.csv``."""
-    method = ENSEMBLERS.get(cfg.ensemble.method)
+    method, out = ENSEMBLERS.get(cfg.ensemble.method), RunDir.of(cfg)
     members = load_members(cfg)
     if cfg.ensemble.weights is not None and len(cfg.ensemble.weights) != len(members) and not method.fitted:
         raise ValueError(f"ensemble.weights has {len(cfg.ensemble.weights)} values for {len(members)} experiments "
@@ -376,11 +377,11 @@ def run(cfg: Config) -> pd.DataFrame:
         report.update(scores)
         if cfg.ensemble.calibrate != "none":
             test, honest = calibrated(report, test, honest, oof)
-        write_oof(cfg.run_dir / "ensemble_oof.csv", oof, honest, classes)
+        write_oof(out.ensemble_oof, oof, honest, classes)
     frame = pd.DataFrame(test, columns=classes)
     frame.insert(0, "id", ids)
-    write_csv(cfg.run_dir / "ensemble.csv", frame)
-    write_json(cfg.run_dir / "ensemble.json", report)
+    write_csv(out.ensemble_csv, frame)
+    write_json(out.ensemble_json, report)
     log.info("ensemble: %s of %d fold models from %d experiment(s), member weights %s; OOF %s",
              cfg.ensemble.method, report["models"], len(members), report["member_weights"], report["oof"])
     if oof is not None:

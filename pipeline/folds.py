@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
-from .data.cache import load_split, read_folds
+from pipeline.rundir import RunDir, load_split, read_folds
 from pipeline.core.utils import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def run(cfg: Config) -> pd.DataFrame:
     """Write (or reuse) ``folds.csv`` and return it."""
     _, index = load_split(cfg.run_dir, "train")
     groups = cv_groups(cfg, index)
-    path, meta = cfg.run_dir / "folds.csv", cfg.run_dir / "folds.json"
+    path, meta = RunDir.of(cfg).folds_csv, RunDir.of(cfg).folds_json
     fingerprint = _fingerprint(index, cfg, groups)
     if path.is_file() and meta.is_file() and _read_json_or_empty(meta).get("fingerprint") == fingerprint:
         try:

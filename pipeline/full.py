@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from pipeline.cli import build_parser, config_path, run_stage
 from pipeline.core.config import Config, ConfigError, load_config, with_values
 from pipeline.core.utils import setup_logging
+from pipeline.data.demo import build as build_demo
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ def plan(paths: Sequence[Optional[str]], overrides: list[str]) -> list[tuple[str
 def build_demo_if_read(steps: list[tuple[str, Config]]) -> None:
     """The embedded demo competition, built only when a config reads ``data/demo`` and it is missing."""
     if any(Path(cfg.data.root).resolve() == Path(DEMO).resolve() for _, cfg in steps) and not Path(DEMO).is_dir():
-        from .data.demo import build
-
-        build(DEMO)
+        build_demo(DEMO)
 
 
 def run_steps(steps: list[tuple[str, Config]]) -> Optional[Any]:

@@ -3,16 +3,15 @@
 ``python -m pipeline.infer --config CONFIG [--set infer.tta=[identity,hflip,shift_left]]`` writes
 ``fold<k>/test.npy`` per fold and ``test_probs.csv`` (id + one column per class, mean over folds). With
 ``infer.oof_tta`` it also scores the held-out folds through the same views (``oof_tta.csv`` and the
-``oof_tta`` entry of ``cv.json``), so the TTA gain is measured, not assumed. With ``infer.tta: auto`` the
+``oof_tta`` entry of ``cv_tta.json``), so the TTA gain is measured, not assumed. With ``infer.tta: auto`` the
 views are chosen on the OOF: every candidate of ``infer.tta_candidates`` predicts the held-out folds
 (``fold<k>/oof_views.npy``), then views are added greedily from identity while the OOF ``infer.tta_metric``
-improves (:func:`pipeline.evaluation.tta.select_views`); ``cv.json``'s ``tta_auto`` shows each view's effect and the steps.
+improves (:func:`pipeline.evaluation.tta.select_views`); ``cv_tta.json``'s ``tta_auto`` shows each view's effect and the steps.
 With ``train.refit`` the refit model (trained on every row) predicts the test set too (``refit/test.npy``, same
 views); ``test_probs.csv`` stays the folds' mean, the ensemble stage combines the two (``ensemble.refit``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,28 +23,31 @@ import torch
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
-from .data.cache import load_manifest, load_split, read_folds
-from pipeline.models.factory import create_model
-from pipeline.training.engine import collect_oof, counted_folds, cv_report, fold_done, load_weights, model_dir, weights_intact
-from pipeline.training import features
-from pipeline.rundir import training_slot
+from pipeline.core.jobs import training_slot
+from pipeline.core.utils import atomic_path, read_json, resolve_device, write_csv, write_json
+from pipeline.evaluation.metrics import cv_report
 from pipeline.evaluation.tta import predict_tta, select_views
+from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
-from pipeline.core.utils import atomic_path, compute_settings, read_json, resolve_device, write_csv, write_json
+from pipeline.rundir import (RunDir, collect_oof, counted_folds, file_sha1, fold_done, load_manifest, load_split,
+                             read_folds)
+from pipeline.training import features
+from pipeline.training.checkpoints import load_weights, weights_intact
+from pipeline.training.precision import compute_settings
 
 log = logging.getLogger(__name__)
 
 
 def trained_folds(cfg: Config) -> list[int]:
-    """The folds that count (:func:`pipeline.training.engine.counted_folds`: in ``folds.csv`` and ``train.folds``,
+    """The folds that count (:func:`pipeline.rundir.counted_folds`: in ``folds.csv`` and ``train.folds``,
     finished with the current training settings) and have a best checkpoint."""
+    run = RunDir.of(cfg)
     fold_of = read_folds(cfg.run_dir, load_split(cfg.run_dir, "train")[1])["fold"].to_numpy()
-    folds = [f for f in counted_folds(cfg, fold_of) if (cfg.run_dir / f"fold{f}" / "best.safetensors").is_file()]
+    folds = [f for f in counted_folds(cfg, fold_of) if run.model(f).weights("best").is_file()]
     if not folds:
-        raise FileNotFoundError(f"no fold in {cfg.run_dir} trained with these settings (fold*/result.json, "
+        raise FileNotFoundError(f"no fold in {run} trained with these settings (fold*/result.json, "
                                 "best.safetensors): run the train stage")
-    damaged = [str(cfg.run_dir / f"fold{f}" / "best.safetensors") for f in folds
-               if not weights_intact(cfg.run_dir / f"fold{f}" / "best.safetensors")]
+    damaged = [str(run.model(f).weights("best")) for f in folds if not weights_intact(run.model(f).weights("best"))]
     if damaged:
         raise ValueError(f"{', '.join(damaged)}: damaged (truncated or not safetensors): re-run the train stage, "
                          "which trains those folds again")
@@ -54,14 +56,14 @@ def trained_folds(cfg: Config) -> list[int]:
 
 def refit_ready(cfg: Config) -> None:
     """``train.refit``: the refit model must have finished with the current settings and be intact."""
-    best = model_dir(cfg, None) / "best.safetensors"
+    best = RunDir.of(cfg).model(None).weights("best")
     if not (fold_done(cfg, None) and weights_intact(best)):
         raise FileNotFoundError(f"train.refit: no refit model trained with these settings in {best.parent} "
                                 "(result.json, best.safetensors): run the train stage")
 
 
 def load_fold_model(cfg: Config, fold: Optional[int], num_classes: int, device: torch.device) -> torch.nn.Module:
-    path = model_dir(cfg, fold) / "best.safetensors"
+    path = RunDir.of(cfg).model(fold).weights("best")
     model = load_weights(create_model(cfg.model, num_classes), path).to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -72,8 +74,8 @@ def prediction_key(cfg: Config, fold: Optional[int], split: str, manifest: dict,
                    views: list[str]) -> dict:
     """What a fold's saved predictions depend on: the weights' bytes, the TTA views, the cached images,
     the normalisation and the precision. Saved predictions are reused only when all of it is unchanged."""
-    weights = model_dir(cfg, fold) / "best.safetensors"
-    return {"tta": list(views), "weights_sha1": hashlib.sha1(weights.read_bytes()).hexdigest(),
+    weights = RunDir.of(cfg).model(fold).weights("best")
+    return {"tta": list(views), "weights_sha1": file_sha1(weights),
             "cache": manifest[split]["signature"], "normalization": list(normalization(cfg.model, manifest)),
             "precision": str(compute_settings(cfg, device)[0])}
 
@@ -122,10 +124,11 @@ def _fold_rows(cfg: Config, fold: int) -> np.ndarray:
 def predict_fold(cfg: Config, fold: Optional[int], manifest: dict, device: torch.device, views: list[str]) -> None:
     """Write ``test.npy`` (and ``oof_tta.npy``) for one fold (``None``: ``test.npy`` of the refit) unless they
     are up to date."""
-    fold_dir, name = model_dir(cfg, fold), f"fold {fold}" if fold is not None else "refit"
-    jobs = [("test", fold_dir / "test.npy")]
+    folder = RunDir.of(cfg).model(fold)
+    name = folder.name
+    jobs = [("test", folder.predictions("test"))]
     if fold is not None and (cfg.infer.oof_tta or cfg.infer.tta == "auto"):
-        jobs.append(("train", fold_dir / "oof_tta.npy"))
+        jobs.append(("train", folder.predictions("oof_tta")))
     keys = {split: prediction_key(cfg, fold, split, manifest, device, views) for split, _ in jobs}
     jobs = [(split, out) for split, out in jobs if not _up_to_date(out, keys[split])]
     if not jobs:
@@ -148,30 +151,31 @@ def run(cfg: Config) -> pd.DataFrame:
         refit_ready(cfg)
     with training_slot(cfg, "infer") as threads:
         torch.set_num_threads(threads)
-        views = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else list(cfg.infer.tta)
+        auto = choose_views(cfg, manifest, folds, device) if cfg.infer.tta == "auto" else None
+        views = auto["chosen"] if auto else list(cfg.infer.tta)
         for fold in folds + ([None] if cfg.train.refit else []):  # the refit's test predictions last
             predict_fold(cfg, fold, manifest, device, views)
+    run = RunDir.of(cfg)
     _, test_index = load_split(cfg.run_dir, "test", manifest)
-    probs = np.mean([np.load(cfg.run_dir / f"fold{f}" / "test.npy") for f in folds], axis=0)
+    probs = np.mean([np.load(run.model(f).predictions("test")) for f in folds], axis=0)
     frame = pd.DataFrame(probs, columns=manifest["classes"])
     frame.insert(0, "id", test_index["id"].to_numpy())
-    write_csv(cfg.run_dir / "test_probs.csv", frame)
+    write_csv(run.test_probs, frame)
     if cfg.infer.oof_tta or cfg.infer.tta == "auto":
-        _score_oof_tta(cfg, manifest, views)
+        _score_oof_tta(cfg, manifest, views, auto)
     return frame
 
 
-def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.device) -> list[str]:
+def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.device) -> dict:
     """``infer.tta: auto``: every candidate view's OOF probabilities, then greedy selection on the OOF.
 
-    Writes each fold's ``oof_tta.npy`` for the chosen views (the mean of their probabilities) and the
-    selection report into ``cv.json`` (``tta_auto``)."""
+    Writes each fold's ``oof_tta.npy`` for the chosen views (the mean of their probabilities); returns the
+    selection report (``chosen``: the views), which ``cv_tta.json`` keeps as ``tta_auto``."""
     candidates = list(dict.fromkeys(cfg.infer.tta_candidates))
     _, index = load_split(cfg.run_dir, "train", manifest)
     per_view = np.full((len(candidates), len(index), len(manifest["classes"])), np.nan, dtype=np.float32)
     for fold in folds:
-        fold_dir, rows = cfg.run_dir / f"fold{fold}", _fold_rows(cfg, fold)
-        out = fold_dir / "oof_views.npy"
+        rows, out = _fold_rows(cfg, fold), RunDir.of(cfg).model(fold).predictions("oof_views")
         key = prediction_key(cfg, fold, "train", manifest, device, candidates)
         if not _up_to_date(out, key):
             predict = fold_predictor(cfg, fold, manifest, device)
@@ -183,26 +187,26 @@ def choose_views(cfg: Config, manifest: dict, folds: list[int], device: torch.de
     views, report = select_views(dict(zip(candidates, per_view[:, scored])), labels, cfg.infer.tta_metric)
     chosen = per_view[[candidates.index(v) for v in views]].mean(axis=0)
     for fold in folds:
-        _save(cfg.run_dir / f"fold{fold}" / "oof_tta.npy", chosen[_fold_rows(cfg, fold)],
+        _save(RunDir.of(cfg).model(fold).predictions("oof_tta"), chosen[_fold_rows(cfg, fold)],
               prediction_key(cfg, fold, "train", manifest, device, views))
-    cv_path = cfg.run_dir / "cv.json"
-    cv = read_json(cv_path) if cv_path.is_file() else {}
-    write_json(cv_path, {**cv, "tta_auto": report})
     log.info("auto TTA chose %s from %s on the OOF %s", views, candidates, cfg.infer.tta_metric)
-    return views
+    return report
 
 
-def _score_oof_tta(cfg: Config, manifest: dict, views: list[str]) -> None:
+def _score_oof_tta(cfg: Config, manifest: dict, views: list[str], auto: Optional[dict]) -> None:
+    """``oof_tta.csv`` and ``cv_tta.json``: the OOF through the TTA views, tied to the ``oof.csv`` it improves on
+    (a retrain makes it stale until infer runs again, see :func:`pipeline.rundir.read_cv`)."""
+    run = RunDir.of(cfg)
     _, index = load_split(cfg.run_dir, "train", manifest)
     folds = read_folds(cfg.run_dir, index)
-    oof, probs = collect_oof(cfg, index, folds, manifest["classes"], name="oof_tta.npy")
-    write_csv(cfg.run_dir / "oof_tta.csv", oof)
-    cv_path = cfg.run_dir / "cv.json"
-    cv = read_json(cv_path) if cv_path.is_file() else {}
+    oof, probs = collect_oof(cfg, index, folds, manifest["classes"], name="oof_tta")
+    write_csv(run.oof_tta, oof)
     tta = cv_report(cfg, index, folds, probs)
-    cv["oof_tta"] = {"tta": views, **tta["oof"], "folds": tta["folds"]}
-    write_json(cv_path, cv)
-    log.info("CV with TTA %s: %s (without: %s)", views, tta["oof"], cv.get("oof"))
+    report = {"oof_sha1": file_sha1(run.oof) if run.oof.is_file() else None,
+              "oof_tta": {"tta": views, **tta["oof"], "folds": tta["folds"]}}
+    write_json(run.cv_tta, {**report, **({"tta_auto": auto} if auto else {})})
+    plain = read_json(run.cv).get("oof") if run.cv.is_file() else None
+    log.info("CV with TTA %s: %s (without: %s)", views, tta["oof"], plain)
 
 
 def main(argv=None) -> int:

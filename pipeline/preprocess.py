@@ -19,11 +19,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.cli import stage_main
-from pipeline.core.config import Config, to_yaml
-from .data.cache import (MANIFEST, cache_path, cache_side, content_digest, decode, load_manifest, manifest_digest,
-                         open_array, signature)
-from .data.contract import Competition, DataError, image_sources, load_competition, structural_problems
-from pipeline.rundir import check_data
+from pipeline.core.config import Config
+from pipeline.data.cache import cache_path, cache_side, content_digest, decode, manifest_digest, open_array, signature
+from pipeline.data.contract import Competition, DataError, image_sources, load_competition, structural_problems
+from pipeline.rundir import RunDir, check_data, load_manifest, save_config
 from pipeline.core.utils import atomic_path, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -148,10 +147,9 @@ def run(cfg: Config) -> dict:
     structural = structural_problems(comp, cfg.folds.n_splits)
     if structural:  # no cache can be built; still decode every image so that one report lists everything
         raise DataError(structural + unreadable_images(comp, cfg))
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
-    previous = _previous_manifest(run_dir)
+    run = RunDir.of(cfg)
+    save_config(cfg)
+    previous = _previous_manifest(run.root)
     manifest = {"root": str(comp.root), "layout": comp.layout, "image_size": cfg.data.image_size,
                 "cache_size": cache_side(cfg.data.image_size, cfg.data.crop_pct), "resize": cfg.data.resize,
                 "classes": comp.classes, "submission_columns": comp.submission_columns,
@@ -160,7 +158,7 @@ def run(cfg: Config) -> dict:
     for split, frame in (("train", comp.train), ("test", comp.test)):
         manifest[split], failed = _cache_split(comp, split, cfg, previous)
         problems += failed
-        write_csv(run_dir / manifest[split]["index"], _index_frame(comp, split))
+        write_csv(run.index(manifest[split]), _index_frame(comp, split))
     if problems:
         raise DataError(problems)
     if previous.get("train", {}).get("signature") == manifest["train"]["signature"] and "mean" in previous:
@@ -168,7 +166,7 @@ def run(cfg: Config) -> dict:
     else:
         manifest["mean"], manifest["std"] = channel_stats(np.load(manifest["train"]["array"], mmap_mode="r"))
     manifest["digest"] = manifest_digest(manifest)
-    write_json(run_dir / MANIFEST, manifest)
+    write_json(run.manifest, manifest)
     check_data(cfg, stamp_it=True)
     log.info("preprocess: %d train / %d test images at %dpx, %d classes, mean %s std %s",
              manifest["train"]["n"], manifest["test"]["n"], cfg.data.image_size, len(comp.classes),

@@ -19,11 +19,12 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
-from .data.cache import gather, load_manifest, load_split
-from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
-from pipeline.evaluation.metrics import score
 from pipeline.core.utils import read_json, write_json, write_text
+from pipeline.data.cache import gather
+from pipeline.evaluation.metrics import score
+from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
 from pipeline.report.webpage import esc, figure, page, png_base64, section, table
+from pipeline.rundir import RunDir, load_manifest, load_split, read_cv
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,18 @@ NAV = [("cv", "CV"), ("classes", "Per class"), ("confusion", "Confusion"), ("wro
        ("calibration", "Calibration"), ("tta", "TTA"), ("ensemble", "Ensemble")]
 
 
-def oof_source(run_dir: Path) -> Path:
+def oof_source(run: RunDir) -> Path:
     """The ensemble's nested OOF when this run ensembled several experiments, calibrated its probabilities or is
     an ensemble config's (no OOF of its own), else its own (TTA) OOF."""
-    report = read_json(run_dir / "ensemble.json") if (run_dir / "ensemble.json").is_file() else None
+    report = read_json(run.ensemble_json) if run.ensemble_json.is_file() else None
     ensembled = report is not None and (len(report["members"]) > 1 or "calibration" in report
-                                        or not (run_dir / "oof.csv").is_file())
-    for name in ("ensemble_oof.csv", "oof_tta.csv", "oof.csv"):
-        if (run_dir / name).is_file() and (ensembled or name != "ensemble_oof.csv"):
-            return run_dir / name
-    raise FileNotFoundError(f"no OOF predictions in {run_dir} (oof.csv): run the train stage first")
+                                        or not run.oof.is_file())
+    if ensembled and run.ensemble_oof.is_file():
+        return run.ensemble_oof
+    found = run.oof_table()
+    if found is None:
+        raise FileNotFoundError(f"no OOF predictions in {run} (oof.csv): run the train stage first")
+    return found
 
 
 def _scores(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray) -> dict:
@@ -135,15 +138,15 @@ def run(cfg: Config) -> Path:
     manifest = load_manifest(cfg.run_dir)
     classes = manifest["classes"]
     images, index = load_split(cfg.run_dir, "train", manifest)
-    source = oof_source(cfg.run_dir)
+    run = RunDir.of(cfg)
+    source = oof_source(run)
     oof = pd.read_csv(source, dtype={"id": str, "label": str}).set_index("id").loc[index["id"]]
     done = ~oof[classes].isna().any(axis=1).to_numpy()
     probs = oof[classes].to_numpy(dtype=np.float64)[done]
     labels = index["label_idx"].to_numpy()[done]
     folds, ids = oof["fold"].to_numpy()[done], index["id"].to_numpy()[done]
-    cv = read_json(cfg.run_dir / "cv.json") if (cfg.run_dir / "cv.json").is_file() else {}
-    ens_path = cfg.run_dir / "ensemble.json"
-    ens = read_json(ens_path) if source.name == "ensemble_oof.csv" and ens_path.is_file() else None
+    cv = read_cv(run.root)
+    ens = read_json(run.ensemble_json) if source == run.ensemble_oof and run.ensemble_json.is_file() else None
     scores = _scores(labels, probs, folds)
     per_class_html, per_class = class_section(labels, probs.argmax(1), classes)
     cm = confusion_matrix(labels, probs.argmax(1), labels=np.arange(len(classes)))

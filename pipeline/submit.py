@@ -18,14 +18,15 @@ import pandas as pd
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
-from .data.cache import load_manifest
+from pipeline.rundir import RunDir, load_manifest
 
 log = logging.getLogger(__name__)
 
 
 def predictions(cfg: Config) -> pd.DataFrame:
-    for name in ("ensemble.csv", "test_probs.csv"):
-        path = cfg.run_dir / name
+    """The ensemble's test probabilities when this run ensembled, else the folds' average."""
+    run = RunDir.of(cfg)
+    for path in (run.ensemble_csv, run.test_probs):
         if path.is_file():
             return pd.read_csv(path, dtype={"id": str})
     raise FileNotFoundError(f"no ensemble.csv or test_probs.csv in {cfg.run_dir}: run infer and ensemble first")
@@ -111,7 +112,7 @@ def run(cfg: Config) -> Path:
     if sample_path.is_file():
         sample = pd.read_csv(sample_path, dtype={id_col: str})
     else:  # ImageFolder layout: the submission format is id,label over the test folder
-        ids = pd.read_csv(cfg.run_dir / manifest["test"]["index"], dtype={"id": str})["id"]
+        ids = pd.read_csv(RunDir.of(cfg).index(manifest["test"]), dtype={"id": str})["id"]
         sample = pd.DataFrame({id_col: ids, label_col: ""})
     fmt = resolve_format(cfg.submit.format, sample, classes, id_col, label_col)
     sub = build_submission(predictions(cfg), sample, classes, id_col, label_col, fmt)

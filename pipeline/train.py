@@ -19,15 +19,19 @@ from typing import Optional
 
 import torch
 
-from pipeline.training import distributed
 from pipeline.cli import stage_main
-from pipeline.core.config import Config, to_yaml
-from .data.cache import load_manifest, load_split, read_folds
-from pipeline.training.distill import distill_targets, teacher_probs, teacher_table
+from pipeline.core.config import Config
+from pipeline.core.jobs import training_slot
+from pipeline.core.utils import resolve_device, write_csv, write_json
+from pipeline.evaluation.metrics import cv_report
+from pipeline.rundir import (RunDir, collect_oof, fold_done, load_manifest, load_split, read_folds, save_config,
+                             teacher_table)
+from pipeline.training import distributed
+from pipeline.training.checkpoints import weights_intact
+from pipeline.training.distill import distill_targets, teacher_probs
 from pipeline.training.features import fit_folds
-from pipeline.training.engine import FoldRun, collect_oof, cv_report, fold_done, model_dir, weights_intact
-from pipeline.rundir import training_slot
-from pipeline.core.utils import compute_settings, read_json, resolve_device, write_csv, write_json, write_text
+from pipeline.training.fold import FoldRun
+from pipeline.training.precision import compute_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,14 @@ def _teacher_targets(cfg: Config, index, folds, manifest: dict):
 
 def train_model(cfg: Config, fold: Optional[int], images, index, folds, manifest: dict, device, targets) -> bool:
     """Train one fold (``None``: the refit) unless it finished with these settings; True when it trained."""
-    name = f"fold {fold}" if fold is not None else "refit"
+    folder = RunDir.of(cfg).model(fold)
     if fold_done(cfg, fold):
-        best = model_dir(cfg, fold) / "best.safetensors"
+        best = folder.weights("best")
         if weights_intact(best):
-            log.info("%s already trained with these settings: skipped", name)
+            log.info("%s already trained with these settings: skipped", folder.name)
             return False
-        log.warning("%s: %s is missing or damaged: training the fold again", name, best)
-        (best.parent / "last_state.pt").unlink(missing_ok=True)  # from the start: its best epoch is lost
+        log.warning("%s: %s is missing or damaged: training the fold again", folder.name, best)
+        folder.last_state.unlink(missing_ok=True)  # from the start: its best epoch is lost
     FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
     return True
 
@@ -65,7 +69,7 @@ def run(cfg: Config) -> dict:
     manifest = load_manifest(cfg.run_dir)
     images, index = load_split(cfg.run_dir, "train", manifest)
     folds = read_folds(cfg.run_dir, index)
-    write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
+    save_config(cfg)
     device = distributed.local_device(resolve_device(cfg.train.device))
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
     refit = [None] if cfg.train.refit and cfg.train.mode != "features" else []  # None: the refit model
@@ -82,24 +86,20 @@ def run(cfg: Config) -> dict:
                           for fold in mine if fold is not None)
             if None in mine:  # after the CV: one model on every training row (test predictions only)
                 train_model(cfg, None, images, index, folds, manifest, device, targets)
-        trained = distributed.total(trained)  # waits for every process's folds
+        distributed.total(trained)  # waits for every process's folds
         if distributed.rank() != 0:
             return {"rank": distributed.rank(), "folds": mine}  # rank 0 collects the OOF
+    run = RunDir.of(cfg)
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
-    write_csv(cfg.run_dir / "oof.csv", oof)
+    write_csv(run.oof, oof)
     report = cv_report(cfg, index, folds, probs)
     if cfg.train.refit and cfg.train.mode != "features":
-        report["refit"] = {"rows": len(index), "dir": str(model_dir(cfg, None)),
+        refit = run.model(None).root
+        report["refit"] = {"rows": len(index), "dir": str(refit),
                            "note": "trained on every row: nothing held out, so the OOF and CV are the fold models'"}
         log.info("refit: one model on all %d rows in %s (test predictions only; the CV is the folds')", len(index),
-                 model_dir(cfg, None))
-    previous = cfg.run_dir / "cv.json"
-    if not trained and previous.is_file():
-        old = read_json(previous)
-        same_folds = sorted(old.get("oof_tta", {}).get("folds", {})) == sorted(str(f) for f in report["folds"])
-        if same_folds:  # still valid: no fold changed, none added or dropped
-            report.update({k: v for k, v in old.items() if k in ("oof_tta", "tta_auto")})
-    write_json(cfg.run_dir / "cv.json", report)
+                 refit)
+    write_json(run.cv, report)
     log.info("CV (%d/%d rows): %s", report["scored_rows"], report["total_rows"], report["oof"])
     return report
 

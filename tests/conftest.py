@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.training import engine
+from pipeline.training.fold import FoldRun
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -137,24 +137,24 @@ def trained_run(tmp: Path, *overrides: str):
     return root, cfg
 
 
-class KeepEpochOne(engine.FoldRun):
+class KeepEpochOne(FoldRun):
     """A fold run that keeps a copy of its checkpoint after the first epoch."""
 
     def checkpoint(self, probs, metrics, improved):
         super().checkpoint(probs, metrics, improved)
         if self.epoch == 1:
-            shutil.copy(self.dir / "last_state.pt", self.dir / "epoch1_state.pt")
+            shutil.copy(self.dir.root / "last_state.pt", self.dir.root / "epoch1_state.pt")
 
 
-def fold_run(cfg, fold: int = 0) -> "engine.FoldRun":
+def fold_run(cfg, fold: int = 0) -> FoldRun:
     """Preprocess and split ``cfg``'s competition, then build (not train) the FoldRun of ``fold`` on the CPU."""
     import torch
 
     from pipeline import folds, preprocess
-    from pipeline.data.cache import load_split
+    from pipeline.rundir import load_split
 
     manifest = preprocess.run(cfg)
     folds.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
-    return engine.FoldRun(cfg, fold, images, index, table, manifest, torch.device("cpu"))
+    return FoldRun(cfg, fold, images, index, table, manifest, torch.device("cpu"))

@@ -94,7 +94,7 @@ def test_shipped_seed_specs_fit_their_search_space_and_bounds(config):
                          ids=lambda path: path.stem)
 def test_every_shipped_half_size_spec_is_half_airnet_small_and_states_its_size(path):
     """Each half-size design (the search's seeds and the hand-made rivals the README reports) builds, fits the
-    bracket the issue sets (at most half of airnet_small's parameters), and its header's count is the real one."""
+    half-size bracket (at most half of airnet_small's parameters), and its header's count is the real one."""
     net = SpecNet(load_spec(path), num_classes=10)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     airnet_small = create_model(load_config(DEFAULT_CONFIG, ["model.name=airnet_small"]).model, 10)
@@ -152,10 +152,10 @@ def test_a_spec_file_trains_and_infers_through_the_pipeline(tmp_path, shared_com
 def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
     """A fold's fingerprint holds the architecture a spec file describes, not the file's name: a trained fold
     is reused after the file moves, and retrained after its contents change."""
-    from pipeline.training import engine
+    from pipeline import rundir
 
     def fingerprint(spec):
-        return engine.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,
+        return rundir.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,
                                                                                          f"model.spec={spec}")))
 
     first, moved = tmp_path / "net.yaml", tmp_path / "moved.yaml"
@@ -163,6 +163,6 @@ def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
     moved.write_text(yaml.safe_dump(SPEC))
     trained = fingerprint(first)
     cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, f"model.spec={moved}"))
-    assert engine.same_training(trained, cfg)
+    assert rundir.same_training(trained, cfg)
     moved.write_text(yaml.safe_dump({**SPEC, "width_multiplier": 2.0}))
-    assert not engine.same_training(trained, cfg) and fingerprint(moved) != trained
+    assert not rundir.same_training(trained, cfg) and fingerprint(moved) != trained

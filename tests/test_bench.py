@@ -9,7 +9,7 @@ import torch
 from pipeline import bench
 from pipeline.core.config import load_config
 from pipeline.data.demo import build
-from pipeline.core.utils import compute_settings
+from pipeline.training.precision import compute_settings
 
 KEYS = ["train_floor_img_s", "train_img_s", "train_ratio", "tta_floor_img_s", "tta_img_s", "tta_ratio",
         "preprocess_img_s", "model", "batch_size", "threads", "device", "floors", "best_floor"]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import preprocess
-from pipeline.data.cache import load_split
+from pipeline.rundir import load_split
 from pipeline.data.contract import DataError, check, load_competition, sort_classes
 
 from conftest import CLASSES, make_cfg, make_competition, pattern

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
-from pipeline.training import distill, engine
+from pipeline import rundir
+from pipeline.training import distill, fold
 from pipeline import folds, preprocess, train
 from pipeline.core.config import load_config
-from pipeline.data.cache import load_manifest, load_split
+from pipeline.rundir import load_manifest, load_split
 
 from conftest import DEFAULT_CONFIG, config_overrides, stage_argv
 
@@ -51,10 +53,10 @@ def test_targets_come_from_the_fold_that_held_each_row_out(teacher_run, shared_c
         held = fold_table["fold"].to_numpy() == k
         np.testing.assert_allclose(probs[held], np.load(teacher_dir / f"fold{k}" / "oof.npy"), rtol=1e-5)
     # the fold-k model's training rows get targets from the other folds' models, never from fold k's model
-    run = engine.FoldRun(cfg, 0, *load_split(cfg.run_dir, "train", manifest)[:1], index, fold_table, manifest,
-                         engine.torch.device("cpu"), targets=distill.distill_targets(
+    run = fold.FoldRun(cfg, 0, *load_split(cfg.run_dir, "train", manifest)[:1], index, fold_table, manifest,
+                         torch.device("cpu"), targets=distill.distill_targets(
                              index["label_idx"].to_numpy(), probs, 1.0, 1.0))
-    images, targets = next(iter(run.loader))
+    images, targets = next(iter(run.training.loader))
     assert targets.ndim == 2 and targets.shape[1] == 3
     rows = run.train_rows
     assert not np.isin(rows, np.flatnonzero(fold_table["fold"].to_numpy() == 0)).any()
@@ -91,14 +93,14 @@ def test_student_trains_and_its_fingerprint_follows_the_teacher(teacher_run, sha
     assert train.main(argv) == 0
     cfg = student_cfg(teacher_run, shared_competition, "train.teacher=teacher", "train.distill_alpha=0.7",
                       "train.distill_temperature=2")
-    assert engine.fold_done(cfg, 0) is not None
-    assert engine.fold_done(student_cfg(teacher_run, shared_competition, "train.teacher=teacher"), 0) is None
+    assert rundir.fold_done(cfg, 0) is not None
+    assert rundir.fold_done(student_cfg(teacher_run, shared_competition, "train.teacher=teacher"), 0) is None
     # a retrained teacher (other OOF probabilities) makes the student stale
     copy = tmp_path / "teacher_oof.csv"
     oof = pd.read_csv(teacher_run / "runs" / "teacher" / "oof.csv", dtype={"id": str, "label": str})
     oof.to_csv(copy, index=False)
     moved = student_cfg(teacher_run, shared_competition, f"train.teacher={copy}", "train.distill_alpha=0.7",
                         "train.distill_temperature=2")
-    before = engine.training_fingerprint(moved)
+    before = rundir.training_fingerprint(moved)
     oof.assign(fold=oof["fold"]).iloc[::-1].to_csv(copy, index=False)
-    assert engine.training_fingerprint(moved) != before
+    assert rundir.training_fingerprint(moved) != before

@@ -20,9 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.training import engine
+from pipeline.training import checkpoints
+from pipeline import rundir
 from pipeline import ensemble, folds, infer, preprocess, submit, train
 from pipeline.core.config import Config, load_config
+from pipeline.rundir import read_cv
 from pipeline.core.utils import read_json
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
@@ -73,7 +75,7 @@ def test_stages_write_the_run_folder(chain):
 @pytest.mark.slow
 def test_cv_report_matches_the_oof_table_and_beats_chance(chain):
     run_dir = chain["run_dir"]
-    cv = read_json(run_dir / "cv.json")
+    cv = read_cv(run_dir)
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str, "label": str})
     classes = ["blob", "hstripes", "vstripes"]
     assert list(oof.columns) == ["id", "label", "fold"] + classes
@@ -140,18 +142,19 @@ def test_train_rerun_skips_finished_folds(chain, caplog):
     assert {k: (run_dir / f"fold{k}" / "result.json").read_text() for k in range(N_FOLDS)} == results
     assert {k: (run_dir / f"fold{k}" / "best.safetensors").stat().st_mtime_ns for k in range(N_FOLDS)} == weights
     assert elapsed < max(5.0, chain["seconds"]["train"] / 3)
-    # cv.json is rewritten from the same OOF files (infer added oof_tta; train rewrites the base report)
+    # cv.json is rewritten from the same OOF files, so infer's TTA scores (cv_tta.json) still describe it
     assert read_json(run_dir / "cv.json")["oof"] == json.loads(cv)["oof"]
+    assert "oof_tta" in read_cv(run_dir)
 
 
 @pytest.mark.slow
 def test_changing_only_inference_settings_does_not_retrain(chain):
     cfg = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES,
                                                        "infer.tta=[identity, hflip]", "submit.format=probs"))
-    assert engine.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
-    assert engine.fold_done(cfg, 1) is not None
+    assert rundir.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
+    assert rundir.fold_done(cfg, 1) is not None
     retrain = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES, "train.lr=0.02"))
-    assert engine.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
+    assert rundir.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
 
 
 def trained_competition(tmp_path: Path) -> tuple[Path, list[str], Config]:
@@ -173,7 +176,7 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     """EDA flags a wrong label and the user fixes train.csv: the folds are made again, and no model trained on
     the old split is kept or resumed (it saw rows that the new split holds out)."""
     root, argv, cfg = trained_competition(tmp_path)
-    old = engine.split_signature(cfg)
+    old = rundir.split_signature(cfg)
     assert old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == old for k in range(N_FOLDS))
     (cfg.run_dir / "fold0" / "result.json").unlink()  # fold 0 as if killed after its last checkpoint
     table = pd.read_csv(root / "train.csv", dtype=str)
@@ -186,7 +189,7 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     assert any(m.startswith("fold 0: last checkpoint was made on other folds") for m in messages), messages
     assert sum("was trained on other folds" in m for m in messages) == N_FOLDS - 1
     assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
-    new = engine.split_signature(cfg)
+    new = rundir.split_signature(cfg)
     assert new != old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == new
                               for k in range(N_FOLDS))
 
@@ -196,7 +199,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     """The models record the pixels they saw: touching every image (new mtimes, so preprocess decodes them
     again) keeps every fold; one image replaced by another under its own name retrains every fold."""
     root, argv, cfg = trained_competition(tmp_path)
-    old = engine.images_signature(cfg)
+    old = rundir.images_signature(cfg)
     assert old and read_json(cfg.run_dir / "fold0" / "result.json")["images"] == old
     decoded = read_json(cfg.run_dir / "preprocess.json")["train"]["signature"]
     images = sorted((root / "train").iterdir())
@@ -208,7 +211,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     retrain(argv)
     messages = [r.getMessage() for r in caplog.records]
     assert read_json(cfg.run_dir / "preprocess.json")["train"]["signature"] != decoded  # decoded again
-    assert engine.images_signature(cfg) == old and not any(" epoch 1/2" in m for m in messages), messages
+    assert rundir.images_signature(cfg) == old and not any(" epoch 1/2" in m for m in messages), messages
 
     Image.open(images[1]).save(images[0])  # another image under the first one's name
     caplog.clear()
@@ -216,7 +219,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     messages = [r.getMessage() for r in caplog.records]
     assert sum("was trained on other images" in m for m in messages) == N_FOLDS, messages
     assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
-    assert engine.images_signature(cfg) not in (None, old)
+    assert rundir.images_signature(cfg) not in (None, old)
 
 
 @pytest.mark.slow
@@ -310,7 +313,7 @@ def test_torch_load_is_only_called_with_weights_only_true():
         # no aliasing around the check (from torch import load / torch.load passed around)
         text = path.read_text()
         assert "from torch import load" not in text and "= torch.load\n" not in text, path
-    assert found >= 1  # engine.load_state uses it
+    assert found >= 1  # checkpoints.load_state uses it
 
 
 def test_yaml_is_only_loaded_safely():
@@ -327,13 +330,13 @@ def test_a_config_key_added_at_its_default_does_not_retrain(tmp_path):
     import yaml
 
     cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None))
-    old = yaml.safe_load(engine.training_fingerprint(cfg))
+    old = yaml.safe_load(rundir.training_fingerprint(cfg))
     del old["model"]["kwargs"]  # as if model.kwargs had been added after this fold was trained
     stored = yaml.safe_dump(old, sort_keys=True)
-    assert engine.same_training(stored, cfg)
+    assert rundir.same_training(stored, cfg)
     changed = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, "model.kwargs={stem: 8}"))
-    assert not engine.same_training(stored, changed)
-    assert not engine.same_training(engine.training_fingerprint(cfg), changed) and not engine.same_training(None, cfg)
+    assert not rundir.same_training(stored, changed)
+    assert not rundir.same_training(rundir.training_fingerprint(cfg), changed) and not rundir.same_training(None, cfg)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import timm
 from safetensors.torch import save_file
 
 from pipeline import ensemble, folds, infer, preprocess, submit, train
+from pipeline.rundir import read_cv
 from pipeline.core.utils import read_json
 
 from conftest import fold_run, make_cfg
@@ -40,7 +41,7 @@ def test_features_mode_end_to_end(tmp_path, competition, tiny_weights, caplog):
     cfg = make_cfg(tmp_path, competition, *base)
     report = _chain(cfg)
     assert report["scored_rows"] == report["total_rows"] == 36
-    cv = read_json(cfg.run_dir / "cv.json")
+    cv = read_cv(cfg.run_dir)
     assert cv["oof_tta"]["tta"] == ["identity", "hflip"] and 0 <= cv["oof_tta"]["accuracy"] <= 1
     for fold in range(3):
         assert (cfg.run_dir / f"fold{fold}" / "best.safetensors").is_file()
@@ -89,7 +90,7 @@ def test_linear_probe_head_init_is_the_features_head(tmp_path, competition, tiny
     cfg = make_cfg(tmp_path, competition, *base, "train.head_init=linear_probe", "train.ema_decay=0.9")
     run = fold_run(cfg, fold=1)
     saved = load_file(str(features_cfg.run_dir / "fold1" / "best.safetensors"))
-    head = run.model.get_classifier()
+    head = run.training.model.get_classifier()
     assert torch.allclose(head.weight, saved["weight"].float(), atol=1e-5)
     assert torch.allclose(head.bias, saved["bias"].float(), atol=1e-5)
-    assert torch.equal(run.ema.module.get_classifier().weight, head.weight)  # the EMA starts from the probe too
+    assert torch.equal(run.training.ema.module.get_classifier().weight, head.weight)  # the EMA starts from the probe too

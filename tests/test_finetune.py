@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.training import engine, finetune
+from pipeline import rundir
+from pipeline.training import finetune, recipe
 from pipeline import folds, preprocess, train
 from pipeline.models.factory import create_model
 from pipeline.core.utils import read_json
@@ -19,14 +20,15 @@ def _copy(module: torch.nn.Module) -> dict:
 
 
 def test_freeze_then_unfreeze(tmp_path, competition):
-    run = fold_run(make_cfg(tmp_path, competition, "train.freeze_epochs=1", "train.epochs=2"))
-    body, head = _copy(run.model.stem), _copy(run.model.head)
-    run.train_epoch(0)
-    assert all(torch.equal(v, run.model.stem.state_dict()[k]) for k, v in body.items())  # weights and BN stats
-    assert not torch.equal(head["weight"], run.model.head.weight)
-    run.train_epoch(1)
-    assert not torch.equal(body["0.weight"], run.model.stem[0].weight)
-    assert all(p.requires_grad for p in run.model.parameters())
+    training = fold_run(make_cfg(tmp_path, competition, "train.freeze_epochs=1", "train.epochs=2")).training
+    model = training.model
+    body, head = _copy(model.stem), _copy(model.head)
+    training.run_epoch(0, "epoch 1")
+    assert all(torch.equal(v, model.stem.state_dict()[k]) for k, v in body.items())  # weights and BN stats
+    assert not torch.equal(head["weight"], model.head.weight)
+    training.run_epoch(1, "epoch 2")
+    assert not torch.equal(body["0.weight"], model.stem[0].weight)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_backbone_lr_mult_and_frozen_batch_norm():
@@ -34,7 +36,7 @@ def test_backbone_lr_mult_and_frozen_batch_norm():
 
     model = create_model(ModelConfig(name="airnet_tiny"), 3)
     cfg = TrainConfig(lr=0.1, backbone_lr_mult=0.1, bn="frozen", scheduler="onecycle", epochs=2)
-    optimizer = engine.build_optimizer(cfg, model)
+    optimizer = recipe.build_optimizer(cfg, model)
     head_ids = {id(p) for p in model.head.parameters()}
     for group in optimizer.param_groups:
         is_head = any(id(p) in head_ids for p in group["params"])
@@ -63,6 +65,6 @@ def test_ema_is_evaluated_checkpointed_and_resumed(tmp_path, competition):
 
     run = fold_run(cfg)
     run.resume()
-    assert run.epoch == 2 and run.step.updates == state["updates"]
-    assert all(torch.equal(v, ema[k]) for k, v in run.ema.module.state_dict().items())
-    assert read_json(fold / "result.json")["fingerprint"] == engine.training_fingerprint(cfg)
+    assert run.epoch == 2 and run.training.step.updates == state["updates"]
+    assert all(torch.equal(v, ema[k]) for k, v in run.training.ema.module.state_dict().items())
+    assert read_json(fold / "result.json")["fingerprint"] == rundir.training_fingerprint(cfg)

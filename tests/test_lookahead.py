@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training import engine
+from pipeline.training import checkpoints
+from pipeline.training.fold import FoldRun
 from pipeline import folds, preprocess
 from pipeline.core.config import TrainConfig
-from pipeline.data.cache import load_split
-from pipeline.training.engine import build_optimizer
+from pipeline.rundir import load_split
+from pipeline.training.recipe import build_optimizer
 from pipeline.training.schedulers import build_scheduler
 
 from conftest import KeepEpochOne, make_cfg
@@ -60,14 +61,14 @@ def test_resume_with_lookahead_is_exact(tmp_path, competition):
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
-    fold = lambda cls=engine.FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    fold = lambda cls=FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
     run = fold(KeepEpochOne)
     run.fit()
-    reference = np.load(run.dir / "oof.npy")
-    saved = engine.load_state(run.dir / "epoch1_state.pt")
+    reference = np.load(run.dir.root / "oof.npy")
+    saved = checkpoints.load_state(run.dir.root / "epoch1_state.pt")
     assert any("lookahead_slow_buff" in s for s in saved["optimizer"]["state"].values())
     assert saved["optimizer"]["param_groups"][0]["lookahead_step"] == 3
-    engine.save_state(run.dir / "last_state.pt", saved)
-    (run.dir / "result.json").unlink()
+    checkpoints.save_state(run.dir.root / "last_state.pt", saved)
+    (run.dir.root / "result.json").unlink()
     fold().fit()
-    np.testing.assert_array_equal(np.load(run.dir / "oof.npy"), reference)
+    np.testing.assert_array_equal(np.load(run.dir.root / "oof.npy"), reference)

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.training import engine
+from pipeline.training import fold
+from pipeline import rundir
 from pipeline import ensemble, folds, infer, preprocess, train
 from pipeline.core.config import ConfigError, with_values
-from pipeline.data.cache import load_split
+from pipeline.rundir import load_split, read_cv
 from pipeline.core.utils import read_json
 
 from conftest import KeepEpochOne, make_cfg, trained_run
@@ -25,13 +26,13 @@ def refitted(tmp_path_factory):
 
 def test_refit_trains_on_every_row_and_keeps_the_cv_the_folds(refitted):
     cfg = refitted
-    result = engine.fold_done(cfg, None)
+    result = rundir.fold_done(cfg, None)
     assert result and result["fold"] is None and (cfg.run_dir / "refit" / "best.safetensors").is_file()
     assert result["best_epoch"] == 2  # nothing held out: the last epoch (of 2) is kept
     assert result["metrics"] == dict.fromkeys(("accuracy", "macro_f1", "log_loss", "loss"))  # no scores: null
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
-    run = engine.FoldRun(cfg, None, images, index, folds.run(cfg), manifest, torch.device("cpu"))
+    run = fold.FoldRun(cfg, None, images, index, folds.run(cfg), manifest, torch.device("cpu"))
     assert len(run.train_rows) == len(index) == 36 and len(run.valid_rows) == 0
     cv = read_json(cfg.run_dir / "cv.json")
     assert cv["refit"]["rows"] == 36 and "OOF and CV are the fold models'" in cv["refit"]["note"]
@@ -44,7 +45,7 @@ def test_refit_is_skipped_when_done_and_retrained_when_settings_change(refitted,
     with caplog.at_level("INFO", logger="pipeline"):
         train.run(refitted)
     assert "refit already trained with these settings: skipped" in caplog.text
-    assert not engine.fold_done(with_values(refitted, {"train.lr": 0.01}), None)
+    assert not rundir.fold_done(with_values(refitted, {"train.lr": 0.01}), None)
 
 
 @pytest.mark.parametrize("mode, weight", [("with", 0.5), ("with", 0.25), ("instead", 1.0)])
@@ -56,7 +57,7 @@ def test_ensemble_combines_the_refit_with_or_instead_of_the_folds(refitted, mode
     np.testing.assert_allclose(out, (1 - weight) * folds_mean + weight * refit, rtol=1e-5, atol=1e-6)
     report = read_json(cfg.run_dir / "ensemble.json")
     assert "OOF scores and fitted weights are the fold models'" in report["refit"]["note"]
-    assert report["oof"]["accuracy"] == read_json(cfg.run_dir / "cv.json")["oof_tta"]["accuracy"]  # the folds'
+    assert report["oof"]["accuracy"] == read_cv(cfg.run_dir)["oof_tta"]["accuracy"]  # the folds'
 
 
 def test_without_refit_the_ensemble_ignores_a_left_over_refit_model(refitted):
@@ -85,7 +86,7 @@ def test_refit_resumes_exactly(tmp_path, competition):
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
-    run = lambda cls=engine.FoldRun: cls(cfg, None, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    run = lambda cls=fold.FoldRun: cls(cfg, None, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
     run(KeepEpochOne).fit()
     refit_dir = cfg.run_dir / "refit"
     reference = (refit_dir / "best.safetensors").read_bytes()

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from pipeline import preprocess
-from pipeline.data.cache import PAD_FILL, cache_side, decode, load_split
-from pipeline.training.engine import iter_batches
+from pipeline.data.cache import PAD_FILL, cache_side, decode
+from pipeline.rundir import load_split
+from pipeline.data.dataset import iter_batches
 
 from conftest import make_cfg
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training import engine
+from pipeline.training import checkpoints
+from pipeline.training.fold import FoldRun
 from pipeline import folds, preprocess, train
-from pipeline.data.cache import load_split
+from pipeline.rundir import load_split
 
 from conftest import REPO, KeepEpochOne, config_overrides, make_cfg
 
@@ -29,12 +30,12 @@ STEPS_PER_EPOCH = 24 // 8  # fold 0 trains on 24 of the 36 images, in batches of
 SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from pipeline.training import engine
+from pipeline.training.step import TrainStep
 from pipeline import train
 from pipeline.core.config import load_config
 
 kill_at, marker = int(os.environ["KILL_AT"]), os.environ["MARKER"]
-original, calls = engine.TrainStep.__call__, [0]
+original, calls = TrainStep.__call__, [0]
 
 def step(self, *args, **kwargs):
     out = original(self, *args, **kwargs)
@@ -44,7 +45,7 @@ def step(self, *args, **kwargs):
         time.sleep(600)
     return out
 
-engine.TrainStep.__call__ = step
+TrainStep.__call__ = step
 train.run(load_config(sys.argv[1], sys.argv[2:]))
 """
 
@@ -86,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(prepared, tmp_path, capl
 
     kill_mid_epoch(cfg, tmp_path, kill_at=STEPS_PER_EPOCH + 2)  # epoch 2, after its second step
     assert (fold_dir / "last_state.pt").is_file() and not (fold_dir / "result.json").exists()
-    assert engine.load_state(fold_dir / "last_state.pt")["epoch"] == 1
+    assert checkpoints.load_state(fold_dir / "last_state.pt")["epoch"] == 1
 
     with caplog.at_level("INFO", logger="pipeline"):
         train.run(cfg)
@@ -102,18 +103,18 @@ def check_streams(cfg, streams) -> None:
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
     torch.set_num_threads(1)
-    fold = lambda cls=engine.FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    fold = lambda cls=FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
     run = fold(KeepEpochOne)
     run.fit()
-    reference = np.load(run.dir / "oof.npy")
-    saved = engine.load_state(run.dir / "epoch1_state.pt")
+    reference = np.load(run.dir.root / "oof.npy")
+    saved = checkpoints.load_state(run.dir.root / "epoch1_state.pt")
     fresh = fold().random_state()
     for stream in (None, *streams):
         state = {**saved, "rng": {**saved["rng"], **({stream: fresh[stream]} if stream else {})}}
-        engine.save_state(run.dir / "last_state.pt", state)
-        (run.dir / "result.json").unlink()
+        checkpoints.save_state(run.dir.root / "last_state.pt", state)
+        (run.dir.root / "result.json").unlink()
         fold().fit()
-        same = np.array_equal(np.load(run.dir / "oof.npy"), reference)
+        same = np.array_equal(np.load(run.dir.root / "oof.npy"), reference)
         assert same == (stream is None), f"stream {stream}: {'same' if same else 'different'} OOF"
 
 

@@ -7,16 +7,16 @@ import subprocess
 import sys
 import tempfile
 
-from pipeline import rundir
+from pipeline.core import jobs
 from pipeline.core.config import from_dict
 
 from conftest import REPO
 
 HOLD = """
 import time
-from pipeline import rundir
+from pipeline.core import jobs
 from pipeline.core.config import from_dict
-with rundir.training_slot(from_dict({"experiment": "other"}), "train"):
+with jobs.training_slot(from_dict({"experiment": "other"}), "train"):
     print("ready", flush=True)
     time.sleep(120)
 """
@@ -28,16 +28,16 @@ def test_second_training_process_warns_and_shares_the_cores(tmp_path, monkeypatc
                             env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)})
     try:
         assert proc.stdout.readline().strip() == "ready"
-        with caplog.at_level(logging.WARNING, logger="pipeline"), rundir.training_slot(from_dict({})) as threads:
-            assert threads == max(1, rundir.usable_cpus() // 2)
+        with caplog.at_level(logging.WARNING, logger="pipeline"), jobs.training_slot(from_dict({})) as threads:
+            assert threads == max(1, jobs.usable_cpus() // 2)
         assert f"pid {proc.pid}: train runs/other" in caplog.text and "slow each other" in caplog.text
     finally:
         proc.kill()
         proc.wait()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline"), rundir.training_slot(from_dict({})) as threads:
-        assert threads == rundir.usable_cpus()  # the other one died (SIGKILL): its lock went with it
+    with caplog.at_level(logging.WARNING, logger="pipeline"), jobs.training_slot(from_dict({})) as threads:
+        assert threads == jobs.usable_cpus()  # the other one died (SIGKILL): its lock went with it
     assert "other pipeline" not in caplog.text
-    assert list(rundir.jobs_dir().glob("*.lock")) == []
-    with rundir.training_slot(from_dict({}, ["train.threads=3"])) as threads:
+    assert list(jobs.jobs_dir().glob("*.lock")) == []
+    with jobs.training_slot(from_dict({}, ["train.threads=3"])) as threads:
         assert threads == 3  # an explicit setting wins

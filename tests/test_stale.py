@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import folds, infer, preprocess, train
+from pipeline.rundir import read_cv
 from pipeline import rundir
 from pipeline.core.utils import read_json
 
@@ -66,7 +67,7 @@ def test_folds_dropped_from_train_folds_stop_counting(trained):
     assert pd.read_csv(only0.run_dir / "oof.csv").dropna()["fold"].unique().tolist() == [0]
     probs = infer.run(only0)
     np.testing.assert_allclose(probs.drop(columns="id").to_numpy(), predicted(cfg, 0), rtol=1e-6)
-    assert list(read_json(cfg.run_dir / "cv.json")["oof_tta"]["folds"]) == ["0"]
+    assert list(read_cv(cfg.run_dir)["oof_tta"]["folds"]) == ["0"]
     # a fold trained with other settings does not count either
     other = make_cfg(tmp, root, *OVERRIDES, "train.lr=0.02")
     with pytest.raises(FileNotFoundError, match="trained with these settings"):

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import augment
 from pipeline.core.config import from_dict
-from pipeline.training.engine import make_train_loader
+from pipeline.training.loaders import make_train_loader
 
 
 def _setup(n: int, batch_size: int, policy: str = "none"):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.evaluation.tta import VIEWS, get_view, predict_tta
+from pipeline.rundir import read_cv
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -160,7 +161,7 @@ def test_infer_auto_chooses_views_on_the_oof(tmp_path, shared_competition):
     for stage in (preprocess, folds, train, infer):
         assert stage.main(argv) == 0, stage.__name__
     run_dir = tmp_path / "runs" / "auto"
-    cv = read_json(run_dir / "cv.json")
+    cv = read_cv(run_dir)
     auto = cv["tta_auto"]
     assert auto["candidates"] == ["identity", "hflip", "vflip", "scale_down"]
     assert cv["oof_tta"]["tta"] == auto["chosen"] and auto["chosen"][0] == "identity"
@@ -172,4 +173,4 @@ def test_infer_auto_chooses_views_on_the_oof(tmp_path, shared_competition):
     before = (run_dir / "fold0" / "oof_views.npy").stat().st_mtime_ns
     assert infer.main(argv) == 0
     assert (run_dir / "fold0" / "oof_views.npy").stat().st_mtime_ns == before
-    assert read_json(run_dir / "cv.json")["tta_auto"]["chosen"] == auto["chosen"]
+    assert read_cv(run_dir)["tta_auto"]["chosen"] == auto["chosen"]

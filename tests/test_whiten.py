@@ -7,12 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.training import engine
+from pipeline.training import checkpoints
+from pipeline import rundir
 from pipeline import folds, preprocess
 from pipeline.search import study as search
 from pipeline.core.config import ModelConfig, TrainConfig, with_values
-from pipeline.data.cache import load_split
-from pipeline.training.engine import FoldRun, build_optimizer, load_weights
+from pipeline.rundir import load_split
+from pipeline.training.fold import FoldRun
+from pipeline.training.recipe import build_optimizer
+from pipeline.training.checkpoints import load_weights
 from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
 from pipeline.models.whiten import first_conv, patch_covariance, whiten_conv
@@ -59,7 +62,7 @@ def prepared(tmp_path, competition):
 
 
 def stem_weight(run: FoldRun) -> torch.Tensor:
-    return first_conv(run.model, 3, run.size).weight.detach().clone()
+    return first_conv(run.training.model, 3, run.training.size).weight.detach().clone()
 
 
 def test_whitening_reads_only_the_folds_training_images(prepared):
@@ -101,7 +104,7 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
     trained = load_weights(create_model(cfg.model, 3), cfg.run_dir / "fold0" / "best.safetensors")
     assert torch.equal(trained.stem[0].weight, initial) == freeze
     assert (cfg.run_dir / "fold0" / "test.npy").is_file()  # infer builds the patch-stem model and predicts
-    assert engine.fold_done(cfg, 0) and not engine.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
+    assert rundir.fold_done(cfg, 0) and not rundir.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
 
 
 @pytest.mark.parametrize("bias_epochs", [1, None])
@@ -110,8 +113,8 @@ def test_whitening_bias_trains_only_its_first_epochs(prepared, bias_epochs):
                                                    f"model.whiten_bias_epochs={'null' if bias_epochs is None else 1}")
     run = KeepEpochOne(cfg, 0, images, index, split, manifest, torch.device("cpu"))
     run.fit()
-    after_one = engine.load_state(run.dir / "epoch1_state.pt")["model"]["stem.0.bias"]
-    final = run.model.stem[0].bias.detach()
+    after_one = checkpoints.load_state(run.dir.root / "epoch1_state.pt")["model"]["stem.0.bias"]
+    final = run.training.model.stem[0].bias.detach()
     assert after_one.abs().sum() > 0  # trained in epoch 1
     assert torch.equal(final, after_one) == (bias_epochs == 1)
 
@@ -120,8 +123,9 @@ def test_search_trials_whiten_from_their_own_training_rows(tmp_path, competition
     cfg = make_cfg(tmp_path, competition, "model.whiten=true", PATCH, "search.subsample=null")
     preprocess.run(cfg)
     data = search.load_trial_data(cfg)
-    model = create_model(cfg.model, 3)
-    search.fit(model, cfg, data, torch.device("cpu"), lambda epoch, metrics: None)
+    training = search.trial_training(cfg, data, torch.device("cpu"))
+    training.run_epoch(0, "trial epoch 1")
+    model = training.model
     expected = nn.Conv2d(3, 24, 2)
     mean, std = normalization(cfg.model, data.manifest)
     whiten_conv(expected, patch_covariance(data.images, data.train_rows, mean, std, (2, 2), 16), cfg.model.whiten_eps)

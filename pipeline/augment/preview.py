@@ -9,10 +9,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import AugmentConfig, Config
-from .mixing import build_mixer
-from .policies import build_policy
+from pipeline.rundir import RunDir, load_split
+from pipeline.augment.mixing import build_mixer
+from pipeline.augment.policies import build_policy
 
 log = logging.getLogger("pipeline.augment")
 
@@ -52,13 +55,9 @@ def _tile(batch: np.ndarray, scale: int, pad: int = 2) -> np.ndarray:
 
 def run(cfg: Config, out: Optional[str | Path] = None, n: int = 32) -> Path:
     """Write the preview grid of augmented training images (from the uint8 cache) to a PNG."""
-    from PIL import Image
-
-    from ..data.cache import load_split
-
     images, _ = load_split(cfg.run_dir, "train")
     grid = preview_grid(images, cfg.augment, cfg.data.image_size, n=n, seed=cfg.seed)
-    out = Path(out) if out else cfg.run_dir / "augment_preview.png"
+    out = Path(out) if out else RunDir.of(cfg).augment_preview
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out)
     log.info("augmentation preview (%s, %d images) written to %s", cfg.augment.policy, n, out)
@@ -66,8 +65,6 @@ def run(cfg: Config, out: Optional[str | Path] = None, n: int = 32) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.cli import build_parser, stage_main
-
     parser = build_parser("Preview the augmentation policy on training images from the cache.")
     parser.add_argument("--preview", action="store_true", help="write a PNG grid of augmented samples")
     parser.add_argument("--out", default=None, help="PNG path (default runs/<experiment>/augment_preview.png)")

@@ -1,4 +1,4 @@
-"""RandAugment (seed notes; :class:`RandAugment`, every op an albumentations transform, chosen like
+"""RandAugment (Cubuk et al., 2020; :class:`RandAugment`, every op an albumentations transform, chosen like
 ``A.SomeOf(ops, n=n_select)``): ``magnitude = level / n_level`` ∈ [0, 1] maps linearly from the "level 0"
 to the "level n_level" column. With ``random_magnitude`` each op call draws its level uniformly from
 {0, …, level} instead. Signed ops (±) pick the sign at random per call.

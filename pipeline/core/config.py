@@ -104,7 +104,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     policy: str = "basic"  # see pipeline.augment.POLICIES
-    # RandAugment (seed notes): n_select ops per image, magnitude = level / n_level
+    # RandAugment (Cubuk et al.): n_select ops per image, magnitude = level / n_level
     n_select: int = 2
     level: int = 14
     n_level: int = 30
@@ -280,7 +280,7 @@ def _slot_channels() -> list[list[int]]:
 
 @dataclass(frozen=True)
 class ArchSpaceConfig:
-    """The architecture space of the search (seed notes: 7 block slots and a fixed head; pipeline/arch.py)."""
+    """The architecture space of the search: 7 block slots and a fixed head (pipeline/models/arch.py)."""
     enabled: bool = True  # false: keep model.* as configured (plain hyperparameter search)
     types: list[str] = field(default_factory=lambda: ["Conv", "DWConv", "InvertedResidualv2",
                                                        "InvertedResidualv3", "ConvPool", "Pass"])  # Pass never in slot 1
@@ -335,7 +335,7 @@ class SearchConfig:
     best_budgets: list[int] = field(default_factory=list)  # also most_accurate_under_<N> (params <= N) each
     # multi-fidelity: after the study, retrain the proxy's top rerank_top trials of most_accurate and of each budget
     # (and search.references) at train.epochs on rerank_subsample images; those rules then pick by that score.
-    # A few proxy epochs favour models that learn fast (configs/cifar10-search-545k.yaml). 0: off
+    # A few proxy epochs favour models that learn fast. 0: off
     rerank_top: int = 0
     rerank_subsample: Optional[int] = None  # None: every training image (one holdout of search.holdout)
     record_latency: bool = True

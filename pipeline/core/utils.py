@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -62,15 +63,6 @@ def _json_default(obj: Any) -> Any:
 def write_csv(path: str | Path, frame: "pd.DataFrame") -> None:  # noqa: F821
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-
-
-OOF_TABLES = ("oof_tta.csv", "oof.csv")  # a run folder's out-of-fold table: with TTA when infer scored it, else plain
-
-
-def run_oof(run_dir: str | Path, plain: bool = False) -> "Path | None":
-    """A run folder's OOF table (``oof_tta.csv``, else ``oof.csv``; ``oof.csv`` only when ``plain``), None without."""
-    names = OOF_TABLES[1:] if plain else OOF_TABLES
-    return next((Path(run_dir) / n for n in names if (Path(run_dir) / n).is_file()), None)
 
 
 def seed_everything(seed: int) -> None:
@@ -155,27 +147,30 @@ def device_name(device: "torch.device") -> str:  # noqa: F821
     return f"cpu: {names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
 
 
-def compute_settings(cfg, device: "torch.device") -> "tuple[torch.dtype | None, bool]":  # noqa: F821
-    """(autocast dtype, channels_last) for training and inference. ``train.precision: bench`` takes the fastest
-    setting ``python -m pipeline.bench`` measured for this experiment on this device (its ``best_floor`` in
-    ``runs/<experiment>/bench.json``) instead of the configured guess."""
-    precision, channels_last = cfg.train.precision, cfg.train.channels_last
-    if precision == "bench":
-        path = Path(cfg.run_dir) / "bench.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"train.precision: bench reads {path}: run `python -m pipeline.bench --config "
-                                    "CONFIG` for this experiment on this machine first")
-        record = read_json(path)
-        if record.get("device") != device_name(device):
-            raise ValueError(f"train.precision: bench: {path} was measured on {record.get('device')!r}, not on "
-                             f"{device_name(device)!r}: run the bench here again")
-        best = record["best_floor"]  # e.g. "bf16_channels_last", "fp32"
-        precision, channels_last = best.split("_")[0], best.endswith("_channels_last")
-    return resolve_precision(precision, device), channels_last and device.type != "mps"
-
-
 def autocast(device: "torch.device", dtype: "torch.dtype | None"):  # noqa: F821
     """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for plain fp32 (``dtype`` None)."""
     import torch
 
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def try_lock(path: Path, info: dict) -> "int | None":
+    """An open descriptor holding an exclusive ``flock`` on ``path`` (``info`` written into it), or None if held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    return fd
+
+
+def holder(path: Path) -> dict:
+    """What the process holding a lock file wrote into it ({} when unreadable)."""
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}

@@ -9,15 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageOps
 
-from pipeline.core.utils import read_json
-
-MANIFEST = "preprocess.json"
 
 
 RESIZE_MODES = ("squash", "crop", "pad")
@@ -76,21 +71,6 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_manifest(run_dir: str | Path) -> dict:
-    """``preprocess.json``, refused (naming the file and the stage to re-run) when damaged or edited."""
-    path = Path(run_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is damaged ({err}): re-run the preprocess stage") from None
-    if not isinstance(manifest, dict) or manifest.get("digest", manifest_digest(manifest)) != manifest_digest(manifest):
-        raise ValueError(f"{path} was edited or damaged (its content no longer matches its digest): re-run the "
-                         "preprocess stage, which rewrites it from the data")
-    return manifest
-
-
 def open_array(path: str | Path, n: int, size: int) -> np.ndarray:
     """The memory-mapped N×S×S×3 uint8 cache array; a damaged or mismatched one raises ValueError."""
     try:
@@ -110,38 +90,6 @@ def content_digest(images: np.ndarray, chunk: int = 1024) -> str:
     for start in range(0, len(images), chunk):
         h.update(np.ascontiguousarray(images[start:start + chunk]).data)
     return h.hexdigest()
-
-
-def load_split(run_dir: str | Path, split: str, manifest: Optional[dict] = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """The uint8 N×S×S×3 array (memory-mapped) and the index table (id, label, label_idx, …) of a split."""
-    manifest = manifest or load_manifest(run_dir)
-    entry = manifest[split]
-    if not Path(entry["array"]).is_file():
-        raise FileNotFoundError(f"{entry['array']} not found: re-run the preprocess stage (it rebuilds the cache)")
-    images = open_array(entry["array"], entry["n"], entry["size"])
-    index = pd.read_csv(Path(run_dir) / entry["index"], dtype={"id": str, "label": str, "group": str})
-    if len(index) != len(images):
-        raise ValueError(f"{entry['array']}: {len(images)} images but {len(index)} rows in {entry['index']}; "
-                         "re-run preprocess")
-    return images, index
-
-
-def read_folds(run_dir: Path, index: pd.DataFrame) -> pd.DataFrame:
-    """``folds.csv`` checked against the preprocessed train index: same ids in the same order, a whole
-    number fold on every row. Anything else (missing, truncated, edited, out of date) is an error that says
-    to re-run the folds stage."""
-    path = Path(run_dir) / "folds.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the folds stage first")
-    try:
-        folds = pd.read_csv(path, dtype={"id": str, "label": str})
-        fold = pd.to_numeric(folds["fold"], errors="raise")
-        whole = bool(fold.notna().all() and (fold >= 0).all() and (fold == fold.round()).all())
-    except (ValueError, KeyError, pd.errors.ParserError) as err:
-        raise ValueError(f"{path} is damaged ({err}): re-run the folds stage") from None
-    if not whole or not folds["id"].equals(index["id"]):
-        raise ValueError(f"{path} is damaged or does not match the preprocessed train set: re-run the folds stage")
-    return folds.assign(fold=fold.astype(int))
 
 
 def gather(images: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import gather  # noqa: F401 - read from the memory map; here for the loaders' callers
+from pipeline.data.cache import gather
 
 
 class ImageDataset(Dataset):
@@ -67,3 +67,10 @@ def center_crop(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         return images
     top, left = (h - size) // 2, (w - size) // 2
     return images[..., top:top + size, left:left + size]
+
+
+def iter_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, size: Optional[int] = None):
+    """uint8 N×C×H×W tensors of ``rows`` in order, each gathered from the memory map in one sorted read;
+    the centre ``size`` square when the cache holds a margin (``data.crop_pct``)."""
+    for start in range(0, len(rows), batch_size):
+        yield center_crop(torch.from_numpy(gather(images, rows[start:start + batch_size])).permute(0, 3, 1, 2), size)

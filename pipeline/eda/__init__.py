@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import Config
-from ..data.contract import Competition, load_competition
+from pipeline.data.contract import Competition, load_competition
 from pipeline.core.utils import read_json, write_csv, write_json, write_text
 from pipeline.eda import dups, plots, sections, stats, suggest
 from .report import page
@@ -219,8 +220,6 @@ def run(cfg: Config, force: bool = False) -> EdaResult:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.cli import build_parser, stage_main
-
     parser = build_parser(__doc__.splitlines()[0])
     parser.prog = "python -m pipeline.eda"
     parser.add_argument("--force", action="store_true", help="rescan even when the report is up to date")

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from pipeline.core.config import Config
 
 
 def _clipped(probs: np.ndarray) -> np.ndarray:
@@ -48,3 +51,14 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> 
 def calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
     """The ECE of class probabilities against integer labels (10 bins of the top probability)."""
     return reliability(probs.max(1), probs.argmax(1) == np.asarray(labels), bins)[3]
+
+
+def cv_report(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, probs: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and log loss per fold and over all scored rows."""
+    labels, fold_of = index["label_idx"].to_numpy(), folds["fold"].to_numpy()
+    done = ~np.isnan(probs).any(axis=1)
+    per_fold = {int(f): score(labels[(fold_of == f) & done], probs[(fold_of == f) & done])
+                for f in sorted(set(fold_of[done]))}
+    return {"experiment": cfg.experiment, "model": cfg.model.name, "folds": per_fold,
+            "oof": score(labels[done], probs[done]) if done.any() else {}, "scored_rows": int(done.sum()),
+            "total_rows": len(labels)}

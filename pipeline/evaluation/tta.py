@@ -11,10 +11,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from pipeline.evaluation.metrics import metric_loss, score
 from pipeline.core.registry import Registry
 from pipeline.core.utils import autocast
+from pipeline.data.dataset import iter_batches, to_float
+from pipeline.evaluation.metrics import metric_loss, score
 
 View = Callable[[torch.Tensor], torch.Tensor]
 VIEWS: Registry[View] = Registry("TTA view")
@@ -65,6 +67,20 @@ def get_view(name: str) -> View:
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean, std, device: torch.device,
+                   dtype: Optional[torch.dtype], channels_last: bool = True, batch_size: int = 512,
+                   size: Optional[int] = None) -> torch.Tensor:
+    """Logits (float32, CPU) for ``rows`` of the cache, centre ``size`` (TTA views: :func:`pipeline.evaluation.tta.predict_tta`)."""
+    model.eval()
+    out = []
+    for batch in iter_batches(images, rows, batch_size, size):
+        x = to_float(batch, mean, std, device, channels_last)
+        with autocast(device, dtype):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
 def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.device, dtype=None,
                 channels_last: bool = True, batch_size: int = 512, size: Optional[int] = None) -> torch.Tensor:
     """Mean softmax over the TTA views ``names`` for ``rows`` of a uint8 N×H×W×3 cache (float32, CPU).
@@ -72,9 +88,6 @@ def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.
     Each batch is read (its centre ``size`` square when the cache holds a margin) and normalised once, then
     goes through every view, so extra views cost only their forward passes.
     """
-    from pipeline.data.dataset import to_float
-    from pipeline.training.engine import iter_batches
-
     if not names:
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")
     views = [get_view(n) for n in names]

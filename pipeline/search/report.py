@@ -27,6 +27,7 @@ import optuna
 import pandas as pd
 
 from pipeline.core.config import Config, load_config, to_yaml, with_values
+from pipeline.rundir import RunDir, SearchDir
 from pipeline.search.space import OBJECTIVES, trial_config
 from pipeline.core.utils import atomic_path, setup_logging, write_csv, write_json, write_text
 
@@ -167,7 +168,7 @@ def best_trials(table: pd.DataFrame, cfg: Config) -> dict:
     return picks
 
 
-def export_best(study: optuna.Study, cfg: Config, picks: dict, out: Path) -> dict:
+def export_best(study: optuna.Study, cfg: Config, picks: dict, out: SearchDir) -> dict:
     """``best/<rule>.yaml``: the trial's full config at the configured (not the search's) epochs."""
     exported = {}
     for rule, row in picks.items():
@@ -178,15 +179,15 @@ def export_best(study: optuna.Study, cfg: Config, picks: dict, out: Path) -> dic
                                                               f"rerank_{metric_of(cfg)}")
                               if k in row and pd.notna(row[k]))
                   + f"\n# searched on {cfg.search.subsample} images, {cfg.search.epochs} epochs; trains at "
-                    f"train.epochs={config.train.epochs}: ./run.sh full {out / 'best' / (rule + '.yaml')}\n")
-        write_text(out / "best" / f"{rule}.yaml", header + to_yaml(config))
+                    f"train.epochs={config.train.epochs}: ./run.sh full {out.best(rule)}\n")
+        write_text(out.best(rule), header + to_yaml(config))
         kept = ("accuracy", "params", f"rerank_{metric_of(cfg)}")
         exported[rule] = {"trial": trial.number, **{k: row[k] for k in kept if k in row and pd.notna(row[k])}}
     return exported
 
 
 def plot_pareto(table: pd.DataFrame, cfg: Config, references: list[dict], path: Path) -> None:
-    """The seed notes' figure: parameters vs score, coloured by trial order, front drawn, references marked."""
+    """The search's figure: parameters vs score, coloured by trial order, front drawn, references marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,19 +247,19 @@ def save_figure(fig, path: Path) -> None:
 def write_outputs(study: optuna.Study, cfg: Config, references: list[dict], reranked: Optional[dict] = None) -> dict:
     """Every table, figure and config of the search folder, and the summary (returned). ``reranked``: the
     re-rank's ``{"trials": {number: metrics}, "references": [...]}`` (column ``rerank_<metric>`` of trials.csv)."""
-    out = cfg.run_dir / "search"
+    out = RunDir.of(cfg).search
     table = trials_table(study, cfg)
     reranked = reranked or {}
     if reranked.get("trials") and len(table):
         metric = metric_of(cfg)
         table[f"rerank_{metric}"] = table["number"].map(lambda n: reranked["trials"].get(int(n), {}).get(metric))
-    write_csv(out / "trials.csv", table)
+    write_csv(out.file("trials.csv"), table)
     good = usable(table)
     pareto = good[pareto_mask(losses(good, cfg.search.objectives))] if len(good) else good
-    write_csv(out / "pareto.csv", pareto.sort_values(list(cfg.search.objectives)[-1]) if len(pareto) else pareto)
+    write_csv(out.file("pareto.csv"), pareto.sort_values(list(cfg.search.objectives)[-1]) if len(pareto) else pareto)
     curve = hypervolume_curve(table, cfg)
-    plot_pareto(table, cfg, references, out / "pareto.png")
-    plot_hypervolume({cfg.search.sampler: curve}, out / "hypervolume.png", f"{cfg.experiment}: hypervolume")
+    plot_pareto(table, cfg, references, out.file("pareto.png"))
+    plot_hypervolume({cfg.search.sampler: curve}, out.file("hypervolume.png"), f"{cfg.experiment}: hypervolume")
     states = table["state"].value_counts().to_dict() if len(table) else {}
     summary = {"study": study.study_name, "sampler": cfg.search.sampler, "objectives": list(cfg.search.objectives),
                "trials": len(table), "states": states, "trained": len(good),
@@ -269,9 +270,9 @@ def write_outputs(study: optuna.Study, cfg: Config, references: list[dict], rera
                "best": export_best(study, cfg, best_trials(table, cfg), out), "references": references,
                "rerank": {str(n): m for n, m in reranked.get("trials", {}).items()},
                "rerank_references": reranked.get("references", [])}
-    write_json(out / "summary.json", summary)
+    write_json(out.file("summary.json"), summary)
     log.info("search: %d trials (%s), %d on the Pareto front, hypervolume %.4f; best configs in %s", len(table),
-             states, len(pareto), summary["hypervolume"], out / "best")
+             states, len(pareto), summary["hypervolume"], out.file("best"))
     return summary
 
 
@@ -303,17 +304,17 @@ def log_hparams(trial: optuna.trial.FrozenTrial, cfg: Config) -> None:
     metrics = {f"hparam/{k}": float(v) for k, v in zip(cfg.search.objectives, trial.values or [])}
     metrics.update({f"hparam/{k}": float(trial.user_attrs[k]) for k in ("params", "macs", "latency_ms")
                     if k in trial.user_attrs})
-    with SummaryWriter(str(cfg.run_dir / "search" / "tb")) as writer:
+    with SummaryWriter(str(RunDir.of(cfg).search.file("tb"))) as writer:
         writer.add_hparams(hparams, metrics, run_name=f"trial{trial.number:04d}")
 
 
 def compare(dirs: Sequence[str | Path], out: str | Path) -> dict:
     """Hypervolume curves of several search folders against the first one's reference point."""
-    configs = [load_config(Path(d) / "config.yaml") for d in dirs]
+    configs = [load_config(SearchDir(Path(d)).file("config.yaml")) for d in dirs]
     reference = reference_point(configs[0])
     curves, finals = {}, {}
     for d, cfg in zip(dirs, configs):
-        table = pd.read_csv(Path(d) / "trials.csv")
+        table = pd.read_csv(SearchDir(Path(d)).file("trials.csv"))
         name = f"{cfg.search.sampler} ({Path(d).parent.name})"
         curves[name] = hypervolume_curve(table, configs[0], reference)
         finals[name] = {"trials": len(table), "trained": len(usable(table)),

@@ -32,23 +32,17 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from pipeline import augment
-from pipeline.models.arch import count_macs, cpu_latency_ms, load_spec
 from pipeline.cli import stage_main
 from pipeline.core.config import Config, to_yaml, with_values
-from pipeline.data.cache import load_manifest, load_split
-from pipeline.training.engine import TrainStep, build_optimizer, make_fold_loader, predict_logits, training_fingerprint
-from pipeline.training.losses import build_loss
-from pipeline.evaluation.metrics import score
-from pipeline.models.factory import count_parameters, create_model
 from pipeline.core.registry import Registry
-from pipeline.training.schedulers import build_scheduler
+from pipeline.core.utils import configure_backends, read_json, resolve_device, seed_everything, write_json, write_text
+from pipeline.evaluation.metrics import score
+from pipeline.models.arch import count_macs, cpu_latency_ms, load_spec
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.rundir import RunDir, SearchDir, load_manifest, load_split, training_fingerprint
 from pipeline.search.report import rerank_candidates, trial_line, trials_table, write_outputs
 from pipeline.search.space import OBJECTIVES, check_same_space, check_search, spec_params, suggest, trial_config
-from pipeline.models.weights import normalization
-from pipeline.models.whiten import freeze_whitening, init_whitening
-from pipeline.core.utils import (compute_settings, configure_backends, read_json, resolve_device, seed_everything, write_json,
-                    write_text)
+from pipeline.training.recipe import Training, build_training, refuse
 
 log = logging.getLogger(__name__)
 
@@ -135,39 +129,32 @@ def model_costs(model: nn.Module, size: int, latency: bool = True) -> dict:
     return costs
 
 
-def fit(model: nn.Module, cfg: Config, data: TrialData, device: torch.device,
-        on_epoch: Callable[[int, dict], None], deadline: Optional[float] = None) -> dict:
-    """Train ``model`` on the trial data for ``cfg.train.epochs`` (or until ``deadline``), scoring each epoch."""
-    dtype, channels_last = compute_settings(cfg, device)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    n_classes, y_train = len(data.classes), data.labels[data.train_rows]
-    mean, std = normalization(cfg.model, data.manifest)
-    if cfg.model.whiten:  # from the trial's training rows only, as the train stage does per fold
-        whitened = init_whitening(cfg.model, model, data.images, data.train_rows, mean, std, cfg.data.image_size)
-    _, loader = make_fold_loader(cfg, data.images, data.train_rows, y_train, cfg.data.image_size, cfg.seed, device)
-    optimizer = build_optimizer(cfg.train, model)
-    schedule = build_scheduler(cfg.train, optimizer, max(1, len(loader) // max(1, cfg.train.accum_steps)))
-    step = TrainStep(model, optimizer, build_loss(cfg.train, y_train, n_classes).to(device), schedule, device,
-                     dtype, mean, std, channels_last, cfg.train.accum_steps,
-                     augment.build_mixer(cfg.augment, n_classes, seed=cfg.seed))
+# settings a trial cannot honour: it is scored on its last epoch against one stratified holdout of the subsample
+UNHONOURED = {
+    "train.early_stopping": "a trial is scored on its last epoch",
+    "train.head_init": "the linear probe embeds the whole train split, a trial trains on a subsample",
+    "train.teacher": "teacher probabilities are per train row, a trial trains on a subsample",
+    "train.mode": "trials train networks; the features mode fits heads",
+}
+
+
+def trial_training(cfg: Config, data: TrialData, device: torch.device) -> Training:
+    """The train stage's recipe on the trial's training rows, seeded as fold 0 of the train stage is."""
+    refuse(cfg, "a search trial", UNHONOURED)
+    return build_training(cfg, data.images, data.labels, data.train_rows, data.manifest, device, cfg.seed)
+
+
+def fit(cfg: Config, data: TrialData, device: torch.device, on_epoch: Callable[[int, dict], None],
+        deadline: Optional[float] = None) -> dict:
+    """Train ``cfg``'s model with the train stage's recipe (:func:`~pipeline.training.recipe.build_training`) on
+    the trial data for ``cfg.train.epochs`` (or until ``deadline``), scoring the holdout after each epoch."""
+    training = trial_training(cfg, data, device)
     metrics: dict = {}
     for epoch in range(cfg.train.epochs):
-        model.train()
-        if cfg.model.whiten:
-            freeze_whitening(cfg.model, whitened, epoch)
-        late = False
-        loader.set_epoch(epoch)
-        for images, targets in loader:
-            step(images, targets)
-            late = deadline is not None and time.monotonic() > deadline
-            if late:
-                break
-        logits = predict_logits(model, data.images, data.valid_rows, mean, std, device, dtype,
-                                channels_last, cfg.infer.batch_size)
-        metrics = score(data.labels[data.valid_rows], logits.softmax(1).numpy())
-        schedule.step_epoch(metrics["log_loss"])
+        train_loss, late = training.run_epoch(epoch, f"trial epoch {epoch + 1}/{cfg.train.epochs}", deadline)
+        logits = training.predict(data.images, data.valid_rows)
+        metrics = {**score(data.labels[data.valid_rows], logits.softmax(1).numpy()), "train_loss": train_loss}
+        training.schedule.step_epoch(metrics["log_loss"])
         on_epoch(epoch, metrics)
         if late:
             metrics["timed_out"] = True
@@ -208,8 +195,7 @@ class Objective:
         if not feasible:  # never trained: the constraint, not these placeholder scores, rules it out
             return self.values({"accuracy": 0.0, "macro_f1": 0.0, **costs})
         deadline = time.monotonic() + search.trial_timeout if search.trial_timeout else None
-        metrics = fit(model, cfg_t, self.data, self.device, partial(self.on_epoch, trial, costs["params"]),
-                      deadline)
+        metrics = fit(cfg_t, self.data, self.device, partial(self.on_epoch, trial, costs["params"]), deadline)
         trial.set_user_attr("timed_out", bool(metrics.get("timed_out")))
         return self.values({**metrics, **costs})
 
@@ -278,8 +264,8 @@ def losing(study: optuna.Study, params: int, epoch: int, value: float, k: int) -
 # --------------------------------------------------------------------------- storage and study
 
 
-def search_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "search"
+def search_dir(cfg: Config) -> SearchDir:
+    return RunDir.of(cfg).search
 
 
 def build_storage(cfg: Config) -> optuna.storages.BaseStorage:
@@ -288,7 +274,7 @@ def build_storage(cfg: Config) -> optuna.storages.BaseStorage:
     RDB storages get a heartbeat: a trial whose worker died is failed and its parameters retried once."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    url = cfg.search.storage or f"sqlite:///{(search_dir(cfg) / 'study.db').resolve()}"
+    url = cfg.search.storage or f"sqlite:///{search_dir(cfg).file('study.db').resolve()}"
     if url.startswith("journal:") or url.endswith(".log"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -325,7 +311,7 @@ def warm_start(study: optuna.Study, cfg: Config) -> int:
     source = Path(cfg.search.warm_start)
     if study.user_attrs.get("warm_started_from") == str(source):
         return 0
-    path = source / "pareto.csv"
+    path = SearchDir(source).file("pareto.csv")
     if not path.is_file():
         raise FileNotFoundError(f"search.warm_start: {path} not found (run that search first)")
     pareto = pd.read_csv(path)
@@ -367,17 +353,17 @@ def open_cache(path: Path, protocol: str, field: str) -> dict:
 def score_references(cfg: Config, data: TrialData, device: torch.device, rerank: bool = False) -> list[dict]:
     """The ``search.references`` models trained with the trials' protocol (cached in references.json), or with
     the re-rank's (cached in rerank_references.json)."""
-    path = search_dir(cfg) / ("rerank_references.json" if rerank else "references.json")
+    path = search_dir(cfg).file("rerank_references.json" if rerank else "references.json")
     _, epochs, protocol = fidelity(cfg, rerank)
     cached = open_cache(path, protocol, "models")
     for name in cfg.search.references:
         if name not in cached["models"]:
             cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": epochs})
             seed_everything(cfg_r.seed)
-            model = create_model(cfg_r.model, len(data.classes))
-            costs = model_costs(model, cfg_r.data.image_size, cfg.search.record_latency)
+            costs = model_costs(create_model(cfg_r.model, len(data.classes)), cfg_r.data.image_size,
+                                cfg.search.record_latency)
             start = time.perf_counter()
-            metrics = fit(model, cfg_r, data, device, lambda e, m: None)
+            metrics = fit(cfg_r, data, device, lambda e, m: None)
             cached["models"][name] = {**costs, **metrics, "seconds": round(time.perf_counter() - start, 1)}
             log.info("reference %s%s: params %d, accuracy %.4f", name, " (re-rank)" if rerank else "",
                      costs["params"], metrics["accuracy"])
@@ -395,7 +381,7 @@ def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
         return {}
     subsample, _, protocol = fidelity(cfg, rerank=True)
     data = load_trial_data(with_values(cfg, {"search.subsample": subsample}))
-    path = search_dir(cfg) / "rerank.json"
+    path = search_dir(cfg).file("rerank.json")
     cached = open_cache(path, protocol, "trials")
     log.info("search: re-ranking trials %s at %d epochs on %d train / %d holdout images", numbers,
              cfg.train.epochs, len(data.train_rows), len(data.valid_rows))
@@ -404,10 +390,8 @@ def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
         if str(number) in cached["trials"]:
             continue
         cfg_t = trial_config(cfg, trials[number].params)  # at train.epochs
-        seed_everything(cfg_t.seed)
-        model = create_model(cfg_t.model, len(data.classes))
         start = time.perf_counter()
-        metrics = fit(model, cfg_t, data, device, lambda e, m: log.info(
+        metrics = fit(cfg_t, data, device, lambda e, m: log.info(
             "re-rank trial %d epoch %d/%d: %s %.4f", number, e + 1, cfg_t.train.epochs, metric, m[metric]))
         cached["trials"][str(number)] = {**metrics, "seconds": round(time.perf_counter() - start, 1)}
         proxy = dict(zip(search.objectives, trials[number].values)).get(metric, float("nan"))
@@ -425,8 +409,8 @@ def run(cfg: Config) -> dict:
     """Run (or resume, or join) the study, then write the tables, figures and best configs."""
     check_search(cfg.search)
     out = search_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(cfg))
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_text(out.file("config.yaml"), to_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours

@@ -12,39 +12,13 @@ score can be a little optimistic. Use a teacher trained on a disjoint split if t
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config
-from pipeline.core.utils import run_oof
-
-
-def teacher_table(cfg: Config) -> Optional[Path]:
-    """The teacher's OOF table: a CSV path as given, or a run folder's ``oof_tta.csv`` (else ``oof.csv``);
-    a bare experiment name is looked up in ``runs_dir``. None without a teacher."""
-    if not cfg.train.teacher:
-        return None
-    path = Path(cfg.train.teacher)
-    if not path.exists():
-        path = Path(cfg.runs_dir) / cfg.train.teacher
-    if path.is_file():
-        return path
-    if (table := run_oof(path)) is not None:
-        return table
-    if Path(cfg.train.teacher).suffix == ".csv":
-        raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no such file (run the teacher's ensemble first)")
-    raise FileNotFoundError(f"train.teacher={cfg.train.teacher!r}: no OOF table (oof_tta.csv, oof.csv) in {path}: "
-                            "train the teacher first, or give the path of its OOF CSV (e.g. ensemble_oof.csv)")
-
-
-def teacher_signature(cfg: Config) -> Optional[str]:
-    """SHA-1 of the teacher's OOF table (part of the training fingerprint: a retrained teacher retrains)."""
-    path = teacher_table(cfg)
-    return None if path is None else hashlib.sha1(path.read_bytes()).hexdigest()
+from pipeline.rundir import teacher_table
 
 
 def teacher_probs(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, classes: list[str]) -> Optional[np.ndarray]:

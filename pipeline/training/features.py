@@ -6,8 +6,8 @@ cache, under ``<data.cache_dir>/features/``, keyed by the backbone, its weights,
 the image cache's signature, so a second run (or another head) reuses them and any change of those recomputes
 them. A head per fold is then fitted on the other folds' embeddings in seconds: ``train.head: logreg``
 (scikit-learn's LogisticRegression on standardised features, ``train.head_c``) folded into one ``nn.Linear``,
-or ``mlp`` (a small torch MLP, ``train.head_hidden``, ``train.head_steps``), saved like any checkpoint (``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work
-unchanged. Training rows are embedded under every TTA view and all of them train the head (flips as free
+or ``mlp`` (a small torch MLP, ``train.head_hidden``, ``train.head_steps``), saved like any checkpoint
+(``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work unchanged. Training rows are embedded under every TTA view and all of them train the head (flips as free
 augmentation); the OOF uses the identity view, ``infer`` averages the views as for a fine-tuned model.
 """
 from __future__ import annotations
@@ -23,12 +23,16 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import Config
-from pipeline.data.dataset import to_float
-from pipeline.models.factory import create_model
 from pipeline.core.registry import Registry
+from pipeline.core.utils import atomic_path, autocast, write_json
+from pipeline.data.dataset import iter_batches, to_float
+from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
-from pipeline.core.utils import atomic_path, autocast, compute_settings, write_json
+from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
+from pipeline.rundir import RunDir, fold_done, load_split, trained_with
+from pipeline.training.checkpoints import load_weights, save_checkpoint
+from pipeline.training.precision import compute_settings
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ def train_views(cfg: Config) -> list[str]:
 def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
               manifest: dict, device: torch.device) -> int:
     """Fit the head of every wanted fold not already done with these settings; return how many were fitted."""
-    from pipeline.training.engine import fold_done
-
     todo = [f for f in wanted if not fold_done(cfg, f)]
     if todo:
         feats = embeddings(cfg, manifest, "train", train_views(cfg), device)
@@ -75,8 +77,6 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
 @torch.no_grad()
 def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
            device: torch.device, desc: str) -> list[np.ndarray]:
-    from pipeline.training.engine import iter_batches  # the engine imports the model stack; keep this module light to import
-
     dtype = compute_settings(cfg, device)[0]
     fns = [get_view(v) for v in views]
     out: list[list[np.ndarray]] = [[] for _ in views]
@@ -92,8 +92,6 @@ def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, 
 
 def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
     """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached."""
-    from pipeline.data.cache import load_split
-
     paths = {v: features_path(cfg, manifest, split, v) for v in views}
     missing = [v for v, p in paths.items() if not p.is_file()]
     if missing:
@@ -189,9 +187,6 @@ def head_probs(head: nn.Module, feats: list[np.ndarray]) -> np.ndarray:
 def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.DataFrame, folds: pd.DataFrame,
              classes: list[str]) -> dict:
     """Fit the head on the other folds (every view), score the fold (identity view), save like a checkpoint."""
-    from pipeline.training.engine import save_checkpoint, trained_with
-    from pipeline.evaluation.metrics import score
-
     start = time.perf_counter()
     labels = index["label_idx"].to_numpy()
     fold_of = folds["fold"].to_numpy()
@@ -202,16 +197,16 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
     first = next(iter(feats.values()))
     probs = head_probs(head, [first[valid_rows]])
     metrics = score(labels[valid_rows], probs)
-    fold_dir = cfg.run_dir / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunDir.of(cfg).model(fold)
+    folder.root.mkdir(parents=True, exist_ok=True)
     meta = {"fold": fold, "epoch": 0, "classes": classes, "metrics": metrics, "model": cfg.model.name,
             "head": cfg.train.head, "views": list(feats), "image_size": cfg.data.image_size}
-    save_checkpoint(fold_dir, "best", head, meta)
-    with atomic_path(fold_dir / "oof.npy") as tmp:
+    save_checkpoint(folder, "best", head, meta)
+    with atomic_path(folder.predictions("oof")) as tmp:
         np.save(tmp, probs.astype(np.float32))
     result = {"fold": fold, "best_epoch": 0, "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
               "parameters": sum(p.numel() for p in head.parameters()), **trained_with(cfg)}
-    write_json(fold_dir / "result.json", result)
+    write_json(folder.result, result)
     log.info("fold %d: %s head on %d×%d features: acc %.4f log_loss %.4f (%.1fs)", fold, cfg.train.head,
              *x.shape, metrics["accuracy"], metrics["log_loss"], result["seconds"])
     return result
@@ -220,9 +215,8 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
 def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.ndarray, views: list[str],
                  device: torch.device) -> np.ndarray:
     """A fold head's probabilities for ``rows`` of ``split``, averaged over the TTA ``views``."""
-    from pipeline.training.engine import load_weights
-
     feats = embeddings(cfg, manifest, split, views, device)
     dim = next(iter(feats.values())).shape[1]
-    head = load_weights(build_head(cfg, dim, len(manifest["classes"])), cfg.run_dir / f"fold{fold}" / "best.safetensors")
+    best = RunDir.of(cfg).model(fold).weights("best")
+    head = load_weights(build_head(cfg, dim, len(manifest["classes"])), best)
     return head_probs(head, [feats[v][rows] for v in views])

@@ -1,4 +1,4 @@
-"""Fine-tuning recipes for pretrained backbones, used by the training engine.
+"""Fine-tuning recipes for pretrained backbones, used by the training recipe.
 
 * ``train.freeze_epochs``: the first epochs train only the classifier; the frozen backbone runs in eval mode
   (its batch-norm statistics and dropout untouched), then everything trains.
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.core.config import Config, TrainConfig
+from pipeline.training import features
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ def linear_probe_head(cfg: Config, model: nn.Module, manifest: dict, train_rows:
                       device: torch.device) -> None:
     """Set the classifier of ``model`` to a logistic regression fitted on the frozen features of ``train_rows``
     (every TTA view, as the features mode does; embeddings cached and shared with it). Held-out rows unused."""
-    from pipeline.training import features
-
     head = head_module(model)
     feats = features.embeddings(cfg, manifest, "train", features.train_views(cfg), device)
     x = np.concatenate([f[train_rows] for f in feats.values()])

@@ -1,0 +1,143 @@
+"""The training recipe: :func:`build_training` builds everything one model's training needs from the config.
+
+The train stage's folds, every search trial and the bench call it, so all three run one recipe: the model (its
+head from a linear probe, whitening), the loader and augmentation policy, the optimizer, the schedule, the loss,
+mixing, the weight average (EMA), the frozen backbone or batch norm of fine-tuning and progressive resizing.
+A caller that cannot honour a setting refuses it (:func:`refuse`), naming the key, instead of ignoring it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from timm.optim import Lookahead
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import augment
+from pipeline.core.config import Config, ConfigError, TrainConfig, to_dict
+from pipeline.core.utils import configure_backends, seed_everything
+from pipeline.evaluation.tta import predict_logits
+from pipeline.models.factory import create_model
+from pipeline.models.weights import normalization
+from pipeline.models.whiten import freeze_whitening, init_whitening
+from pipeline.training import finetune
+from pipeline.training.loaders import make_fold_loader
+from pipeline.training.losses import build_loss
+from pipeline.training.precision import compute_settings
+from pipeline.training.schedulers import Schedule, build_scheduler
+from pipeline.training.step import TrainStep
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on norm layers and biases; the backbone's learning
+    rate scaled by ``train.backbone_lr_mult``; wrapped in timm's Lookahead when ``train.lookahead_k`` > 0 (it
+    shares the inner optimizer's param groups, so schedulers work, and keeps its slow weights and step counter
+    in the inner optimizer's state dict, so ``last_state.pt`` resumes it exactly)."""
+    groups = finetune.param_groups(cfg, model)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.lookahead_k > 0:
+        opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
+    return opt
+
+
+@dataclass
+class Training:
+    """One model's training, as :func:`build_training` made it."""
+    cfg: Config
+    device: torch.device
+    model: nn.Module
+    policy: Any  # the augmentation policy (its random state is part of an exact resume)
+    loader: Any  # ChunkedLoader or DeviceLoader
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    ema: Optional[nn.Module]
+    step: TrainStep
+    whitened: Optional[nn.Module]
+    mean: tuple
+    std: tuple
+    dtype: Optional[torch.dtype]
+    channels_last: bool
+    size: int
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and kept: the weight average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def run_epoch(self, epoch: int, desc: str, deadline: Optional[float] = None) -> tuple[float, bool]:
+        """One pass over the loader as the recipe trains ``epoch`` (frozen backbone or batch norm, whitening
+        bias, input size); (mean training loss, whether it stopped at ``deadline``, a ``time.monotonic`` value)."""
+        finetune.train_mode(self.model, self.cfg.train, epoch)
+        if self.whitened is not None:
+            freeze_whitening(self.cfg.model, self.whitened, epoch)
+        size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
+        total, n = 0.0, 0
+        self.loader.set_epoch(epoch)
+        for images, targets in tqdm(self.loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
+            total += self.step(images, targets, size) * len(targets)
+            n += len(targets)
+            if deadline is not None and time.monotonic() > deadline:
+                return total / max(n, 1), True
+        return total / max(n, 1), False
+
+    def predict(self, images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """Logits of :attr:`eval_model` for ``rows`` of a uint8 cache, centre view (float32, CPU)."""
+        return predict_logits(self.eval_model, images, rows, self.mean, self.std, self.device, self.dtype,
+                              self.channels_last, self.cfg.infer.batch_size, self.size)
+
+
+def build_training(cfg: Config, images: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, manifest: dict,
+                   device: torch.device, seed: int, targets: Optional[np.ndarray] = None,
+                   precision: Optional[tuple[Optional[torch.dtype], bool]] = None,
+                   probe: bool = True) -> Training:
+    """Everything that trains a model on ``train_rows`` of ``images`` (``labels``: class index per row; ``targets``:
+    soft targets per row instead, for distillation), seeded with ``seed``.
+
+    ``precision`` (autocast dtype, channels_last) overrides the configured one (the bench times each);
+    ``probe=False`` starts the head at random instead of ``train.head_init: linear_probe`` (the bench: the head's
+    start does not change throughput, and the probe costs a pass over the data)."""
+    mean, std = normalization(cfg.model, manifest)
+    dtype, channels_last = precision or compute_settings(cfg, device)
+    size, n_classes = cfg.data.image_size, len(manifest["classes"])
+    configure_backends(cfg.train.deterministic)
+    seed_everything(seed)
+    model = create_model(cfg.model, n_classes).to(device)
+    if probe and cfg.train.head_init == "linear_probe":
+        finetune.linear_probe_head(cfg, model, manifest, train_rows, labels, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    whitened = init_whitening(cfg.model, model, images, train_rows, mean, std, size) if cfg.model.whiten else None
+    train_targets = (labels if targets is None else targets)[train_rows]
+    policy, loader = make_fold_loader(cfg, images, train_rows, train_targets, size, seed, device)
+    optimizer = build_optimizer(cfg.train, model)
+    schedule = build_scheduler(cfg.train, optimizer, max(1, len(loader) // max(1, cfg.train.accum_steps)))
+    loss_fn = build_loss(cfg.train, labels[train_rows], n_classes).to(device)
+    ema = finetune.build_ema(cfg.train, model)
+    step = TrainStep(model, optimizer, loss_fn, schedule, device, dtype, mean, std, channels_last,
+                     cfg.train.accum_steps, augment.build_mixer(cfg.augment, n_classes, seed=seed), ema)
+    return Training(cfg, device, model, policy, loader, optimizer, schedule, ema, step, whitened, mean, std, dtype,
+                    channels_last, size)
+
+
+def refuse(cfg: Config, caller: str, keys: dict[str, str]) -> None:
+    """Raise a ConfigError naming every ``section.key`` in ``keys`` that ``cfg`` sets away from its default:
+    ``caller`` cannot honour it (``keys`` maps each to why), and a setting is never silently ignored."""
+    ours, default = to_dict(cfg), to_dict(Config())
+    found = [f"{key}={_get(ours, key)!r} ({why})" for key, why in keys.items() if _get(ours, key) != _get(default, key)]
+    if found:
+        raise ConfigError(f"{caller} cannot honour {'; '.join(found)}: unset it for this command")
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
