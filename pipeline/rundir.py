@@ -1,24 +1,18 @@
 """The run folder, ``runs/<experiment>/``: the one module that knows its paths and what its files mean.
 
-Stages talk only through these files, so every path is named here once, with the stage that writes it:
+Stages talk only through these files, so every path is named here once. Each file has one writer:
 
-===================================  ===========  ==============================================================
-file                                 writer       what
-===================================  ===========  ==============================================================
-``.lock``, ``data.json``             every stage  :func:`claim`: one process at a time, one dataset per folder
-``config.yaml``                      :func:`save_config` (preprocess, train): the resolved config of the run
-``preprocess.json``, ``*_index.csv``  preprocess  the manifest (cache arrays, classes, statistics) and indexes
-``folds.csv``, ``folds.json``        folds        the fold of every train row and the split's fingerprint
-``fold<k>/``, ``refit/``             train        checkpoints, ``result.json``, ``oof.npy`` (:class:`ModelDir`)
-``fold<k>/test.npy``, ``oof_tta.npy`` infer       TTA predictions, keyed on the weights they came from
-``oof.csv``, ``cv.json``             train        the out-of-fold table and CV scores
-``oof_tta.csv``, ``cv_tta.json``     infer        the same with TTA (and ``infer.tta: auto``'s choice)
-``test_probs.csv``                   infer        fold-averaged test probabilities
-``ensemble*.csv``, ``ensemble.json`` ensemble     the combined predictions and the nested OOF score
-``bench.json``, ``bench_augment.json`` bench      throughput floors and the fastest precision
-``search/``                          search       the study, its tables, figures and exported configs
-``tb/``                              train        TensorBoard
-===================================  ===========  ==============================================================
+* every stage: ``.lock`` and ``data.json`` (:func:`claim`: one process at a time, one dataset per folder);
+* :func:`save_config` (called by preprocess and train): ``config.yaml``, the resolved config of the run;
+* preprocess: ``preprocess.json`` (the manifest: cache arrays, classes, statistics) and ``*_index.csv``;
+* folds: ``folds.csv`` and ``folds.json`` (the split's fingerprint);
+* train: ``fold<k>/`` and ``refit/`` checkpoints, ``result.json`` and ``oof.npy`` (:class:`ModelDir`), ``oof.csv``,
+  ``cv.json`` and ``tb/``;
+* infer: ``fold<k>/test.npy``, ``oof_tta.npy``, ``oof_views.npy`` (keyed on the weights they came from),
+  ``test_probs.csv``, ``oof_tta.csv`` and ``cv_tta.json`` (TTA scores, ``infer.tta: auto``'s choice);
+* ensemble: ``ensemble.csv``, ``ensemble_oof.csv``, ``ensemble.json``;
+* bench: ``bench.json``, ``bench_augment.json``; the augment preview: ``augment_preview.png``;
+* search: ``search/`` (:class:`SearchDir`: the study, its tables, figures and exported configs).
 
 Beside the paths live the rules that read them: the training fingerprint that decides whether a fold is up to date
 (:func:`fold_done`), the folds that count (:func:`counted_folds`) and the stitched out-of-fold table
