@@ -43,12 +43,9 @@ def chain(tmp_path_factory):
     root = make_competition(tmp / "comp")
     argv = stage_argv(tmp, root, *OVERRIDES)
     cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp, root, *OVERRIDES))
-    seconds = {}
     for stage in (preprocess, folds, train, infer, ensemble):
-        start = time.perf_counter()
         assert stage.main(argv) == 0, f"{stage.__name__} failed"
-        seconds[stage.__name__.split(".")[-1]] = time.perf_counter() - start
-    return {"tmp": tmp, "root": root, "argv": argv, "cfg": cfg, "run_dir": cfg.run_dir, "seconds": seconds}
+    return {"tmp": tmp, "root": root, "argv": argv, "cfg": cfg, "run_dir": cfg.run_dir}
 
 
 @pytest.mark.slow
@@ -133,15 +130,12 @@ def test_train_rerun_skips_finished_folds(chain, caplog):
     weights = {k: (run_dir / f"fold{k}" / "best.safetensors").stat().st_mtime_ns for k in range(N_FOLDS)}
     cv = (run_dir / "cv.json").read_text()
     caplog.set_level(logging.INFO)
-    start = time.perf_counter()
     assert train.main(chain["argv"]) == 0
-    elapsed = time.perf_counter() - start
     messages = [r.getMessage() for r in caplog.records]
     assert sum("already trained with these settings: skipped" in m for m in messages) == N_FOLDS
     assert not any(" epoch " in m and "train_loss" in m for m in messages)
     assert {k: (run_dir / f"fold{k}" / "result.json").read_text() for k in range(N_FOLDS)} == results
     assert {k: (run_dir / f"fold{k}" / "best.safetensors").stat().st_mtime_ns for k in range(N_FOLDS)} == weights
-    assert elapsed < max(5.0, chain["seconds"]["train"] / 3)
     # cv.json is rewritten from the same OOF files, so infer's TTA scores (cv_tta.json) still describe it
     assert read_json(run_dir / "cv.json")["oof"] == json.loads(cv)["oof"]
     assert "oof_tta" in read_cv(run_dir)
