@@ -120,3 +120,23 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     save_file(timm.create_model("test_efficientnet").state_dict(), str(path))  # same name, size and layout
     assert rundir.data_change(read_json(cfg.run_dir / "fold0" / "result.json"), cfg).startswith("other starting")
     assert rundir.fold_done(cfg, 0) is None
+
+
+class Wrapped:
+    """A training script's own object pickled around the tensors (weights_only loading refuses its class)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+
+def test_model_weights_holding_pickled_objects_fail_in_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": Wrapped(timm.create_model("resnet18", num_classes=3).state_dict())}, path)
+    with pytest.raises(WeightsError) as caught:
+        create_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a plain tensor file") and "safetensors" in message
+    assert "\n" not in message and "weights_only=False" not in message
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(WeightsError, match=r"garbage\.pth is not a readable torch file"):
+        read_state(tmp_path / "garbage.pth")

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import re
 from collections import Counter
 from functools import lru_cache
@@ -25,6 +26,7 @@ from typing import Optional
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.core.config import ModelConfig
@@ -138,11 +140,12 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     ``module.`` prefix (DataParallel) are removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file is not usable either way
+            raise WeightsError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
         for wrapper in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -152,6 +155,24 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _torch_load(path: Path):
+    """``torch.load`` with ``weights_only``; a file it refuses is a one-line :class:`WeightsError` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err) or "Unsupported class" in str(err):
+            raise WeightsError(f"{path} is not a plain tensor file (it holds pickled objects that weights_only "
+                               "loading refuses): convert it to safetensors, or save only the state dict of "
+                               "tensors") from None
+        raise WeightsError(f"{path} is not a readable torch file (damaged, or another format)") from None
+    except (RuntimeError, EOFError, OSError) as err:  # a truncated zip archive, an empty file
+        raise WeightsError(f"{path} is not a readable torch file ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _head_keys(model: nn.Module) -> set[str]:
