@@ -7,7 +7,8 @@ the other folds and scores the held-out one, keeping
 * ``fold<k>/last.safetensors`` + ``last_state.pt`` (optimizer/scheduler state, written atomically each
   epoch: an interrupted run resumes where it stopped),
 * ``fold<k>/oof.npy`` (held-out probabilities of the best epoch) and ``fold<k>/result.json`` (done marker),
-* TensorBoard scalars under ``runs/<experiment>/tb/fold<k>`` (``tensorboard --logdir runs``),
+* TensorBoard scalars under ``runs/<experiment>/tb/fold<k>`` (``tensorboard --logdir runs``; a resumed fold
+  continues its curves, a fold trained again replaces them),
 
 then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and overall). With
 ``train.teacher`` the targets mix a teacher's out-of-fold probabilities with the labels (pipeline.training.distill).

@@ -108,6 +108,15 @@ class FoldRun:
             f"best {self.monitor} {abs(self.best):.4f} at epoch {self.best_epoch + 1}"  # loss is stored negated
         log.info("%s: resuming after epoch %d (%s)", self.name, self.epoch, kept)
 
+    @property
+    def purge_step(self) -> int:
+        """The first TensorBoard step this training writes: events of earlier trainings from there on are hidden.
+
+        Epoch ``k`` logs at step ``k``: a fold resumed after epoch ``k`` writes from ``k + 1`` (what a killed run
+        logged past its checkpoint is dropped); a fold trained from the start (a new fold, changed settings,
+        a damaged checkpoint) purges from step 0, so one model's curves are never drawn twice."""
+        return self.epoch + 1 if self.epoch else 0
+
     def random_state(self) -> dict:
         """Every random stream training draws from (see :mod:`pipeline.core.rng`)."""
         t = self.training
@@ -144,9 +153,10 @@ class FoldRun:
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter  # heavy: loaded only when a model trains
 
-        writer = SummaryWriter(str(RunDir.of(self.cfg).tb(self.dir.root.name)))
-        log_preview(writer, self.images, self.train_rows, self.cfg, self.training.size)
-        self.resume()  # after anything that draws random numbers before the first epoch
+        self.resume()
+        writer = SummaryWriter(str(RunDir.of(self.cfg).tb(self.dir.root.name)), purge_step=self.purge_step)
+        if self.epoch == 0:  # once per training, from its start (a resumed fold keeps the preview it logged)
+            log_preview(writer, self.images, self.train_rows, self.cfg, self.training.size)
         start = time.perf_counter()
         while self.epoch < self.cfg.train.epochs:
             t0 = time.perf_counter()
