@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from pipeline.core.config import Config, ConfigError, to_dict, to_yaml
-from pipeline.core.utils import holder, read_json, try_lock, write_json, write_text
+from pipeline.core.utils import holder, read_json, temporary_target, try_lock, write_json, write_text
 from pipeline.data.cache import manifest_digest, open_array
 from pipeline.models.arch import load_spec
 from pipeline.models.weights import start_digest
@@ -69,6 +69,12 @@ class ModelDir:
     def result(self) -> Path:
         """Written last, when the model finished: its scores and what it was trained on."""
         return self.root / "result.json"
+
+    def temporaries(self) -> list[Path]:
+        """Temporary files of writes killed halfway (:func:`~pipeline.core.utils.atomic_path`), never a real file."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_file() and temporary_target(p.name))
 
     def predictions(self, name: str) -> Path:
         """``oof`` (held-out rows, best epoch), ``oof_tta``, ``oof_views`` (auto TTA's candidates) or ``test``."""

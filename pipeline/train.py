@@ -25,8 +25,8 @@ from pipeline.core.config import Config
 from pipeline.core.jobs import training_slot
 from pipeline.core.utils import resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
-from pipeline.rundir import (RunDir, collect_oof, fold_done, load_manifest, load_split, read_folds, save_config,
-                             teacher_table)
+from pipeline.rundir import (ModelDir, RunDir, collect_oof, fold_done, load_manifest, load_split, read_folds,
+                             save_config, teacher_table)
 from pipeline.training import distributed
 from pipeline.training.checkpoints import weights_intact
 from pipeline.training.distill import distill_targets, teacher_probs
@@ -49,6 +49,17 @@ def _teacher_targets(cfg: Config, index, folds, manifest: dict):
              cfg.train.distill_temperature)
     return distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
                            cfg.train.distill_temperature)
+
+
+def remove_temporaries(folder: ModelDir) -> None:
+    """Delete what writes killed halfway left in a model folder (the train stage holds the run folder's lock,
+    so no write is in progress there)."""
+    stray = folder.temporaries()
+    for path in stray:
+        path.unlink(missing_ok=True)
+    if stray:
+        log.info("%s: removed %d unfinished write(s) of an interrupted run: %s", folder.name, len(stray),
+                 ", ".join(p.name for p in stray))
 
 
 def train_model(cfg: Config, fold: Optional[int], images, index, folds, manifest: dict, device, targets) -> bool:
@@ -76,6 +87,8 @@ def run(cfg: Config) -> dict:
     refit = [None] if cfg.train.refit and cfg.train.mode != "features" else []  # None: the refit model
     mine = distributed.share(wanted + refit)  # under torchrun: this process's share (else all of them)
     targets = _teacher_targets(cfg, index, folds, manifest)
+    for fold in mine:
+        remove_temporaries(RunDir.of(cfg).model(fold))
     with distributed.process_group(device), training_slot(cfg, "train") as threads:
         torch.set_num_threads(threads)
         log.info("train: %s on %s (%s, %d threads), folds %s, %d images", cfg.model.name, device,

@@ -121,3 +121,23 @@ def check_streams(cfg, streams) -> None:
 def test_each_random_stream_is_needed(prepared):
     """Resuming epoch 1's checkpoint reproduces the run; with any one stream fresh instead, the OOF changes."""
     check_streams(prepared, ("global", "loader", "policy", "mixer"))
+
+
+def test_the_train_stage_removes_what_a_killed_write_left_and_nothing_else(tmp_path, competition, caplog):
+    """A checkpoint write killed halfway leaves atomic_path's temporary beside the checkpoint: the next train
+    run of that model folder deletes it (and only it) and says so."""
+    cfg = make_cfg(tmp_path, competition, "train.folds=[0]")
+    preprocess.run(cfg)
+    folds.run(cfg)
+    fold_dir = cfg.run_dir / "fold0"
+    fold_dir.mkdir(parents=True)
+    stray = [".last_state.pt.k2j_9x0a.pt", ".best.safetensors.abcd1234.safetensors", ".oof.npy.zzzzzzzz.npy"]
+    kept = ["notes.txt", ".hidden", "last_state.pt.bak", ".best.json.abcd1234.pt"]
+    for name in stray + kept:
+        (fold_dir / name).write_bytes(b"half a file")
+    with caplog.at_level("INFO", logger="pipeline"):
+        train.run(cfg)
+    assert not any((fold_dir / name).exists() for name in stray)
+    assert all((fold_dir / name).read_bytes() == b"half a file" for name in kept)
+    assert (fold_dir / "result.json").is_file()
+    assert "fold 0: removed 3 unfinished write(s) of an interrupted run" in caplog.text

@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -33,6 +34,19 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# atomic_path's temporaries: "." + the target's name + "." + mkstemp's 8 random characters + the target's suffix
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]*)?")
+
+
+def temporary_target(name: str) -> Optional[str]:
+    """The file name a temporary of :func:`atomic_path` called ``name`` was to replace, or None when ``name`` is
+    not such a temporary (a write killed halfway leaves one behind)."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or (match["suffix"] or "") != Path(match["name"]).suffix:
+        return None
+    return match["name"]
 
 
 def write_text(path: str | Path, text: str) -> None:
