@@ -186,3 +186,30 @@ def test_to_yaml_round_trips():
     assert again == cfg
     assert to_yaml(again) == text
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_override_that_is_not_yaml_is_a_one_line_error(capsys):
+    from pipeline import folds
+
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=\[1,': the value is not valid YAML \(.*line 1, column 4"):
+        load_config(None, ["train.lr=[1,"])
+    assert folds.main(["--set", "train.lr=[1,"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "train.lr=[1," in err and "Traceback" not in err
+
+
+def test_invalid_yaml_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "\n" not in str(err.value) and "line 3" in str(err.value)
+
+
+def test_data_input_keys_are_checked():
+    assert load_config(None, ["data.csv_encoding=latin-1"]).data.csv_encoding == "latin-1"
+    with pytest.raises(ConfigError, match="data.csv_encoding: unknown encoding 'klingon'"):
+        load_config(None, ["data.csv_encoding=klingon"])
+    assert load_config(None, ["data.max_pixels=null"]).data.max_pixels is None
+    with pytest.raises(ConfigError, match="data.max_pixels: must be positive"):
+        load_config(None, ["data.max_pixels=0"])

@@ -7,6 +7,7 @@ run folder and into every checkpoint, so any result can be traced back to the se
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import re
 import types
@@ -49,9 +50,27 @@ class DataConfig:
     # device loader: the fold's images may take this share of the device's free memory; larger folds fall back to
     # the DataLoader, streaming from pinned host memory (the rest is left to the model and its activations)
     device_memory_fraction: float = 0.5
-
+    # the text encoding of train.csv and sample_submission.csv (any Python codec name: latin-1, cp1252, …); a UTF-8
+    # byte-order mark is skipped. The run folder's own CSVs are always UTF-8
+    csv_encoding: str = "utf-8"
+    # images with more pixels (width x height) are refused, naming the file, before they are decoded: 64 Mpx is above
+    # every common camera sensor (<= 61 Mpx), below Pillow's decompression-bomb warning (89 Mpx), and bounds what one
+    # decoding worker holds (~200 MB as RGB). null: Pillow's own limits only (it refuses images over ~179 Mpx)
+    max_pixels: Optional[int] = 64_000_000
+    # ids, labels and groups that a spreadsheet would read as a formula (they start with =, +, -, @, a tab or a
+    # carriage return and are not plain numbers) are refused by the preprocess stage; true lets them through with a
+    # warning, written as they are into the run folder's CSVs and the submission (open those in a spreadsheet at
+    # your own risk)
+    allow_formula_cells: bool = False
 
     def __post_init__(self) -> None:
+        try:
+            codecs.lookup(self.csv_encoding)
+        except LookupError:
+            raise ConfigError(f"data.csv_encoding: unknown encoding {self.csv_encoding!r} (e.g. utf-8, latin-1, "
+                              "cp1252)") from None
+        if self.max_pixels is not None and self.max_pixels <= 0:
+            raise ConfigError(f"data.max_pixels: must be positive or null, got {self.max_pixels}")
         if not 0 < self.device_memory_fraction <= 1:
             raise ConfigError(f"data.device_memory_fraction: must be in (0, 1], got {self.device_memory_fraction}")
         if not 0 < self.crop_pct <= 1:
@@ -467,7 +486,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({yaml_error(err)}); quote it or fix "
+                          "its brackets") from None
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (line and column), without the echoed source."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
 
 
 def from_dict(values: dict, overrides: list[str] = ()) -> Config:
@@ -496,7 +530,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+            raise ConfigError(f"{path}: invalid YAML: {yaml_error(err)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     try:
