@@ -18,6 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.rundir import RunDir, load_split, read_folds
 from pipeline.core.utils import read_json, write_csv, write_json
 
@@ -42,7 +43,7 @@ def duplicate_groups(cfg: Config, ids: pd.Series) -> pd.Series:
     path = Path(cfg.eda.out_dir) / cfg.experiment / "eda" / "duplicate_groups.csv"
     if not path.is_file():
         raise FileNotFoundError(f"folds.group_duplicates needs {path}: run the eda stage first")
-    dups = pd.read_csv(path, dtype={"id": str, "split": str})
+    dups = pd.read_csv(path, dtype={"id": str, "split": str}, **AS_WRITTEN)
     dups = dups[dups["split"] == "train"].set_index("id")["dup_group"]
     mapped = ids.map(dups)
     return ("dup:" + mapped.astype("Int64").astype(str)).where(mapped.notna(), "id:" + ids)

@@ -1,8 +1,9 @@
 """Preprocess stage: validate the competition, then decode every image once into the uint8 cache.
 
-``python -m pipeline.preprocess --config CONFIG``. Every data problem (missing, unreadable or escaping
-images, duplicate ids, empty labels, classes smaller than the fold count, test images absent from the
-sample submission) is reported at once, before any training. Re-running with unchanged files and size is
+``python -m pipeline.preprocess --config CONFIG``. Every data problem (missing, unreadable, escaping or too
+large images, duplicate ids, empty labels or labels that differ only by whitespace or Unicode form, formula-like
+cells, classes smaller than the fold count, an empty test set, test images absent from the sample submission, a
+sample submission whose columns the submission cannot follow) is reported at once, before any training. Re-running with unchanged files and size is
 a no-op: the cache is keyed by a fingerprint of the source files.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
-from pipeline.data.cache import cache_path, cache_side, content_digest, decode, manifest_digest, open_array, signature
+from pipeline.data.cache import (ImageTooLarge, cache_path, cache_side, content_digest, decode, manifest_digest,
+                                 open_array, signature)
 from pipeline.data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from pipeline.rundir import RunDir, check_data, load_manifest, save_config
 from pipeline.core.utils import atomic_path, write_csv, write_json, write_text
@@ -28,25 +30,27 @@ from pipeline.core.utils import atomic_path, write_csv, write_json, write_text
 log = logging.getLogger(__name__)
 
 
-def _decode_one(job: tuple[int, str, int, str]) -> tuple[int, Optional[np.ndarray], Optional[str]]:
-    i, path, size, resize = job
+def _decode_one(job: tuple[int, str, int, str, Optional[int]]) -> tuple[int, Optional[np.ndarray], Optional[str]]:
+    i, path, size, resize, max_pixels = job
     try:
-        return i, decode(path, size, resize), None
+        return i, decode(path, size, resize, max_pixels), None
+    except ImageTooLarge as err:
+        return i, None, f"image too large: {err}"
     except Exception as err:  # any decoder failure is a data problem to report, not a crash
-        return i, None, f"{type(err).__name__}: {err}"
+        return i, None, f"unreadable image ({type(err).__name__}: {err})"
 
 
 def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, workers: int = 0,
-               sources: Optional[list[str]] = None, resize: str = "squash") -> None:
+               sources: Optional[list[str]] = None, resize: str = "squash", max_pixels: Optional[int] = None) -> None:
     """Decode ``paths`` (``data.resize``) into an N×size×size×3 uint8 ``.npy`` at ``out`` (atomically); ``out``
     None only checks that every file decodes.
 
-    Raises :class:`DataError` listing every unreadable file (prefixed by its ``sources`` entry, e.g. the CSV
-    row); ``out`` is then left as it was."""
+    Raises :class:`DataError` listing every unreadable file and every one over ``max_pixels`` (prefixed by its
+    ``sources`` entry, e.g. the CSV row); ``out`` is then left as it was."""
     workers = workers or min(os.cpu_count() or 1, 8)
     sources = sources or [""] * len(paths)
     failures: list[tuple[int, str]] = []
-    jobs = [(i, p, size, resize) for i, p in enumerate(paths)]
+    jobs = [(i, p, size, resize, max_pixels) for i, p in enumerate(paths)]
     with contextlib.ExitStack() as stack:
         array = None
         if out is not None:
@@ -56,7 +60,7 @@ def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, work
             results = pool.imap_unordered(_decode_one, jobs, chunksize=256)
             for i, image, error in tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0):
                 if error:
-                    failures.append((i, f"{sources[i]}{paths[i]}: unreadable image ({error})"))
+                    failures.append((i, f"{sources[i]}{paths[i]}: {error}"))
                 elif array is not None:
                     array[i] = image
         if array is not None:
@@ -99,7 +103,7 @@ def _cache_split(comp: Competition, split: str, cfg: Config, previous: dict) -> 
             log.warning("%s; rebuilding it", err)
     try:
         decode_all(paths, size, out, f"decode {split}", sources=image_sources(comp, split, cfg.data),
-                   resize=cfg.data.resize)
+                   resize=cfg.data.resize, max_pixels=cfg.data.max_pixels)
     except DataError as err:
         return entry, err.problems
     if split == "train":
@@ -115,7 +119,8 @@ def unreadable_images(comp: Competition, cfg: Config) -> list[str]:
         keep = frame["path"].notna().to_numpy()
         sources = [s for s, k in zip(image_sources(comp, split, cfg.data), keep) if k]
         try:
-            decode_all(frame.loc[keep, "path"].tolist(), 8, None, f"check {split}", sources=sources)
+            decode_all(frame.loc[keep, "path"].tolist(), 8, None, f"check {split}", sources=sources,
+                       max_pixels=cfg.data.max_pixels)
         except DataError as err:
             problems += err.problems
     return problems
@@ -144,7 +149,9 @@ def run(cfg: Config) -> dict:
     """Validate and cache the competition; return the manifest (also written to the run folder)."""
     check_data(cfg)  # a run folder never mixes two datasets
     comp = load_competition(cfg.data)
-    structural = structural_problems(comp, cfg.folds.n_splits)
+    for warning in comp.warnings:  # accepted by the config (data.allow_formula_cells), still worth a line each
+        log.warning("%s", warning)
+    structural = structural_problems(comp, cfg.folds.n_splits, cfg.submit.format)
     if structural:  # no cache can be built; still decode every image so that one report lists everything
         raise DataError(structural + unreadable_images(comp, cfg))
     run = RunDir.of(cfg)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
+from pipeline.data.contract import AS_WRITTEN, read_csv_text, submission_format
 from pipeline.rundir import RunDir, load_manifest
 
 log = logging.getLogger(__name__)
@@ -28,21 +29,14 @@ def predictions(cfg: Config) -> pd.DataFrame:
     run = RunDir.of(cfg)
     for path in (run.ensemble_csv, run.test_probs):
         if path.is_file():
-            return pd.read_csv(path, dtype={"id": str})
+            return pd.read_csv(path, dtype={"id": str}, **AS_WRITTEN)
     raise FileNotFoundError(f"no ensemble.csv or test_probs.csv in {cfg.run_dir}: run infer and ensemble first")
 
 
 def resolve_format(fmt: str, sample: pd.DataFrame, classes: list[str], id_col: str, label_col: str) -> str:
-    """``labels`` or ``probs``: ``fmt`` itself, or for ``auto`` what the sample submission's columns ask for."""
-    if fmt != "auto":
-        return fmt
-    columns = [c for c in sample.columns if c != id_col]
-    if columns and set(columns) <= set(classes) and columns != [label_col]:
-        return "probs"
-    if label_col in columns:
-        return "labels"
-    raise ValueError(f"cannot tell the submission format from the sample submission's columns {list(sample.columns)}:"
-                     f" neither a '{label_col}' column nor class columns {classes}; set submit.format")
+    """``labels`` or ``probs``: ``fmt`` itself, or for ``auto`` what the sample submission's columns ask for;
+    columns the submission cannot follow raise ValueError (the preprocess stage checks the same, earlier)."""
+    return submission_format(fmt, list(sample.columns), classes, id_col, label_col)
 
 
 def build_submission(preds: pd.DataFrame, sample: pd.DataFrame, classes: list[str], id_col: str,
@@ -110,24 +104,24 @@ def run(cfg: Config) -> Path:
     id_col, label_col = manifest["id_col"], manifest["label_col"]
     sample_path = root / cfg.data.sample_submission
     if sample_path.is_file():
-        sample = pd.read_csv(sample_path, dtype={id_col: str})
+        sample = read_csv_text(sample_path, cfg.data.csv_encoding)
     else:  # ImageFolder layout: the submission format is id,label over the test folder
-        ids = pd.read_csv(RunDir.of(cfg).index(manifest["test"]), dtype={"id": str})["id"]
+        ids = pd.read_csv(RunDir.of(cfg).index(manifest["test"]), dtype={"id": str}, **AS_WRITTEN)["id"]
         sample = pd.DataFrame({id_col: ids, label_col: ""})
     fmt = resolve_format(cfg.submit.format, sample, classes, id_col, label_col)
     sub = build_submission(predictions(cfg), sample, classes, id_col, label_col, fmt)
     validate(sub, sample, classes, id_col, label_col, fmt)
     path = write_new(sub, Path(cfg.submit.dir), f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
     log.info("submission written: %s (%d rows, %s)", path, len(sub), fmt)
-    _score_against_solution(root / "solution.csv", sub, classes, id_col, label_col, fmt)
+    _score_against_solution(root / "solution.csv", sub, label_col, id_col, fmt, cfg.data.csv_encoding)
     return path
 
 
-def _score_against_solution(path: Path, sub: pd.DataFrame, classes: list[str], id_col: str, label_col: str,
-                            fmt: str) -> None:
+def _score_against_solution(path: Path, sub: pd.DataFrame, label_col: str, id_col: str, fmt: str,
+                            encoding: str) -> None:
     if not path.is_file() or fmt != "labels":
         return
-    truth = pd.read_csv(path, dtype={id_col: str, label_col: str}).set_index(id_col)[label_col]
+    truth = read_csv_text(path, encoding).set_index(id_col)[label_col]
     pred = sub.set_index(id_col)[label_col].astype(str)
     acc = float((truth.loc[pred.index] == pred).mean())
     log.info("test accuracy against %s: %.4f", path, acc)

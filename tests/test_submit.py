@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline import submit
+from pipeline.data.contract import DataError
 
 from conftest import make_cfg, stage_argv
 
@@ -193,3 +194,24 @@ def test_a_sample_of_neither_format_is_refused_naming_its_columns(tmp_path):
     root, _ = setup_run(tmp_path, pd.DataFrame({"id": IDS, "target": "2"}))
     with pytest.raises(ValueError, match=r"'target'.*submit.format"):
         submit.run(make_cfg(tmp_path, root))
+
+
+def test_na_like_ids_are_submitted_as_written(tmp_path):
+    ids = ["NA", "None", "null", "n/a", "0001"]
+    root, probs = setup_run(tmp_path, pd.DataFrame({"id": ids, "label": "2"}), preds_ids=ids)
+    sub = submit.run(make_cfg(tmp_path, root))
+    lines = sub.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["id"] + ids
+    assert [line.split(",")[1] for line in lines[1:]] == list(np.asarray(CLASSES)[probs.argmax(1)])
+
+
+def test_sample_submission_in_the_configured_encoding(tmp_path):
+    ids = ["caf\u00e9", "0001"]
+    root, _ = setup_run(tmp_path, pd.DataFrame({"id": ids, "label": "2"}), preds_ids=ids)
+    sample = root / "sample_submission.csv"
+    sample.write_bytes(sample.read_text(encoding="utf-8").encode("latin-1"))
+    with pytest.raises(DataError, match=r"sample_submission.csv: not utf-8 text: byte 0xe9 at offset 12 "
+                                        r"\(line 2\).*data.csv_encoding=latin-1"):
+        submit.run(make_cfg(tmp_path, root))
+    sub = read(submit.run(make_cfg(tmp_path, root, "data.csv_encoding=latin-1")))
+    assert list(sub["id"]) == ids

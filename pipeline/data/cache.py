@@ -3,30 +3,53 @@
 Training and inference memory-map these arrays, so an epoch reads no JPEG and no PNG. The preprocess
 stage writes ``runs/<experiment>/preprocess.json`` (the manifest: where the arrays are, the classes, the
 channel statistics) plus ``train_index.csv`` and ``test_index.csv`` beside it; later stages read only those.
+
+An image over ``data.max_pixels`` is refused from its header (:func:`open_image`), before a pixel is decoded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
-
-
 
 RESIZE_MODES = ("squash", "crop", "pad")
 PAD_FILL = (128, 128, 128)  # letterbox bars: mid-grey, what augmentation fills with too
 
 
-def decode(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:
+class ImageTooLarge(ValueError):
+    """An image has more pixels than ``data.max_pixels``; found from its header, nothing decoded."""
+
+
+def open_image(path: str | Path, max_pixels: Optional[int]) -> Image.Image:
+    """``Image.open`` (which reads the header only) refusing more than ``max_pixels`` pixels with
+    :class:`ImageTooLarge`. With a limit set it replaces Pillow's decompression-bomb warning; None keeps
+    Pillow's own limits (a warning over ``Image.MAX_IMAGE_PIXELS``, an error over twice that)."""
+    with warnings.catch_warnings():
+        if max_pixels is not None:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    pixels = img.width * img.height
+    if max_pixels is not None and pixels > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"{img.width}x{img.height} is {pixels / 1e6:.1f} Mpx, over data.max_pixels="
+                            f"{max_pixels}: shrink the file, or raise the limit (--set data.max_pixels=N)")
+    return img
+
+
+def decode(path: str | Path, size: int, resize: str = "squash", max_pixels: Optional[int] = None) -> np.ndarray:
     """One image as uint8 HWC RGB at ``size``×``size``: EXIF orientation applied, any mode converted.
 
     ``resize``: ``squash`` stretches to the square (small fixed-size images such as CIFAR), ``crop`` resizes the
-    short side to ``size`` and keeps the centre square, ``pad`` fits the long side and letterboxes the rest."""
+    short side to ``size`` and keeps the centre square, ``pad`` fits the long side and letterboxes the rest.
+    An image over ``max_pixels`` raises :class:`ImageTooLarge` before it is decoded."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"data.resize: {resize!r} is not one of {list(RESIZE_MODES)}")
-    with Image.open(path) as img:
+    with open_image(path, max_pixels) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greys: scale to 8 bits, don't clip
             arr = np.asarray(img, dtype=np.float32)

@@ -10,10 +10,17 @@ Two layouts are recognised:
 
 :func:`load_competition` never raises on bad rows: it collects every problem it finds in
 ``Competition.problems`` so that :func:`check` can report them all at once, naming files and rows.
+
+Ids, labels and groups are strings exactly as written: ``NA``, ``None`` or ``0012`` stay themselves (only an
+empty cell is missing), whatever ``data.csv_encoding`` the CSVs are in; ids are matched to file names in Unicode
+NFC, so a decomposed ``café`` (as macOS writes names) finds its ``café.png``.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +30,12 @@ import pandas as pd
 from pipeline.core.config import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# read_csv arguments that keep every cell as written: only an empty cell is missing (NaN), "NA", "None", "null"
+# and "n/a" stay strings. Give them (with dtype=str or a dtype per text column) to every CSV the pipeline reads
+AS_WRITTEN = {"keep_default_na": False, "na_values": [""]}
+# a cell a spreadsheet reads as a formula (OWASP's CSV injection rule) unless it is a plain number such as -1
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class DataError(ValueError):
@@ -49,30 +62,41 @@ class Competition:
     label_col: str = "label"
     group_col: Optional[str] = None
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # reported, not refused (e.g. allowed formula-like cells)
+    sample_csv: Optional[Path] = None  # the sample submission read (CSV layout)
+
+
+def nfc(text: str) -> str:
+    """``text`` in Unicode normal form C: how ids and file names are compared (macOS writes names in NFD)."""
+    return unicodedata.normalize("NFC", text)
 
 
 class ImageIndex:
-    """Files under one image folder, looked up by id (``<id>`` or ``<id>.<ext>``), confined to the folder."""
+    """Files under one image folder, looked up by id (``<id>`` or ``<id>.<ext>``), confined to the folder.
+
+    ``by_stem`` maps each file's NFC-normalised relative path without extension to its relative path on disk."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.real = Path(os.path.realpath(folder))
         self.by_stem: dict[str, str] = {}
+        self.by_name: dict[str, str] = {}  # NFC relative path with extension -> relative path on disk
         if folder.is_dir():
             for dirpath, _, files in os.walk(folder):
                 rel_dir = os.path.relpath(dirpath, folder)
                 for name in files:
                     if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                         rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-                        self.by_stem.setdefault(os.path.splitext(rel)[0], rel)
+                        self.by_stem.setdefault(nfc(os.path.splitext(rel)[0]), rel)
+                        self.by_name.setdefault(nfc(rel), rel)
 
     def resolve(self, image_id: str) -> tuple[Optional[Path], Optional[str]]:
         """The image path for ``image_id`` or ``(None, reason)``; ids escaping the folder are refused."""
         if not image_id or os.path.isabs(image_id) or ".." in Path(image_id).parts or "\\" in image_id:
             return None, "escapes the image folder"
-        rel = self.by_stem.get(image_id)
-        if rel is None and image_id.lower().endswith(IMAGE_EXTENSIONS) and (self.folder / image_id).is_file():
-            rel = image_id
+        rel = self.by_stem.get(nfc(image_id))
+        if rel is None and image_id.lower().endswith(IMAGE_EXTENSIONS):
+            rel = self.by_name.get(nfc(image_id))
         if rel is None:
             return None, "has no image"
         path = self.folder / rel
@@ -94,6 +118,24 @@ def detect_layout(root: Path, cfg: DataConfig) -> str:
     raise DataError([f"{root}: neither {cfg.train_csv} nor an ImageFolder layout ({cfg.train_dir}/<class>/) found"])
 
 
+def read_csv_text(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """A competition CSV with every cell a string as written (empty: NaN), decoded with ``encoding``
+    (``data.csv_encoding``); text in another encoding raises :class:`DataError` naming the file and byte."""
+    raw = path.read_bytes()
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError([f"{path}: not {encoding} text: byte 0x{raw[err.start]:02x} at offset {err.start} (line "
+                         f"{line}) ({err.reason}); give the file's encoding, e.g. --set data.csv_encoding=latin-1"
+                         ]) from None
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, **AS_WRITTEN)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError([f"{path}: not a readable CSV ({' '.join(str(err).split())})"]) from None
+
+
 def load_competition(cfg: DataConfig) -> Competition:
     """Read the competition at ``cfg.root``; problems are collected, not raised (see :func:`check`)."""
     root = Path(cfg.root)
@@ -101,6 +143,12 @@ def load_competition(cfg: DataConfig) -> Competition:
         raise DataError([f"data.root {root} is not a folder (download or extract the competition there)"])
     layout = detect_layout(root, cfg)
     comp = _load_csv_layout(root, cfg) if layout == "csv" else _load_imagefolder(root, cfg)
+    if comp.test.empty:
+        comp.problems.append(f"{root / cfg.test_dir}: no test images"
+                             + (f" ({cfg.sample_submission} lists none)" if comp.sample_csv else "")
+                             + ": the pipeline predicts a test set")
+    formula = formula_cells(comp, cfg)
+    (comp.warnings if cfg.allow_formula_cells else comp.problems).extend(formula)
     if cfg.subset and cfg.subset < len(comp.train):
         comp.train = stratified_subset(comp.train, cfg.subset, cfg.subset_seed)
     return comp
@@ -109,7 +157,7 @@ def load_competition(cfg: DataConfig) -> Competition:
 def _load_csv_layout(root: Path, cfg: DataConfig) -> Competition:
     problems: list[str] = []
     csv_path = root / cfg.train_csv
-    train = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
+    train = read_csv_text(csv_path, cfg.csv_encoding)
     for col in [cfg.id_col, cfg.label_col] + ([cfg.group_col] if cfg.group_col else []):
         if col not in train.columns:
             raise DataError([f"{csv_path}: column '{col}' not found (columns: {', '.join(train.columns)})"])
@@ -121,8 +169,10 @@ def _load_csv_layout(root: Path, cfg: DataConfig) -> Competition:
     train["path"] = _attach_paths(train["id"], ImageIndex(root / cfg.train_dir), csv_path, problems)
     test, columns = _load_test(root, cfg, problems)
     classes = sort_classes(train["label"].dropna().unique())
+    sample_csv = root / cfg.sample_submission
     return Competition(root, "csv", train, test, classes, columns, cfg.id_col, cfg.label_col,
-                       "group" if cfg.group_col else None, problems)
+                       "group" if cfg.group_col else None, problems, sample_csv=sample_csv if sample_csv.is_file()
+                       else None)
 
 
 def _check_rows(train: pd.DataFrame, csv_path: Path, cfg: DataConfig) -> list[str]:
@@ -138,7 +188,54 @@ def _check_rows(train: pd.DataFrame, csv_path: Path, cfg: DataConfig) -> list[st
     if cfg.group_col:
         for i in train.index[train["group"].isna()]:
             problems.append(f"{csv_path} row {i + 2}: empty group {cfg.group_col}")
+    return problems + _label_spelling(train["label"], csv_path, cfg.label_col)
+
+
+def _label_spelling(labels: pd.Series, csv_path: Path, label_col: str) -> list[str]:
+    """Labels with surrounding whitespace, or written in another Unicode form than a label they equal: each
+    would silently be a class of its own."""
+    problems = []
+    spellings: dict[str, set[str]] = {}
+    for label in labels.dropna().unique():
+        spellings.setdefault(nfc(label.strip()), set()).add(label)
+    for i, label in labels.dropna().items():
+        others = sorted(spellings[nfc(label.strip())] - {label})
+        if label != label.strip():
+            problems.append(f"{csv_path} row {i + 2}: {label_col} {label!r} has surrounding whitespace"
+                            + (f" (also written {', '.join(map(repr, others))})" if others else ""))
+        elif others:
+            problems.append(f"{csv_path} row {i + 2}: {label_col} {label!r} is also written "
+                            f"{', '.join(map(repr, others))} (other Unicode form): one class or two?")
     return problems
+
+
+def looks_like_formula(text: str) -> bool:
+    """True when a spreadsheet opening a CSV would run ``text`` as a formula (OWASP's CSV-injection rule:
+    starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return); plain numbers such as ``-1`` are fine."""
+    return text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.match(text)
+
+
+def formula_cells(comp: Competition, cfg: DataConfig) -> list[str]:
+    """Every id, label and group that looks like a spreadsheet formula, naming its row (or file)."""
+    found = []
+    for split, frame in (("train", comp.train), ("test", comp.test)):
+        for column in [c for c in ("id", "label", "group") if c in frame.columns]:
+            for row, value in frame[column].items():
+                if isinstance(value, str) and looks_like_formula(value):
+                    found.append(f"{_where(comp, cfg, split, row)}: {column} {value!r} looks like a spreadsheet "
+                                 "formula (it starts with =, +, -, @, a tab or a carriage return); our CSVs and the "
+                                 "submission write it as it is. Rename it, or accept it with "
+                                 "--set data.allow_formula_cells=true")
+    return found
+
+
+def _where(comp: Competition, cfg: DataConfig, split: str, row: int) -> str:
+    """A row's origin for messages: ``<csv> row N`` (CSV layout) or the image file (ImageFolder)."""
+    frame = comp.train if split == "train" else comp.test
+    if "csv_row" in frame.columns:
+        return f"{comp.root / (cfg.train_csv if split == 'train' else cfg.sample_submission)} row " \
+               f"{frame.at[row, 'csv_row']}"
+    return str(frame.at[row, "path"])
 
 
 def _attach_paths(ids: pd.Series, index: ImageIndex, source: Path, problems: list[str]) -> list[Optional[str]]:
@@ -162,7 +259,7 @@ def _load_test(root: Path, cfg: DataConfig, problems: list[str]) -> tuple[pd.Dat
         ids = sorted(index.ids())
         return pd.DataFrame({"id": ids, "path": [str(root / cfg.test_dir / index.by_stem[i]) for i in ids]}), \
             [cfg.id_col, cfg.label_col]
-    sample = pd.read_csv(sample_path, dtype=str, keep_default_na=False, na_values=[""])
+    sample = read_csv_text(sample_path, cfg.csv_encoding)
     if cfg.id_col not in sample.columns:
         raise DataError([f"{sample_path}: column '{cfg.id_col}' not found (columns: {', '.join(sample.columns)})"])
     test = pd.DataFrame({"id": sample[cfg.id_col], "csv_row": sample.index + 2})
@@ -182,7 +279,7 @@ def _load_imagefolder(root: Path, cfg: DataConfig) -> Competition:
     index = ImageIndex(train_dir)
     rows = []
     for image_id, rel in sorted(index.by_stem.items()):
-        label = rel.split("/")[0] if "/" in rel else None
+        label = image_id.split("/")[0] if "/" in image_id else None  # the class folder's name, in NFC
         if label is None:
             problems.append(f"{train_dir / rel}: image outside any class folder")
             continue
@@ -222,9 +319,41 @@ def check(comp: Competition, n_splits: int) -> None:
         raise DataError(problems)
 
 
-def structural_problems(comp: Competition, n_splits: int) -> list[str]:
-    """Every problem found without decoding an image: the loader's plus too-small classes."""
+def submission_format(fmt: str, columns: list[str], classes: list[str], id_col: str, label_col: str) -> str:
+    """``labels`` or ``probs``: ``fmt`` itself, or for ``auto`` what the sample submission's ``columns`` ask for.
+    Raises ValueError, naming the columns, when they cannot be the submission's: the id then the label column
+    (``labels``), or the id then one column per class (``probs``)."""
+    rest = [c for c in columns if c != id_col]
+    if fmt == "auto":
+        if rest and set(rest) <= set(classes) and rest != [label_col]:
+            fmt = "probs"
+        elif label_col in rest:
+            fmt = "labels"
+        else:
+            raise ValueError(f"cannot tell the submission format from the sample submission's columns {columns}: "
+                             f"neither a '{label_col}' column nor class columns {classes}; set submit.format")
+    if id_col not in columns:
+        raise ValueError(f"the sample submission's columns {columns} lack the id column '{id_col}'")
+    if fmt == "labels" and rest != [label_col]:
+        extra = [c for c in rest if c != label_col]
+        raise ValueError(f"submit.format=labels: the sample submission's columns {columns} should be "
+                         f"['{id_col}', '{label_col}']" + (f"; the submission cannot fill {extra}" if extra else ""))
+    if fmt == "probs" and set(rest) != set(classes):
+        absent, missing = sorted(set(rest) - set(classes)), sorted(set(classes) - set(rest))
+        raise ValueError(f"submit.format=probs: sample columns {absent} are not classes {classes}" if absent else
+                         f"submit.format=probs: the sample submission has no column for class(es) {missing}")
+    return fmt
+
+
+def structural_problems(comp: Competition, n_splits: int, submit_format: Optional[str] = None) -> list[str]:
+    """Every problem found without decoding an image: the loader's, too-small classes and, given the
+    ``submit.format``, a sample submission whose columns the submission could not follow."""
     problems = list(comp.problems)
+    if submit_format is not None:
+        try:
+            submission_format(submit_format, comp.submission_columns, comp.classes, comp.id_col, comp.label_col)
+        except ValueError as err:
+            problems.append(f"{comp.sample_csv}: {err}" if comp.sample_csv else str(err))
     counts = comp.train["label"].value_counts()
     for label, count in counts.items():
         if count < n_splits:

@@ -71,10 +71,11 @@ def signature(cfg: Config, comp: Competition, frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def scan(frame: pd.DataFrame, workers: int) -> pd.DataFrame:
-    """``frame`` plus the per-image measurements of :mod:`.scan` (one parallel pass per split)."""
-    parts = [scan_paths(frame.loc[frame["split"] == s, "path"].tolist(), workers, desc=f"eda scan {s}")
-             for s in ("train", "test")]
+def scan(frame: pd.DataFrame, workers: int, max_pixels: Optional[int] = None) -> pd.DataFrame:
+    """``frame`` plus the per-image measurements of :mod:`.scan` (one parallel pass per split); images over
+    ``max_pixels`` are listed as unreadable, undecoded."""
+    parts = [scan_paths(frame.loc[frame["split"] == s, "path"].tolist(), workers, desc=f"eda scan {s}",
+                        max_pixels=max_pixels) for s in ("train", "test")]
     measured = pd.concat(parts, ignore_index=True).drop(columns="path")
     frame = pd.concat([frame, measured], axis=1)  # image_table lists train first, then test
     frame["aspect"] = frame["width"] / frame["height"].where(frame["height"] > 0)
@@ -202,7 +203,7 @@ def run(cfg: Config, force: bool = False) -> EdaResult:
         return EdaResult(html_path, json_path, summarize(prior), skipped=True)
     n_train = int((frame["split"] == "train").sum())
     log.info("EDA of %s: %d train + %d test images", comp.root, n_train, len(frame) - n_train)
-    frame = scan(frame, default_workers())
+    frame = scan(frame, default_workers(), cfg.data.max_pixels)
     report, groups = build_report(cfg, comp, frame)
     figs = draw_figures(report, frame)
     report["signature"], report["elapsed_s"] = sig, round(time.perf_counter() - start, 2)

@@ -6,6 +6,7 @@ only read, never written. Broken files become rows with ``readable=False`` and t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -20,6 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from pipeline.data.cache import open_image
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,11 @@ def _failed(path: str, size: int, md5: Optional[str], header: tuple, error: str)
     return (path, False, error, size, fmt, mode, width, height, 1, md5, 0, None) + (np.nan,) * 8
 
 
-def scan_image(path: str) -> tuple:
+def scan_image(path: str, max_pixels: Optional[int] = None) -> tuple:
     """Measure one file: bytes, md5, format, mode, size, EXIF orientation, channel moments, pHash.
 
-    The perceptual hash is taken after applying the EXIF rotation, so a rotated copy still matches.
+    The perceptual hash is taken after applying the EXIF rotation, so a rotated copy still matches. A file over
+    ``max_pixels`` (``data.max_pixels``) is not decoded: it is a failed row saying so.
     """
     try:
         with open(path, "rb") as fh:
@@ -79,7 +83,7 @@ def scan_image(path: str) -> tuple:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency and similar notices are not problems
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data), max_pixels) as img:
                 header = (img.format, img.mode, img.width, img.height)
                 if max(img.size) > 2 * STATS_MAX_SIDE:
                     img.draft(img.mode, (STATS_MAX_SIDE, STATS_MAX_SIDE))  # JPEG: decode at reduced scale
@@ -113,17 +117,19 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def scan_paths(paths: Sequence[str], workers: int, desc: str = "scan") -> pd.DataFrame:
-    """Scan ``paths`` in parallel (order kept) with a progress bar; one row per path."""
+def scan_paths(paths: Sequence[str], workers: int, desc: str = "scan", max_pixels: Optional[int] = None
+               ) -> pd.DataFrame:
+    """Scan ``paths`` in parallel (order kept) with a progress bar; one row per path (:func:`scan_image`)."""
     paths = list(paths)
+    scan_one = functools.partial(scan_image, max_pixels=max_pixels)
     bar = dict(total=len(paths), desc=desc, unit="img", smoothing=0.1)
     log.debug("%s: %d images, %d worker process(es)", desc, len(paths), workers)
     if workers <= 1 or len(paths) < 16:
-        rows = [scan_image(p) for p in tqdm(paths, **bar)]
+        rows = [scan_one(p) for p in tqdm(paths, **bar)]
     else:
         chunk = max(1, min(256, len(paths) // (workers * 8)))
         with multiprocessing.Pool(workers) as pool:
-            rows = list(tqdm(pool.imap(scan_image, paths, chunksize=chunk), **bar))
+            rows = list(tqdm(pool.imap(scan_one, paths, chunksize=chunk), **bar))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["phash"] = np.array([r[10] for r in rows], dtype=np.uint64)  # 0 (and readable=False) when unreadable
     return frame
