@@ -20,6 +20,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from pipeline.core.utils import setup_logging, write_json
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.rundir import OOF_TABLES, run_oof
 
 
@@ -32,7 +33,7 @@ def oof_table(path: str | Path, plain: bool = False) -> pd.DataFrame:
             names = OOF_TABLES[1:] if plain else OOF_TABLES
             raise FileNotFoundError(f"{path}: no {' or '.join(names)} (train and infer the run first)")
         path = found
-    table = pd.read_csv(path, dtype={"id": str, "label": str})
+    table = pd.read_csv(path, dtype={"id": str, "label": str}, **AS_WRITTEN)
     missing = {"id", "label"} - set(table.columns)
     if missing:
         raise ValueError(f"{path}: no column(s) {sorted(missing)}: not an OOF table")

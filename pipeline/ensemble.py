@@ -42,6 +42,7 @@ from pipeline.cli import stage_main
 from pipeline.core.config import Config, EnsembleConfig, load_config
 from pipeline.core.registry import Registry
 from pipeline.core.utils import write_csv, write_json
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.evaluation.calibration import temperature_report, with_temperature
 from pipeline.evaluation.metrics import metric_loss, score
 from pipeline.rundir import RunDir, load_manifest
@@ -248,7 +249,7 @@ def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
     fold_files = [m.predictions("test") for m in run.fold_models() if m.predictions("test").is_file()]
     if not fold_files:
         raise FileNotFoundError(f"ensemble member {run_dir} has no fold*/test.npy: run its infer stage")
-    ids = pd.read_csv(run.index(manifest["test"]), dtype={"id": str})["id"].to_numpy()
+    ids = pd.read_csv(run.index(manifest["test"]), dtype={"id": str}, **AS_WRITTEN)["id"].to_numpy()
     oof_path = run.oof_table()
     return {"dir": run_dir, "name": run_dir.name, "classes": manifest["classes"], "ids": ids,
             "folds": [np.load(p) for p in fold_files], "oof": oof_path}
@@ -268,7 +269,7 @@ def load_oof(members: list[dict], classes: list[str], same_folds: bool) -> Optio
     missing or partial). With ``same_folds``, members whose folds differ are an error."""
     if any(m["oof"] is None for m in members):
         return None
-    tables = [pd.read_csv(m["oof"], dtype={"id": str, "label": str}).set_index("id") for m in members]
+    tables = [pd.read_csv(m["oof"], dtype={"id": str, "label": str}, **AS_WRITTEN).set_index("id") for m in members]
     if any(set(t.index) != set(tables[0].index) for t in tables):
         return None
     ids = tables[0].index

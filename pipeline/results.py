@@ -21,6 +21,7 @@ from pipeline.cli import stage_main
 from pipeline.core.config import Config
 from pipeline.core.utils import read_json, write_json, write_text
 from pipeline.data.cache import gather
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.evaluation.metrics import score
 from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
 from pipeline.report.webpage import esc, figure, page, png_base64, section, table
@@ -140,7 +141,7 @@ def run(cfg: Config) -> Path:
     images, index = load_split(cfg.run_dir, "train", manifest)
     run = RunDir.of(cfg)
     source = oof_source(run)
-    oof = pd.read_csv(source, dtype={"id": str, "label": str}).set_index("id").loc[index["id"]]
+    oof = pd.read_csv(source, dtype={"id": str, "label": str}, **AS_WRITTEN).set_index("id").loc[index["id"]]
     done = ~oof[classes].isna().any(axis=1).to_numpy()
     probs = oof[classes].to_numpy(dtype=np.float64)[done]
     labels = index["label_idx"].to_numpy()[done]

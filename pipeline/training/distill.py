@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.rundir import teacher_table
 
 
@@ -27,7 +28,7 @@ def teacher_probs(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, classes
     path = teacher_table(cfg)
     if path is None:
         return None
-    table = pd.read_csv(path, dtype={"id": str, "label": str})
+    table = pd.read_csv(path, dtype={"id": str, "label": str}, **AS_WRITTEN)
     missing = [c for c in ["id", "fold", *classes] if c not in table.columns]
     if missing:
         raise ValueError(f"teacher OOF {path} lacks column(s) {missing} (the student's classes are {classes})")
