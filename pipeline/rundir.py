@@ -21,6 +21,7 @@ Beside the paths live the rules that read them: the training fingerprint that de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ import pandas as pd
 import yaml
 
 from pipeline.core.config import Config, ConfigError, to_dict, to_yaml
-from pipeline.core.utils import holder, read_json, temporary_target, try_lock, write_json, write_text
+from pipeline.core.utils import hide_password, holder, read_json, temporary_target, try_lock, write_json, write_text
 from pipeline.data.cache import manifest_digest, open_array
 from pipeline.models.arch import load_spec
 from pipeline.models.weights import start_digest
@@ -150,8 +151,9 @@ class SearchDir:
         return self.root / "best" / f"{rule}.yaml"
 
     def file(self, name: str) -> Path:
-        """One of the search's own files: ``study.db``, ``trials.csv``, ``pareto.csv``, ``pareto.png``,
-        ``hypervolume.png``, ``summary.json``, ``config.yaml``, ``references.json``, ``rerank*.json``, ``tb``."""
+        """One of the search's own files: ``study.db`` (and ``study.db.lock``, held by the worker using it),
+        ``trials.csv``, ``pareto.csv``, ``pareto.png``, ``hypervolume.png``, ``summary.json``, ``config.yaml``,
+        ``references.json``, ``rerank*.json``, ``tb``."""
         return self.root / name
 
 
@@ -216,11 +218,19 @@ def claim(cfg: Config, what: str, exclusive: bool = True) -> Iterator[None]:
         yield
 
 
+def without_secrets(cfg: Config) -> Config:
+    """``cfg`` as it may be written down: the password of ``search.storage`` masked (a PostgreSQL URL's
+    password belongs in ``PGPASSWORD``, not in run folders)."""
+    if not cfg.search.storage:
+        return cfg
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, storage=hide_password(cfg.search.storage)))
+
+
 def save_config(cfg: Config) -> None:
     """The resolved config of the run (``config.yaml``), as the stage that trains or caches saw it."""
     run = RunDir.of(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, to_yaml(cfg))
+    write_text(run.config, to_yaml(without_secrets(cfg)))
 
 
 # --------------------------------------------------------------------------- the preprocessed data and folds

@@ -3,13 +3,17 @@
 # several machines would share it (they would point search.storage at the server's address instead).
 #   scripts/search_postgres.sh [CONFIG] [--set section.key=value ...]
 # e.g. scripts/search_postgres.sh configs/default.yaml --set search.n_trials=8 --set search.epochs=1
-# Needs root (apt-get, the postgres system user). Env: PY (python, default .venv/bin/python), PG_DB, WORKERS, LOGS (worker logs).
+# Needs root (apt-get, the postgres system user). Env: PY (python, default .venv/bin/python), PG_DB, WORKERS, LOGS
+# (worker logs), PGPASSWORD (the role's password, default "pipeline"). The password never enters the storage URL:
+# libpq (psycopg2) reads PGPASSWORD from the environment, as every worker on another machine should
+# (search.storage=postgresql+psycopg2://pipeline@HOST:5432/DB with PGPASSWORD exported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DB=${PG_DB:-pipeline_search}
 WORKERS=${WORKERS:-2}
 LOGS=${LOGS:-runs/search-postgres-logs}
+export PGPASSWORD=${PGPASSWORD:-pipeline}
 ARGS=()
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then ARGS+=(--config "$1"); shift; fi
 ARGS+=("$@")
@@ -25,12 +29,16 @@ if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then  # started here:
   trap 'pg_ctlcluster "$version" main stop' EXIT
 fi
 psql_admin() { runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qtAc "$1"; }
-[ "$(psql_admin "SELECT 1 FROM pg_roles WHERE rolname='pipeline'")" = 1 ] ||
-  psql_admin "CREATE ROLE pipeline LOGIN PASSWORD 'pipeline'"
+password=${PGPASSWORD//\'/\'\'}  # a SQL string literal
+if [ "$(psql_admin "SELECT 1 FROM pg_roles WHERE rolname='pipeline'")" = 1 ]; then
+  psql_admin "ALTER ROLE pipeline PASSWORD '$password'"
+else
+  psql_admin "CREATE ROLE pipeline LOGIN PASSWORD '$password'"
+fi
 [ "$(psql_admin "SELECT 1 FROM pg_database WHERE datname='$DB'")" = 1 ] ||
   psql_admin "CREATE DATABASE $DB OWNER pipeline"
-URL="postgresql+psycopg2://pipeline:pipeline@127.0.0.1:5432/$DB"
-echo "storage: $URL (PostgreSQL $version)" >&2
+URL="postgresql+psycopg2://pipeline@127.0.0.1:5432/$DB"  # the password: PGPASSWORD, read by libpq
+echo "storage: $URL (PostgreSQL $version, password from PGPASSWORD)" >&2
 
 [ -d data/demo ] || "$PY" -m pipeline.data.demo --out data/demo
 "$PY" -m pipeline.preprocess "${ARGS[@]}"

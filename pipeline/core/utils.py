@@ -49,6 +49,19 @@ def temporary_target(name: str) -> Optional[str]:
     return match["name"]
 
 
+def hide_password(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (SQLAlchemy URLs); anything else (a journal file's path) as
+    it is. What is written to a file, a log or the screen goes through this."""
+    from sqlalchemy.engine import make_url  # heavy and needed only for a storage URL
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL, or one SQLAlchemy cannot parse: mask what looks like one
+        return re.sub(r"^([A-Za-z0-9+.-]+://[^:/@]*):.*@", r"\1:***@", url)
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -27,7 +27,7 @@ import optuna
 import pandas as pd
 
 from pipeline.core.config import Config, load_config, to_yaml, with_values
-from pipeline.rundir import RunDir, SearchDir
+from pipeline.rundir import RunDir, SearchDir, without_secrets
 from pipeline.search.space import OBJECTIVES, trial_config
 from pipeline.core.utils import atomic_path, setup_logging, write_csv, write_json, write_text
 
@@ -180,7 +180,7 @@ def export_best(study: optuna.Study, cfg: Config, picks: dict, out: SearchDir) -
                               if k in row and pd.notna(row[k]))
                   + f"\n# searched on {cfg.search.subsample} images, {cfg.search.epochs} epochs; trains at "
                     f"train.epochs={config.train.epochs}: ./run.sh full {out.best(rule)}\n")
-        write_text(out.best(rule), header + to_yaml(config))
+        write_text(out.best(rule), header + to_yaml(without_secrets(config)))
         kept = ("accuracy", "params", f"rerank_{metric_of(cfg)}")
         exported[rule] = {"trial": trial.number, **{k: row[k] for k in kept if k in row and pd.notna(row[k])}}
     return exported

@@ -19,7 +19,7 @@ from pipeline.core.utils import atomic_path, read_json, write_json
 from pipeline.evaluation.metrics import score
 from pipeline.models.factory import count_parameters
 from pipeline.report.figures import confusion_figure, figure_array
-from pipeline.rundir import RunDir, data_change, same_training, trained_with
+from pipeline.rundir import RunDir, data_change, same_training, trained_with, without_secrets
 from pipeline.training.checkpoints import load_state, save_checkpoint, save_state
 from pipeline.training.losses import build_loss
 from pipeline.training.recipe import build_training
@@ -135,7 +135,7 @@ class FoldRun:
         metrics = {k: None if v != v else v for k, v in metrics.items()}  # the refit's NaN scores: JSON null
         meta = {"fold": self.fold, "epoch": self.epoch, "classes": self.classes, "metrics": metrics,
                 "model": self.cfg.model.name, "image_size": t.size, "mean": t.mean, "std": t.std,
-                "config": to_dict(self.cfg)}
+                "config": to_dict(without_secrets(self.cfg))}
         if improved:
             save_checkpoint(self.dir, "best", t.eval_model, meta)
             with atomic_path(self.dir.predictions("oof")) as tmp:
