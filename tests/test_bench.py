@@ -30,7 +30,8 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
                  "train.batch_size=32", "infer.batch_size=64", "augment.policy=randaugment",
                  "augment.mixup_alpha=0.2", "infer.tta=[identity, hflip]"]
     # a fresh config: no preprocess run yet, bench runs it
-    args = [a for o in overrides for a in ("--set", o)] + ["--batches", "2", "--preprocess-images", "40", "--rounds", "1"]
+    args = [a for o in overrides for a in ("--set", o)]
+    args += ["--batches", "2", "--preprocess-images", "40", "--rounds", "1"]
     assert bench.main(args) == 0
     result = json.loads(capsys.readouterr().out)
     for key in KEYS:
@@ -53,7 +54,8 @@ def test_bench_prints_and_writes_its_json(tmp_path, monkeypatch, capsys):
     # train.precision: bench trains with the fastest measured setting, on the machine it was measured on
     cfg = load_config(None, overrides + ["train.precision=bench", "train.channels_last=false"])
     best = result["best_floor"]
-    assert compute_settings(cfg, device) == (bench.combos(device, dtype, True)[best][0], best.endswith("_channels_last"))
+    fastest = bench.combos(device, dtype, True)[best]  # (autocast dtype, channels_last)
+    assert compute_settings(cfg, device) == fastest
     record = tmp_path / "runs" / "bench" / "bench.json"
     record.write_text(json.dumps({**result, "best_floor": "fp32"}))
     assert compute_settings(cfg, device) == (None, False)
