@@ -37,6 +37,7 @@ import yaml
 from pipeline.core.config import Config, ConfigError, to_dict, to_yaml
 from pipeline.core.utils import hide_password, holder, read_json, temporary_target, try_lock, write_json, write_text
 from pipeline.data.cache import manifest_digest, open_array
+from pipeline.data.contract import AS_WRITTEN
 from pipeline.models.arch import load_spec
 from pipeline.models.weights import start_digest
 
@@ -258,7 +259,7 @@ def load_split(run_dir: str | Path, split: str, manifest: Optional[dict] = None)
     if not Path(entry["array"]).is_file():
         raise FileNotFoundError(f"{entry['array']} not found: re-run the preprocess stage (it rebuilds the cache)")
     images = open_array(entry["array"], entry["n"], entry["size"])
-    index = pd.read_csv(RunDir(run_dir).index(entry), dtype={"id": str, "label": str, "group": str})
+    index = pd.read_csv(RunDir(run_dir).index(entry), dtype={"id": str, "label": str, "group": str}, **AS_WRITTEN)
     if len(index) != len(images):
         raise ValueError(f"{entry['array']}: {len(images)} images but {len(index)} rows in {entry['index']}; "
                          "re-run preprocess")
@@ -273,7 +274,7 @@ def read_folds(run_dir: str | Path, index: pd.DataFrame) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the folds stage first")
     try:
-        folds = pd.read_csv(path, dtype={"id": str, "label": str})
+        folds = pd.read_csv(path, dtype={"id": str, "label": str}, **AS_WRITTEN)
         fold = pd.to_numeric(folds["fold"], errors="raise")
         whole = bool(fold.notna().all() and (fold >= 0).all() and (fold == fold.round()).all())
     except (ValueError, KeyError, pd.errors.ParserError) as err:
@@ -334,9 +335,11 @@ def teacher_signature(cfg: Config) -> Optional[str]:
 # --------------------------------------------------------------------------- is a model up to date
 
 
-# settings that cannot change a fold's weights: changing them must not retrain anything
+# settings that cannot change a fold's weights: changing them must not retrain anything (how the CSV is decoded
+# and which images are refused change the data, which the pixel and split digests catch)
 # (train.refit adds a model: the folds stay valid, and the refit is fingerprinted with the same settings)
-_NOT_TRAINING = {"data": ("cache_dir", "num_workers"), "train": ("folds", "resume", "threads", "device", "refit")}
+_NOT_TRAINING = {"data": ("cache_dir", "num_workers", "csv_encoding", "max_pixels", "allow_formula_cells"),
+                 "train": ("folds", "resume", "threads", "device", "refit")}
 
 
 def training_fingerprint(cfg: Config) -> str:

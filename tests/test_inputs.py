@@ -49,7 +49,6 @@ def huge_png(path: Path, width: int, height: int) -> None:
 # --------------------------------------------------------------------------- labels as written
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.rundir reads the index and folds tables with pandas' NA strings")
 def test_na_like_labels_reach_the_folds(tmp_path, competition):
     relabel(competition, {"blob": "NA", "hstripes": "None"})
     cfg = make_cfg(tmp_path, competition)
