@@ -18,16 +18,19 @@ NFC, so a decomposed ``café`` (as macOS writes names) finds its ``café.png``.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
 from pipeline.core.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # read_csv arguments that keep every cell as written: only an empty cell is missing (NaN), "NA", "None", "null"
@@ -158,21 +161,71 @@ def _load_csv_layout(root: Path, cfg: DataConfig) -> Competition:
     problems: list[str] = []
     csv_path = root / cfg.train_csv
     train = read_csv_text(csv_path, cfg.csv_encoding)
-    for col in [cfg.id_col, cfg.label_col] + ([cfg.group_col] if cfg.group_col else []):
-        if col not in train.columns:
-            raise DataError([f"{csv_path}: column '{col}' not found (columns: {', '.join(train.columns)})"])
+    index = ImageIndex(root / cfg.train_dir)
+    id_col, label_col = find_columns(train, index, cfg, csv_path)
+    if cfg.group_col and cfg.group_col not in train.columns:
+        raise DataError([f"{csv_path}: column '{cfg.group_col}' not found (columns: {', '.join(train.columns)})"])
+    cfg = replace(cfg, id_col=id_col, label_col=label_col)
     train = train.rename(columns={cfg.id_col: "id", cfg.label_col: "label"})
     if cfg.group_col:
         train = train.rename(columns={cfg.group_col: "group"})
     problems += _check_rows(train, csv_path, cfg)
     train["csv_row"] = train.index + 2  # the row in train.csv (header is row 1), for problems found later
-    train["path"] = _attach_paths(train["id"], ImageIndex(root / cfg.train_dir), csv_path, problems)
+    train["path"] = _attach_paths(train["id"], index, csv_path, problems)
     test, columns = _load_test(root, cfg, problems)
     classes = sort_classes(train["label"].dropna().unique())
     sample_csv = root / cfg.sample_submission
     return Competition(root, "csv", train, test, classes, columns, cfg.id_col, cfg.label_col,
                        "group" if cfg.group_col else None, problems, sample_csv=sample_csv if sample_csv.is_file()
                        else None)
+
+
+def find_columns(train: pd.DataFrame, index: ImageIndex, cfg: DataConfig, csv_path: Path) -> tuple[str, str]:
+    """The id and label columns of ``train.csv``: the configured names when the file has them, else found from
+    the data. The id column is the one whose values name the image files; the label column the one other column
+    with few distinct values. No candidate, or several, is an error naming them and the ``--set`` to use."""
+    id_col = cfg.id_col if cfg.id_col in train.columns else _only(
+        [c for c in train.columns if _names_files(train[c], index)], train, csv_path, "id_col", cfg.id_col,
+        f"whose values name the files in {index.folder.name}/")
+    label_col = cfg.label_col if cfg.label_col in train.columns else _only(
+        [c for c in train.columns if c not in (id_col, cfg.group_col) and _few_values(train[c])], train, csv_path,
+        "label_col", cfg.label_col, "with few distinct values")
+    return id_col, label_col
+
+
+def _names_files(values: pd.Series, index: ImageIndex, sample: int = 200, share: float = 0.9) -> bool:
+    """Whether (nearly) every one of the first ``sample`` values names an image file."""
+    head = values.dropna().astype(str).head(sample)
+    return len(head) > 0 and sum(index.resolve(v)[0] is not None for v in head) >= share * len(head)
+
+
+def _few_values(values: pd.Series) -> bool:
+    """A column that can hold classes: at least two values, each on two rows or more on average."""
+    count, distinct = int(values.notna().sum()), int(values.nunique())
+    return 2 <= distinct <= count // 2
+
+
+def _only(found: list[str], train: pd.DataFrame, csv_path: Path, key: str, configured: str, what: str) -> str:
+    """The one candidate column, logged; else a one-line error naming the candidates and the setting."""
+    if len(found) == 1:
+        log.info("%s has no column '%s': data.%s is '%s', the column %s", csv_path.name, configured, key,
+                 found[0], what)
+        return found[0]
+    which = f"several columns {what} ({', '.join(found)})" if found else f"no column {what}"
+    raise DataError([f"{csv_path}: column '{configured}' not found (columns: {', '.join(train.columns)}) and "
+                     f"{which}: name it with --set data.{key}=COLUMN"])
+
+
+def group_candidates(comp: "Competition", n_splits: int) -> list[dict]:
+    """Columns of ``train.csv`` beside the id, label and group that look like a group (a user or patient id):
+    more values than classes and folds, several rows each. Rows that share one would leak across folds."""
+    out = []
+    for col in comp.train.columns.difference(["id", "label", "group", "path", "csv_row"]):
+        values = comp.train[col].dropna()
+        distinct = int(values.nunique())
+        if distinct > max(len(comp.classes), n_splits) and len(values) >= 2 * distinct:
+            out.append({"column": str(col), "values": distinct, "rows_per_value": round(len(values) / distinct, 1)})
+    return out
 
 
 def _check_rows(train: pd.DataFrame, csv_path: Path, cfg: DataConfig) -> list[str]:

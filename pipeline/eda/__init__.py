@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import Config
-from pipeline.data.contract import Competition, load_competition
+from pipeline.data.contract import Competition, group_candidates, load_competition
 from pipeline.core.utils import read_json, write_csv, write_json, write_text
 from pipeline.eda import dups, plots, sections, stats, suggest
 from .report import page
@@ -33,7 +33,7 @@ from .scan import default_workers, scan_paths
 
 log = logging.getLogger(__name__)
 
-EDA_VERSION = 2  # bump when the report changes, so that up-to-date checks rerun
+EDA_VERSION = 3  # bump when the report changes, so that up-to-date checks rerun
 MAX_LISTED = 200  # duplicate groups listed per kind in eda.json (counts are always exact)
 
 
@@ -108,6 +108,7 @@ def build_report(cfg: Config, comp: Competition, frame: pd.DataFrame) -> tuple[d
         "counts": {"train": len(comp.train), "test": len(comp.test), "classes": len(comp.classes)},
         "problems": list(comp.problems),
         "classes": stats.class_counts(comp.train, comp.classes), "groups": stats.group_counts(comp.train),
+        "group_candidates": [] if comp.group_col else group_candidates(comp, cfg.folds.n_splits),
         "images": {"train": stats.split_properties(train, MAX_LISTED), "test": stats.split_properties(test, MAX_LISTED)},
         "histograms": {c: stats.histogram(train.loc[train.readable, c].to_numpy(float),
                                           test.loc[test.readable, c].to_numpy(float)) for c in stats.NUMERIC},

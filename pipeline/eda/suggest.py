@@ -97,6 +97,13 @@ def duplicates(dups: dict, has_group: bool) -> list[dict]:
     return out
 
 
+def group_columns(candidates: list[dict]) -> list[dict]:
+    """A column that looks like a user or patient id, which the folds do not respect yet."""
+    return [_item("cross-validation", f"Column '{c['column']}' has {c['values']:,} values, {c['rows_per_value']} rows "
+                  "each on average: if rows that share a value are related (one user, one patient, one scene), keep "
+                  "them in one fold, or the CV is optimistic.", [f"data.group_col={c['column']}"]) for c in candidates]
+
+
 def data_hygiene(props: dict, bad: list[dict]) -> list[dict]:
     out = []
     if bad:
@@ -132,6 +139,7 @@ def suggestions(report: dict, cfg: Config) -> list[dict]:
     props = report["images"]
     items = [*data_hygiene(props, report["unreadable"]["files"]),
              *duplicates(report["duplicates"], report["groups"] is not None),
+             *group_columns(report.get("group_candidates", [])),
              imbalance(report["classes"]), input_size(props["train"], cfg),
              *normalization(report["normalization"], report["drift"])]
     return [i for i in items if i]
