@@ -1,7 +1,8 @@
 """Input-pipeline benchmark: does data loading and augmentation keep up with the model?
 
-``python -m pipeline.bench --config CONFIG [--set …] [--batches N]`` measures, on the configured data
-(the preprocess cache must exist) and model, and prints as JSON (also ``runs/<experiment>/bench.json``):
+``python -m pipeline.bench --config CONFIG [--set …] [--batches N] [--seconds S]`` measures within ``S`` seconds
+(120 by default), on the configured data (a fresh config is preprocessed first) and model, and prints as JSON
+(also ``runs/<experiment>/bench.json``):
 
 * ``train_floor_img_s``: optimisation steps (normalise, forward, backward, step) on uint8 batches already in
   memory, at the configured precision and memory format; ``floors`` has every fp32/bf16 ×
@@ -33,6 +34,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -57,14 +59,30 @@ from pipeline.training.recipe import Training, build_training
 log = logging.getLogger(__name__)
 
 
-def timed(fn: Callable[[], int], warmup: int, repeats: int) -> float:
-    """Items per second of ``fn`` (which returns how many items it processed) after ``warmup`` calls."""
+@dataclass(frozen=True)
+class Effort:
+    """How long one measurement runs: ``batches`` timed calls at most, stopped once ``seconds`` have passed
+    since it began (warm-up included; at least one timed call). ``seconds`` None: no time bound."""
+    batches: int
+    seconds: Optional[float] = None
+
+
+def timed(fn: Callable[[], int], warmup: int, effort: Effort,
+          clock: Callable[[], float] = time.perf_counter) -> float:
+    """Items per second of ``fn`` (which returns how many items it processed) after up to ``warmup`` calls, over
+    up to ``effort.batches`` calls, within ``effort.seconds`` (warm-up stops at half of it)."""
+    begin = clock()
+    over = (lambda share: effort.seconds is not None and clock() - begin >= share * effort.seconds)
     for _ in range(warmup):
         fn()
-    start, items = time.perf_counter(), 0
-    for _ in range(repeats):
+        if over(0.5):
+            break
+    start, items = clock(), 0
+    for _ in range(max(1, effort.batches)):
         items += fn()
-    return items / (time.perf_counter() - start)
+        if over(1.0):
+            break
+    return items / max(clock() - start, 1e-9)
 
 
 # --------------------------------------------------------------------------- training
@@ -97,7 +115,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
 
 
 def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
-                batches: int) -> float:
+                effort: Effort) -> float:
     """Training images/s on batches kept in memory: the compute floor the pipeline must match."""
     step = build_step(cfg, data, device, dtype, channels_last).step
     held = memory_batches(data["images"], data["labels"], cfg.train.batch_size)
@@ -111,16 +129,16 @@ def train_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[t
         step(x, y, size)
         return len(y)
 
-    return timed(one, warmup=min(3, batches), repeats=batches)
+    return timed(one, min(3, effort.batches), effort)
 
 
 def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
-                   channels_last: bool, batches: int) -> float:
+                   channels_last: bool, effort: Effort) -> float:
     """Training images/s fed by the train stage's loader (``data.loader``), policy and mixer."""
     training = build_step(cfg, data, device, dtype, channels_last)
     step, loader = training.step, training.loader
     size = augment.size_at_epoch(cfg.augment, 0, cfg.data.image_size)
-    batches = min(batches, max(1, len(loader) - 3))
+    effort = Effort(min(effort.batches, max(1, len(loader) - 3)), effort.seconds)
     it = iter(loader)
 
     def one() -> int:
@@ -134,19 +152,19 @@ def train_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optiona
         return len(targets)
 
     try:
-        return timed(one, warmup=min(3, batches), repeats=batches)
+        return timed(one, min(3, effort.batches), effort)
     finally:
         del it, loader, training  # stop the workers
 
 
-def augment_rates(cfg: Config, data: dict, device: torch.device, batches: int) -> dict:
+def augment_rates(cfg: Config, data: dict, device: torch.device, effort: Effort) -> dict:
     """Images/s of the configured policy per image (albumentations on a gathered NHWC batch, the DataLoader
     path) and batched (:class:`~pipeline.augment.BatchAugment` on the same images as an NCHW uint8 tensor on
     ``device``), ``train.batch_size × 4`` images per call (the DataLoader path's chunk)."""
     rows = np.arange(min(len(data["images"]), cfg.train.batch_size * 4))
     nhwc = gather(data["images"], rows)
     policy = augment.build_policy(cfg.augment, cfg.data.image_size, seed=cfg.seed)
-    per_image = timed(lambda: len(policy.batch(nhwc)), warmup=1, repeats=batches)
+    per_image = timed(lambda: len(policy.batch(nhwc)), 1, effort)
     batched = None
     if cfg.augment.policy in augment.BATCHED_POLICIES:
         aug = augment.BatchAugment(cfg.augment, cfg.data.image_size, seed=cfg.seed)
@@ -159,7 +177,7 @@ def augment_rates(cfg: Config, data: dict, device: torch.device, batches: int) -
                 torch.cuda.synchronize(device)
             return len(rows)
 
-        batched = timed(one, warmup=1, repeats=batches)
+        batched = timed(one, 1, effort)
     return {"policy": cfg.augment.policy, "images_per_call": len(rows), "per_image_img_s": _round(per_image),
             "batched_img_s": _round(batched), "speedup": None if batched is None else round(batched / per_image, 2)}
 
@@ -197,7 +215,7 @@ def eval_model(cfg: Config, num_classes: int, device: torch.device, channels_las
 
 
 def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool,
-              batches: int) -> float:
+              effort: Effort) -> float:
     """Forward-only images/s on one normalised batch already in memory."""
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     x, _ = memory_batches(data["test"], np.zeros(len(data["test"]), dtype=np.int64), cfg.infer.batch_size, 1)[0]
@@ -209,24 +227,29 @@ def tta_floor(cfg: Config, data: dict, device: torch.device, dtype: Optional[tor
             model(x)
         return len(x)
 
-    return timed(one, warmup=min(2, batches), repeats=batches)
+    return timed(one, min(2, effort.batches), effort)
 
 
 def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[torch.dtype],
-                 channels_last: bool, batches: int) -> float:
-    """View-images/s of the inference stage's TTA prediction over (a slice of) the cached test set."""
+                 channels_last: bool, effort: Effort) -> float:
+    """View-images/s of the inference stage's TTA prediction over the cached test set, a slice of
+    ``infer.batch_size / views`` images a call (one batch of view-images)."""
     model = eval_model(cfg, data["num_classes"], device, channels_last)
     views = configured_views(cfg.infer)
-    rows = np.arange(min(len(data["test"]), batches * cfg.infer.batch_size // max(1, len(views)) + 1))
+    step = max(1, cfg.infer.batch_size // max(1, len(views)))
     kwargs = dict(mean=data["manifest"]["mean"], std=data["manifest"]["std"], device=device, dtype=dtype,
                   channels_last=channels_last, batch_size=cfg.infer.batch_size)
-    predict_tta(model, data["test"], rows[:cfg.infer.batch_size], views, **kwargs)  # warm-up
+    calls = 0
 
     def one() -> int:
+        nonlocal calls
+        start = (calls * step) % max(1, len(data["test"]) - step + 1)
+        rows = np.arange(start, min(start + step, len(data["test"])))
+        calls += 1
         predict_tta(model, data["test"], rows, views, **kwargs)
         return len(rows) * len(views)
 
-    return timed(one, warmup=0, repeats=1)
+    return timed(one, 1, effort)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -276,29 +299,32 @@ def combos(device: torch.device, dtype: Optional[torch.dtype], channels_last: bo
 
 
 def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: int = 3,
-        compare: bool = True, augment_only: bool = False) -> dict:
+        compare: bool = True, augment_only: bool = False, seconds: Optional[float] = 120) -> dict:
     """Measure every figure (see the module docstring) and write ``runs/<experiment>/bench.json``.
 
     Every figure is measured ``rounds`` times, floors and pipelines alternately, and the best kept, so that
-    a passing background load biases neither side of a ratio.
+    a passing background load biases neither side of a ratio. ``seconds`` bounds the whole measurement (None:
+    ``batches`` calls each, however long): each measurement gets its share, and no round starts past it.
     """
     with training_slot(cfg, "bench") as threads:
         torch.set_num_threads(threads)
         if augment_only:
-            return _measure_augment(cfg, batches)
-        return _measure(cfg, batches, preprocess_images, rounds, compare)
+            return _measure_augment(cfg, Effort(batches, seconds and seconds / 2))
+        return _measure(cfg, batches, preprocess_images, rounds, compare, seconds)
 
 
-def _measure_augment(cfg: Config, batches: int) -> dict:
+def _measure_augment(cfg: Config, effort: Effort) -> dict:
     """Only the augmentation comparison (``--augment-only``), written to ``bench_augment.json``."""
     device = resolve_device(cfg.train.device)
     result = {"experiment": cfg.experiment, "device": device_name(device), "threads": torch.get_num_threads(),
-              "augment": augment_rates(cfg, load_data(cfg), device, batches)}
+              "augment": augment_rates(cfg, load_data(cfg), device, effort)}
     write_json(RunDir.of(cfg).bench_augment, result)
     return result
 
 
-def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, compare: bool) -> dict:
+def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, compare: bool,
+             seconds: Optional[float]) -> dict:
+    begin = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     configure_backends(cfg.train.deterministic)
@@ -308,27 +334,33 @@ def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, com
     data = load_data(cfg)
     settings = combos(device, dtype, channels_last, compare)
     configured = next(k for k, v in settings.items() if v == (dtype, channels_last))
+    share = seconds and seconds / (max(1, rounds) * (len(settings) + 3) + 2)  # + augmentation and decoding
+    effort = Effort(batches, share)
     floors = dict.fromkeys(settings, 0.0)
     train = t_floor = tta = 0.0
     busy: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for r in range(max(1, rounds)):
+        if r and seconds is not None and time.perf_counter() - begin > seconds * r / max(1, rounds):
+            log.info("bench: %d of %d rounds fit in the %.0f s bound (--seconds)", r, rounds, seconds)
+            break
         for key, (d, cl) in settings.items():
-            floors[key] = max(floors[key], train_floor(cfg, data, device, d, cl, batches))
-        rate, pct = gpu_busy(lambda: train_pipeline(cfg, data, device, dtype, channels_last, batches), device)
+            floors[key] = max(floors[key], train_floor(cfg, data, device, d, cl, effort))
+        rate, pct = gpu_busy(lambda: train_pipeline(cfg, data, device, dtype, channels_last, effort), device)
         train = max(train, rate)
         busy += [pct] if pct is not None else []
-        t_floor = max(t_floor, tta_floor(cfg, data, device, dtype, channels_last, batches))
-        tta = max(tta, tta_pipeline(cfg, data, device, dtype, channels_last, batches))
+        t_floor = max(t_floor, tta_floor(cfg, data, device, dtype, channels_last, effort))
+        tta = max(tta, tta_pipeline(cfg, data, device, dtype, channels_last, effort))
         log.info("round %d: train floor %.0f, pipeline %.0f img/s; inference floor %.0f, TTA %.0f view-img/s",
                  r + 1, floors[configured], train, t_floor, tta)
     result = summary(cfg, device, dtype, channels_last, floors, configured, train, t_floor, tta)
-    result["augment"] = augment_rates(cfg, data, device, batches)
+    result["augment"] = augment_rates(cfg, data, device, effort)
     if device.type == "cuda":
         result["gpu_busy_pct"] = max(busy) if busy else None
         result["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     result["preprocess_img_s"] = _round(preprocess_rate(cfg, preprocess_images))
+    result["seconds"] = round(time.perf_counter() - begin, 1)
     write_json(RunDir.of(cfg).bench, result)
     return result
 
@@ -362,6 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
     parser.add_argument("--preprocess-images", type=int, default=2000, help="source images decoded for the rate")
     parser.add_argument("--rounds", type=int, default=3, help="alternate floor and pipeline runs, keep the best")
+    parser.add_argument("--seconds", type=float, default=120,
+                        help="bound on the whole measurement, in seconds (0: none; --batches calls each)")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="measure only the configured precision and memory format")
     parser.add_argument("--augment-only", action="store_true",
@@ -369,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, _ = parser.parse_known_args(argv)
 
     def bench(cfg: Config) -> dict:
-        result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare, args.augment_only)
+        result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare, args.augment_only,
+                     args.seconds or None)
         print(json.dumps(result, indent=2))  # the tool's output
         return result
 

@@ -84,10 +84,29 @@ def test_augment_only_compares_per_image_and_batched(tmp_path, monkeypatch, caps
     assert result["per_image_img_s"] > 0 and result["batched_img_s"] > 0
     cfg = load_config(None, overrides)
     data = bench.load_data(cfg)
-    assert bench.train_pipeline(cfg, data, torch.device("cpu"), None, False, 2) > 0
+    assert bench.train_pipeline(cfg, data, torch.device("cpu"), None, False, bench.Effort(2)) > 0
 
 
 def test_bench_without_data_fails_with_a_message(tmp_path, capsys):
     assert bench.main(["--set", f"runs_dir={tmp_path}", "--set", "experiment=none",
                        "--set", f"data.root={tmp_path / 'nothing'}"]) == 1
     assert f"data.root {tmp_path / 'nothing'} is not a folder" in capsys.readouterr().err
+
+
+def test_a_time_bound_stops_warm_up_and_timing():
+    """--seconds bounds a measurement whatever the batch count: on a clock that advances 1 s a call, a 4 s bound
+    allows 2 warm-up calls (half of it) and the timed calls up to the bound, not the 100 asked for."""
+    now, calls = [0.0], []
+
+    def clock() -> float:
+        return now[0]
+
+    def one() -> int:
+        now[0] += 1.0
+        calls.append(now[0])
+        return 10
+
+    rate = bench.timed(one, warmup=5, effort=bench.Effort(batches=100, seconds=4.0), clock=clock)
+    assert len(calls) == 4 and rate == 10.0  # 2 warm-up + 2 timed: 20 items in 2 s
+    calls.clear()
+    assert bench.timed(one, warmup=1, effort=bench.Effort(batches=3), clock=clock) == 10.0 and len(calls) == 4

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import preprocess
 from pipeline.search import study as search
@@ -232,7 +233,7 @@ def test_a_trial_killed_mid_way_fails_and_is_retried_when_the_study_resumes(tmp_
             continue
         try:
             study = optuna.load_study(study_name=cfg.experiment, storage=storage)
-        except KeyError:
+        except (KeyError, SQLAlchemyError):  # not made yet, or the worker is creating its tables this instant
             continue
         running = next((t for t in study.trials if t.state.name == "RUNNING" and t.user_attrs.get("curve")), None)
     proc.kill()
