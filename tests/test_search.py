@@ -15,6 +15,7 @@ import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import preprocess
+from pipeline.search import storage as stores
 from pipeline.search import study as search
 from pipeline.models.arch import SpecNet, downsampling, load_spec
 from pipeline.core.config import ConfigError, load_config, with_values
@@ -168,7 +169,7 @@ def test_a_configuration_already_trained_is_not_trained_again(tmp_path, shared_c
     cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=3", "search.arch.expansions=[1.0, 4.0]",
                      "search.rerank_top=2", "search.best_floor=0.0")
     (cfg.run_dir / "search").mkdir(parents=True)
-    study = search.open_study(cfg)
+    study = stores.open_study(cfg)
     params = spec_params(load_spec(yaml.safe_load(SEED_SPEC)), cfg.search.arch)
     study.enqueue_trial(params)
     study.enqueue_trial({**params, "b0_expansion": 4.0})  # a different trial, the same ConvPool model

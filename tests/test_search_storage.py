@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.core.config import with_values
 from pipeline.search import report
+from pipeline.search import storage as stores
 from pipeline.search import study as search
 
 from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg, stage_argv
@@ -24,14 +25,14 @@ OPEN_TOGETHER = """
 import os, sys
 from pathlib import Path
 from pipeline.core.config import load_config, with_values
-from pipeline.search import study as search
+from pipeline.search import storage as stores
 
 signals, storages, cfg = Path(sys.argv[1]), sys.argv[2].split(","), load_config(sys.argv[3], sys.argv[4:])
 for r, storage in enumerate(storages):
     (signals / f"ready{r}-{os.getpid()}").touch()
     while not (signals / f"go{r}").exists():
         pass  # spin: every worker leaves at the same instant
-    study = search.open_study(with_values(cfg, {"search.storage": storage}))
+    study = stores.open_study(with_values(cfg, {"search.storage": storage}))
     print("joined", r, study.study_name, flush=True)
 """
 WORKERS = 4
@@ -65,7 +66,7 @@ def test_workers_opening_a_fresh_storage_together_all_join(tmp_path):
     assert all(text.count("joined") == len(storages) for text in logs), logs
     cfg = make_cfg(tmp_path, None, "experiment=together")
     for storage in storages:
-        assert optuna.get_all_study_names(search.build_storage(with_values(cfg, {"search.storage": storage}))) \
+        assert optuna.get_all_study_names(stores.build_storage(with_values(cfg, {"search.storage": storage}))) \
             == ["together"]
 
 
@@ -80,7 +81,7 @@ def test_two_workers_on_a_fresh_sqlite_or_journal_storage_both_finish(tmp_path, 
     logs = {name: [p.communicate(timeout=240)[0] for p in pair] for name, pair in procs.items()}
     for name, cfg in cfgs.items():
         assert all(p.returncode == 0 for p in procs[name]) and "Traceback" not in "".join(logs[name]), logs[name]
-        trials = optuna.load_study(study_name=cfg.experiment, storage=search.build_storage(cfg)).trials
+        trials = optuna.load_study(study_name=cfg.experiment, storage=stores.build_storage(cfg)).trials
         assert 3 <= len(trials) <= 4 and all(t.state.name in FINISHED for t in trials), (name, trials)
         ran = {int(n) for text in logs[name] for n in re.findall(r"trial (\d+) (?:complete|pruned)", text)}
         assert ran == {t.number for t in trials}, name
@@ -89,7 +90,7 @@ def test_two_workers_on_a_fresh_sqlite_or_journal_storage_both_finish(tmp_path, 
 def test_a_second_worker_on_one_sqlite_file_is_warned(tmp_path, shared_competition, caplog):
     cfg = search_cfg(tmp_path, shared_competition, "search.n_trials=1")
     caplog.set_level(logging.INFO)
-    with search.sqlite_worker(cfg):  # another worker searching on the same file
+    with stores.sqlite_worker(cfg):  # another worker searching on the same file
         search.run(cfg)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "SQLite" in r.getMessage()]
     assert len(warned) == 1 and f"pid {os.getpid()}" in warned[0] and "SQLite is for one worker" in warned[0]
@@ -101,7 +102,7 @@ def test_a_second_worker_on_one_sqlite_file_is_warned(tmp_path, shared_competiti
 def test_a_journal_storage_warns_that_it_has_no_heartbeat(tmp_path, caplog):
     cfg = make_cfg(tmp_path, None, f"search.storage={tmp_path / 'study.log'}", "search.heartbeat=30")
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        search.build_storage(cfg)
+        stores.build_storage(cfg)
     assert "has no heartbeat" in caplog.text and "never retried" in caplog.text
 
 
@@ -117,7 +118,7 @@ def test_a_storage_password_is_masked_in_every_file_and_message(tmp_path, shared
     err = capsys.readouterr().err
     (line,) = [text for text in err.splitlines() if text.startswith("error:")]
     assert "searcher:***@127.0.0.1" in line and "Traceback" not in err
-    study = optuna.load_study(study_name=cfg.experiment, storage=search.build_storage(local))
+    study = optuna.load_study(study_name=cfg.experiment, storage=stores.build_storage(local))
     report.write_outputs(study, cfg, [])
     written = [cfg.run_dir / "config.yaml", cfg.run_dir / "search" / "config.yaml",
                *(cfg.run_dir / "search" / "best").glob("*.yaml")]

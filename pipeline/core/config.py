@@ -325,7 +325,7 @@ class SearchConfig:
     n_trials: Optional[int] = 40  # finished trials the study stops at (all workers together); None: no cap
     timeout: Optional[float] = None  # seconds this worker searches (the study time limit)
     trial_timeout: Optional[float] = None  # seconds a trial trains; then it stops and is scored as it is
-    sampler: str = "nsga2"  # see pipeline.search.study.SAMPLERS: nsga2, motpe, random, tpe, cmaes
+    sampler: str = "nsga2"  # see pipeline.search.storage.SAMPLERS: nsga2, motpe, random, tpe, cmaes
     pruner: str = "median"  # single objective: none, median, hyperband (per-epoch validation scores)
     seed: int = 0
     worker: int = 0  # this worker's index: its sampler is seeded with seed + worker (workers sharing a study)
