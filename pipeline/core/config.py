@@ -200,8 +200,14 @@ class TrainConfig:
     # test set with it and the ensemble stage combines it (ensemble.refit); the OOF/CV stay the fold models'
     refit: bool = False
     # finetune: train the whole model per fold; features: embed every image once per TTA view with the frozen
-    # pretrained backbone (cached) and fit only a head per fold (pipeline/features.py): minutes on a CPU
-    mode: Literal["finetune", "features"] = "finetune"
+    # pretrained backbone (cached) and fit only a head per fold (pipeline/training/features.py): minutes on a CPU;
+    # partial: cache the frozen early blocks' output once per view and train the last tune_blocks blocks, the
+    # head convolution and a classifier per fold on the cache (pipeline/training/partial.py)
+    mode: Literal["finetune", "features", "partial"] = "finetune"
+    tune_blocks: int = 3  # partial: how many of the backbone's last blocks train (the rest stay frozen, cached)
+    # features / partial: extra training views, each a seeded random resized crop (and flip) of every training
+    # image, embedded (or cached) once beside the TTA views; 0: the TTA views only
+    crop_views: int = 0
     # fine-tuning a pretrained backbone (pipeline/finetune.py)
     freeze_epochs: int = 0  # train only the classifier for this many first epochs
     backbone_lr_mult: float = 1.0  # the backbone's learning rate = lr × this
@@ -226,11 +232,14 @@ class TrainConfig:
     distill_temperature: float = 1.0  # > 1 softens the teacher's probabilities
 
     def __post_init__(self) -> None:
+        if self.tune_blocks < 1 or self.crop_views < 0:
+            raise ConfigError(f"train.tune_blocks must be >= 1 and train.crop_views >= 0, got {self.tune_blocks} "
+                              f"and {self.crop_views}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
-        if self.refit and (self.mode == "features" or self.scheduler == "plateau"):
+        if self.refit and (self.mode != "finetune" or self.scheduler == "plateau"):
             raise ConfigError("train.refit: trains a model without held-out rows, so it needs train.mode=finetune "
                               f"and a schedule fixed in advance (not plateau); got mode={self.mode}, "
                               f"scheduler={self.scheduler}")
@@ -371,6 +380,9 @@ class Config:
     experiment: str = "demo"
     seed: int = 42
     runs_dir: str = "runs"
+    # manual: run this config as written; auto: pipeline.full chooses the recipe from the data and the machine
+    # (and --budget), starting from these settings (pipeline/plan.py)
+    recipe: Literal["manual", "auto"] = "manual"
     data: DataConfig = field(default_factory=DataConfig)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
