@@ -24,7 +24,9 @@
 ``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``).
 
 Training and inference call the train stage's building blocks (:func:`~pipeline.training.recipe.build_training`,
-``predict_tta``) rather than copies of them, so the figures are those of a real run.
+``predict_tta``) rather than copies of them, so the figures are those of a real run. The timing
+(:mod:`pipeline.core.timing`) and these measurements also turn the planner's members into minutes
+(:mod:`pipeline.plan`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,6 +46,7 @@ from pipeline import augment
 from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import Config
 from pipeline.core.jobs import training_slot
+from pipeline.core.timing import Effort, timed
 from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision,
                                  seed_everything, write_json)
 from pipeline.data.contract import load_competition
@@ -57,32 +59,6 @@ from pipeline.rundir import RunDir, load_manifest, load_split
 from pipeline.training.recipe import Training, build_training
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Effort:
-    """How long one measurement runs: ``batches`` timed calls at most, stopped once ``seconds`` have passed
-    since it began (warm-up included; at least one timed call). ``seconds`` None: no time bound."""
-    batches: int
-    seconds: Optional[float] = None
-
-
-def timed(fn: Callable[[], int], warmup: int, effort: Effort,
-          clock: Callable[[], float] = time.perf_counter) -> float:
-    """Items per second of ``fn`` (which returns how many items it processed) after up to ``warmup`` calls, over
-    up to ``effort.batches`` calls, within ``effort.seconds`` (warm-up stops at half of it)."""
-    begin = clock()
-    over = (lambda share: effort.seconds is not None and clock() - begin >= share * effort.seconds)
-    for _ in range(warmup):
-        fn()
-        if over(0.5):
-            break
-    start, items = clock(), 0
-    for _ in range(max(1, effort.batches)):
-        items += fn()
-        if over(1.0):
-            break
-    return items / max(clock() - start, 1e-9)
 
 
 # --------------------------------------------------------------------------- training
