@@ -31,14 +31,20 @@ def summary(report: dict) -> str:
             ["channel std (RGB)", *(report["channels"][s]["std"] for s in SPLITS)]]
     sugg = "".join(f"<li><b>{esc(s['topic'])}</b>: {esc(s['text'])}"
                    + "".join(f" <code>--set {esc(o)}</code>" for o in s["set"]) + "</li>"
-                   for s in report["suggestions"])
+                   for s in report["suggestions"] if s["topic"] != "plan")
     problems = report["problems"]
     probs = (f'<h3 class="warn">{len(problems)} data-contract problem(s)</h3>'
              + table(["problem"], [[p] for p in problems], HTML_ROWS)) if problems else ""
     note = (f'<p class="muted">Train widths {fmt(w.get("p0"))}–{fmt(w.get("p100"))} px, '
             f'heights {fmt(h.get("p0"))}–{fmt(h.get("p100"))} px.</p>')
-    return section("summary", "Summary", table(["", "train", "test"], rows) + note + probs
+    return section("summary", "Summary", table(["", "train", "test"], rows) + note + probs + plan(report)
                    + f'<h3>Suggestions</h3><ul class="sugg">{sugg}</ul>')
+
+
+def plan(report: dict) -> str:
+    """What ``recipe: auto`` takes from these figures and why (the ``plan`` suggestion), above the advice."""
+    found = [s["text"] for s in report["suggestions"] if s["topic"] == "plan"]
+    return "".join(f'<h3>Plan</h3><p class="ok">{esc(text)}</p>' for text in found)
 
 
 def classes(report: dict, figs: dict) -> str:

@@ -1,14 +1,19 @@
-"""Advice derived from the EDA figures: input size, imbalance handling, CV grouping, normalization.
+"""Advice derived from the EDA figures: input size, imbalance handling, CV grouping, normalization, and the
+recipe family ``recipe: auto`` takes (:func:`family`, the rule the planner, :mod:`pipeline.plan`, applies).
 
 Each suggestion is ``{"topic", "text", "set"}`` where ``set`` lists ``--set`` overrides that apply it
 (empty when the advice needs a human decision).
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from pipeline.core.config import Config
 
+# a median short side at or under this many pixels is a small-image competition (CIFAR's 32, digits' 8, 64 px
+# icons): a compact CNN from scratch at native size. Above it, photos: an ImageNet-pretrained backbone at its size
+SMALL_SIDE = 64
 PRETRAINED_SIZES = (224, 256, 288, 320, 384, 448, 512)
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -134,10 +139,67 @@ def normalization(norm: dict, drift: dict) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the recipe is chosen from: the training images' count, median size and shape, colour mode, classes,
+    imbalance and duplicates, as the EDA measured them."""
+    images: int
+    test_images: int
+    classes: int
+    width: float  # median, px
+    height: float
+    aspect: float  # median width / height
+    mode: str  # the most common colour mode (RGB, L, RGBA, ...)
+    imbalance: Optional[float]  # largest / smallest class
+    duplicate_groups: int  # (near-)duplicate groups within train
+
+    @property
+    def short_side(self) -> float:
+        return min(self.width, self.height)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "short_side": self.short_side}
+
+
+def facts(report: dict) -> Facts:
+    """The :class:`Facts` of an ``eda.json`` report."""
+    train = report["images"]["train"]
+    size = train["summary"]
+    modes = train.get("modes") or {"RGB": 0}
+    return Facts(images=int(report["counts"]["train"]), test_images=int(report["counts"]["test"]),
+                 classes=int(report["counts"]["classes"]), width=float(size["width"].get("p50") or 0),
+                 height=float(size["height"].get("p50") or 0), aspect=float(size["aspect"].get("p50") or 1.0),
+                 mode=max(modes, key=modes.get), imbalance=report["classes"]["imbalance_ratio"],
+                 duplicate_groups=int(report["duplicates"]["any"]["within_train"]["groups"]))
+
+
+def family(found: Facts) -> tuple[str, str]:
+    """``small`` or ``photos``, and why: the median short side against :data:`SMALL_SIDE`."""
+    size = f"median train image {found.width:.0f}×{found.height:.0f} px"
+    if found.short_side <= SMALL_SIDE:
+        return "small", (f"{size}, short side ≤ {SMALL_SIDE} px: small images, where a compact CNN trained from "
+                         "scratch at native size fits (the settings of configs/default.yaml)")
+    return "photos", (f"{size}, short side > {SMALL_SIDE} px: photos, where an ImageNet-pretrained backbone at its "
+                      "own input size fits (configs/photos.yaml: EfficientNet-Lite0 at 224 px)")
+
+
+def recipe(report: dict, cfg: Config) -> Optional[dict]:
+    """With ``recipe: auto``: which family the plan takes and why, and how that squares with the advice below
+    (input size and loss settings are the family's; the members and their minutes are in the plan)."""
+    if cfg.recipe != "auto" or not report["images"]["train"]["summary"]["width"].get("count"):
+        return None
+    name, why = family(facts(report))
+    settings = ("trains at the config's data.image_size, whatever the input-size advice says"
+                if name == "small" else "keeps each backbone's native input size (224 px for Lite0, 260 px for Lite2)")
+    return _item("plan", f"recipe: auto takes the {name} recipe: {why}. It {settings}; the advice below applies "
+                 f"to a config you write yourself. The members it trains, their estimated and actual minutes and "
+                 f"OOF scores are in runs/{cfg.experiment}/plan.json and on the results page.")
+
+
 def suggestions(report: dict, cfg: Config) -> list[dict]:
-    """All suggestions, most consequential first."""
+    """All suggestions, most consequential first (the plan's choice of recipe, with ``recipe: auto``, first)."""
     props = report["images"]
-    items = [*data_hygiene(props, report["unreadable"]["files"]),
+    items = [recipe(report, cfg), *data_hygiene(props, report["unreadable"]["files"]),
              *duplicates(report["duplicates"], report["groups"] is not None),
              *group_columns(report.get("group_candidates", [])),
              imbalance(report["classes"]), input_size(props["train"], cfg),
