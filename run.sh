@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point: sets itself up (.venv, installs), then runs stages, the whole chain, or the tests.
 #   ./run.sh full [CONFIG] [--set section.key=value ...]   every stage, ends with "submission: <path>"
+#   ./run.sh full --set data.root=PATH [--budget 30m]       recipe: auto: members planned to fit the budget
 #   ./run.sh full A.yaml B.yaml ... [--set ...]             every member's stages, then A's ensemble of all, one submission
 #   ./run.sh full ENSEMBLE.yaml [--set ...]                 its ensemble.member_configs' stages, then its ensemble of them
 #   ./run.sh test [pytest args]                             the test suite
@@ -16,7 +17,7 @@ VENV=${VENV:-.venv}   # another virtual environment: VENV=/path/to/venv ./run.sh
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 

@@ -8,20 +8,32 @@ folder: each member config's stages, then this config's preprocess (the data its
 ensemble of the members, results and submission. The stages still talk only through files; running them in one
 process pays Python's and torch's start-up once instead of eight times. The last line printed is
 ``submission: <path>``; a failing stage stops the chain with its error (exit 1).
+
+One config with ``recipe: auto`` (configs/default.yaml) is planned from the data and the machine
+(:mod:`pipeline.plan`): the EDA, then the family's members (only the first without ``--budget DURATION``), each in
+its own run folder, the plan written to ``runs/<experiment>/plan.json`` before anything trains, and the
+ensemble of what finished within the budget, its results and one submission. Its run folder holding another
+competition and no ``--set experiment=``: the run goes to ``<experiment>-<data folder>`` instead.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from pipeline import plan as planner
 from pipeline.cli import build_parser, config_path, run_stage
 from pipeline.core.config import Config, ConfigError, load_config, with_values
-from pipeline.core.utils import setup_logging
+from pipeline.core.timing import Clock, parse_duration
+from pipeline.core.utils import read_json, setup_logging
 from pipeline.data.demo import build as build_demo
+from pipeline.eda import suggest
+from pipeline.rundir import check_data, suggested_experiment
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +108,116 @@ def run_steps(steps: list[tuple[str, Config]]) -> Optional[Any]:
     return result
 
 
+# --------------------------------------------------------------------------- recipe: auto
+
+
+def auto_config(paths: Sequence[Optional[str]], overrides: list[str]) -> Optional[Config]:
+    """The config when ``full`` plans the recipe itself: one config, not an ensemble config, with ``recipe: auto``."""
+    if len(paths) != 1:
+        return None
+    cfg = load_config(paths[0], overrides)
+    return cfg if cfg.recipe == "auto" and not cfg.ensemble.member_configs else None
+
+
+def own_folder(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg``, or, when its run folder holds another competition and no ``--set experiment=`` names one, ``cfg``
+    in ``<experiment>-<data folder>`` (what the refusal would suggest): the plan picks the folder too."""
+    if any(text.split("=", 1)[0].strip() == "experiment" for text in overrides):
+        return cfg
+    try:
+        check_data(cfg)
+        return cfg
+    except ConfigError:
+        moved = with_values(cfg, {"experiment": suggested_experiment(cfg)})
+        log.info("%s holds another competition: this run goes to %s", cfg.run_dir, moved.run_dir)
+        return moved
+
+
+def run_auto(cfg: Config, overrides: list[str], budget_s: Optional[float], clock: Clock = time.monotonic,
+             estimate: Optional[planner.Estimate] = None) -> Optional[Path]:
+    """``recipe: auto``: the EDA, the plan (``plan.json``, before anything trains), its members while the budget
+    lasts, then the ensemble, results and submission of the members that finished. ``clock`` and ``estimate``
+    replace the wall clock and the measured estimates. The submission's path, or None when a stage failed."""
+    start = clock()
+    eda = run_steps([("eda", cfg)])
+    if eda is None:
+        return None
+    facts = suggest.facts(read_json(eda.json))
+    family, why = suggest.family(facts)
+    base = planner.base_config(family, cfg, overrides)
+    plan = planner.planned(family, why, base, facts, budget_s, lambda: clock() - start, estimate)
+    done = run_members(plan, clock, start)
+    return run_final(plan, done, clock, start) if done else None
+
+
+def run_members(plan: planner.Plan, clock: Clock, start: float) -> list[Config]:
+    """Every planned member's stages in turn while the plan lets it run; the members that finished (none when
+    the first failed: there is nothing to submit)."""
+    done: list[Config] = []
+    for i, cfg in enumerate(plan.configs):
+        if plan.steps[i]["status"] != "planned":
+            continue
+        reason = planner.skip_reason(plan, i, clock() - start) if i else None
+        planner.start_step(plan, i, reason)
+        if reason:
+            continue
+        begin = clock()
+        ok = run_steps([(stage, cfg) for stage in MEMBER_STAGES]) is not None
+        planner.finish_step(plan, i, clock() - begin, ok, clock() - start)
+        if ok:
+            done.append(cfg)
+        elif i == 0:
+            return []
+    return done
+
+
+def run_final(plan: planner.Plan, done: list[Config], clock: Clock, start: float) -> Optional[Path]:
+    """The ensemble of the finished members in the first one's folder, its results page and the submission."""
+    final = planner.final_config(done[0], done[1:])
+    if run_steps([("ensemble", final)]) is None:
+        return None
+    planner.finish_ensemble(plan, final)
+    path = run_steps([(stage, final) for stage in ("results", "submit")])
+    planner.finish_run(plan, path, clock() - start)
+    log.info("%s", planner.table(plan.record))
+    return path
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def prepare(args: argparse.Namespace) -> tuple[Optional[Config], list[tuple[str, Config]], Optional[float]]:
+    """(the ``recipe: auto`` config or None, the steps of the configs as written, the budget in seconds)."""
+    paths = args.configs or [config_path(args.config)]
+    budget_s = None if args.budget is None else parse_duration(args.budget)
+    auto = auto_config(paths, args.overrides)
+    if auto is None:
+        if budget_s is not None:
+            raise ConfigError("--budget: plans the members of one config with recipe: auto (configs/default.yaml "
+                              "has it, or --set recipe=auto)")
+        steps = plan(paths, args.overrides)
+        build_demo_if_read(steps)
+        return None, steps, None
+    auto = own_folder(auto, args.overrides)
+    build_demo_if_read([("eda", auto)])
+    return auto, [], budget_s
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     parser = build_parser(__doc__.splitlines()[0])
     parser.prog = "python -m pipeline.full"
     parser.add_argument("configs", nargs="*", metavar="CONFIG",
                         help="one config, several (an ensemble of all, run in the first's folder), or an ensemble config")
+    parser.add_argument("--budget", metavar="DURATION", default=None,
+                        help="recipe: auto: the wall time to plan members for (90s, 15m, 1.5h); without it, one member")
     args = parser.parse_intermixed_args(argv)
     try:
-        steps = plan(args.configs or [config_path(args.config)], args.overrides)
-        build_demo_if_read(steps)
+        auto, steps, budget_s = prepare(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    path = run_steps(steps)
+    path = run_auto(auto, args.overrides, budget_s) if auto is not None else run_steps(steps)
     if path is None:
         return 1
     print(f"submission: {path}")

@@ -3,9 +3,10 @@
 ``python -m pipeline.results --config CONFIG`` reads the run folder's out-of-fold predictions (the ensemble's
 nested ``ensemble_oof.csv`` when this run ensembled, else ``oof_tta.csv``, else ``oof.csv``) and draws, in the
 EDA page's style: CV per fold and overall, per-class precision/recall, the confusion matrix, the most
-confidently wrong OOF images as thumbnails, calibration (reliability diagram, ECE), the auto-TTA choice, and
-for an ensemble each member's weight, own score and contribution (the score without it). ``results.json``
-beside the page holds the same numbers.
+confidently wrong OOF images as thumbnails, calibration (reliability diagram, ECE), the auto-TTA choice, for
+an ensemble each member's weight, own score and contribution (the score without it), and for a run planned by
+``recipe: auto`` the plan (``plan.json``: each member's estimated and actual minutes and OOF score).
+``results.json`` beside the page holds the same numbers.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from pipeline.data.cache import gather
 from pipeline.data.contract import AS_WRITTEN
 from pipeline.evaluation.metrics import score
 from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
-from pipeline.report.webpage import esc, figure, page, png_base64, section, table
+from pipeline.report.webpage import esc, figure, fmt, page, png_base64, section, table
 from pipeline.rundir import RunDir, load_manifest, load_split, read_cv
 
 log = logging.getLogger(__name__)
 
 NAV = [("cv", "CV"), ("classes", "Per class"), ("confusion", "Confusion"), ("wrong", "Confidently wrong"),
-       ("calibration", "Calibration"), ("tta", "TTA"), ("ensemble", "Ensemble")]
+       ("calibration", "Calibration"), ("tta", "TTA"), ("ensemble", "Ensemble"), ("plan", "Plan")]
 
 
 def oof_source(run: RunDir) -> Path:
@@ -134,6 +135,22 @@ def ensemble_section(report: Optional[dict]) -> str:
     return section("ensemble", "Ensemble", body)
 
 
+def plan_section(plan: Optional[dict]) -> str:
+    """The ``recipe: auto`` plan: the family and why, then each member's estimated and actual minutes and OOF."""
+    if not plan:
+        return section("plan", "Plan", "<p class='muted'>This run was not planned (recipe: manual).</p>")
+    budget = "no budget (one member)" if plan["budget_min"] is None else f"a budget of {plan['budget_min']:g} min"
+    rows = [[s["member"], s["experiment"], s["estimated_min"], s["actual_min"], (s["oof"] or {}).get("accuracy"),
+             (s["oof"] or {}).get("log_loss"), s["status"], s["note"]] for s in plan["steps"]]
+    ens = plan.get("ensemble") or {}
+    body = (f"<p><b>{esc(plan['family'])}</b> recipe, {esc(budget)}, on {esc(plan['device'])}: {esc(plan['why'])}."
+            f"</p>" + table(["member", "experiment", "estimated min", "actual min", "OOF accuracy", "OOF log loss",
+                             "status", "note"], rows, source="plan.json")
+            + f"<p>Planning (EDA and measurements) {plan['planning_min']} min; ensemble: {esc(ens.get('method'))}, "
+            f"OOF accuracy {fmt((ens.get('oof') or {}).get('accuracy'))}.</p>")
+    return section("plan", "Plan", body)
+
+
 def run(cfg: Config) -> Path:
     """Write ``reports/<experiment>/results/index.html`` and ``results.json``; return the page's path."""
     manifest = load_manifest(cfg.run_dir)
@@ -158,7 +175,8 @@ def run(cfg: Config) -> Path:
                 wrong_html,
                 section("calibration", "Calibration", figure(png_base64(rel_fig), "reliability diagram")
                         + f"<p>Expected calibration error {ece:.4f} (10 bins of the top probability).</p>"),
-                tta_section(cv), ensemble_section(ens)]
+                tta_section(cv), ensemble_section(ens),
+                plan_section(read_json(run.plan) if run.plan.is_file() else None)]
     out = Path(cfg.eda.out_dir) / cfg.experiment / "results"
     title = f"Results: {cfg.experiment}"
     subtitle = f"{cfg.model.name}, {len(np.unique(folds))} folds, {int(done.sum()):,} OOF images, {source.name}"

@@ -12,6 +12,8 @@ Stages talk only through these files, so every path is named here once. Each fil
   ``test_probs.csv``, ``oof_tta.csv`` and ``cv_tta.json`` (TTA scores, ``infer.tta: auto``'s choice);
 * ensemble: ``ensemble.csv``, ``ensemble_oof.csv``, ``ensemble.json``;
 * bench: ``bench.json``, ``bench_augment.json``; the augment preview: ``augment_preview.png``;
+* full with ``recipe: auto`` (:mod:`pipeline.plan`): ``plan.json`` in the first member's folder (the family, each
+  member's estimated and actual minutes and OOF score, the ensemble and the submission);
 * search: ``search/`` (:class:`SearchDir`: the study, its tables, figures and exported configs).
 
 Beside the paths live the rules that read them: the training fingerprint that decides whether a fold is up to date
@@ -128,6 +130,7 @@ class RunDir:
     ensemble_json = property(lambda self: self.root / "ensemble.json")
     ensemble_oof = property(lambda self: self.root / "ensemble_oof.csv")
     bench = property(lambda self: self.root / "bench.json")
+    plan = property(lambda self: self.root / "plan.json")
     bench_augment = property(lambda self: self.root / "bench_augment.json")
     augment_preview = property(lambda self: self.root / "augment_preview.png")
     search = property(lambda self: SearchDir(self.root / "search"))
