@@ -64,7 +64,8 @@ RESERVE_S, RESERVE_SHARE = 30.0, 0.03  # kept for the ensemble, results and subm
 OVERRUN, OVERRUN_SLACK_S = 1.5, 30.0  # a member taking over 1.5 x its estimate + 30 s stops further members
 DECODE_SAMPLE = 48  # source images decoded to time the preprocess stage
 EFFORT = Effort(batches=4, seconds=3.0)  # each timed measurement
-MEASURE_BATCH = 16  # images per timed forward pass
+MEASURE_BATCH = 16  # images per timed pass of a pretrained backbone's parts (partial fine-tuning)
+MEASURE_PIXELS = 64 * 64 * 64  # a timed forward pass: about this many pixels (256 images at 32 px, 8 at 224)
 
 
 @dataclass(frozen=True)
@@ -214,9 +215,11 @@ class Estimator:
 
     def forward_rate(self, cfg: Config) -> float:
         """Images/s of the member's model forward at its input size (the bench's inference floor)."""
+        batch = int(min(cfg.infer.batch_size, max(8, MEASURE_PIXELS // cfg.data.image_size ** 2)))
+
         def measure() -> float:
-            probe = with_values(cfg, {"infer.batch_size": MEASURE_BATCH})
-            data = synthetic(self.facts.classes, MEASURE_BATCH, cfg.data.image_size)
+            probe = with_values(cfg, {"infer.batch_size": batch})
+            data = synthetic(self.facts.classes, batch, cfg.data.image_size)
             return bench.tta_floor(probe, data, self.device, *compute_settings(cfg, self.device), self.effort)
         return self.rate(("forward img", cfg.model.name, cfg.data.image_size), measure)
 
