@@ -152,7 +152,7 @@ class Cost:
 Estimate = Callable[[Config, list[Config]], Cost]  # (member, members planned before it) -> its cost
 
 
-def view_counts(cfg: Config) -> tuple[list[str], list[str]]:
+def member_views(cfg: Config) -> tuple[list[str], list[str]]:
     """(training views, test views) a member embeds or caches: the head trains on every training view."""
     return train_views(cfg), configured_views(cfg.infer)
 
@@ -187,7 +187,7 @@ class Estimator:
         side = cache_side(cfg.data.image_size, cfg.data.crop_pct)
         keys = {("decode", side, cfg.data.resize)}
         if cfg.train.mode != "finetune":
-            train, test = view_counts(cfg)
+            train, test = member_views(cfg)
             keys |= {self.view_key(cfg, split, v) for split, views in (("train", train), ("test", test)) for v in views}
         return keys
 
@@ -198,7 +198,7 @@ class Estimator:
 
     def new_images(self, cfg: Config, before: set[tuple]) -> float:
         """Images × views a features or partial member still has to embed or cache."""
-        train, test = view_counts(cfg)
+        train, test = member_views(cfg)
         count = {"train": self.facts.images, "test": self.facts.test_images}
         return float(sum(count[split] for split, views in (("train", train), ("test", test)) for v in views
                          if self.view_key(cfg, split, v) not in before))
@@ -293,7 +293,7 @@ def finetune_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
 
 def features_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
     """Every image embedded once per view not embedded before, then a head per fold."""
-    k, rows, new = cfg.folds.n_splits, est.facts.images * len(view_counts(cfg)[0]), est.new_images(cfg, before)
+    k, rows, new = cfg.folds.n_splits, est.facts.images * len(member_views(cfg)[0]), est.new_images(cfg, before)
     head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
     return Cost((new / est.forward_rate(cfg) if new else 0.0) + k * (head + FOLD_OVERHEAD_S))
 
@@ -303,7 +303,7 @@ def partial_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
     rows' views, then each epoch a training pass over the other folds' rows and one over its own, and the
     held-out rows and test set under every TTA view."""
     n, t, k = est.facts.images, est.facts.test_images, cfg.folds.n_splits
-    train, test = view_counts(cfg)
+    train, test = member_views(cfg)
     new = est.new_images(cfg, before)
     front, step, back = est.partial_rates(cfg)
     probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
@@ -363,7 +363,7 @@ def make_plan(family: str, why: str, base: Config, facts: Facts, budget_s: Optio
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "family": family, "why": why, "facts": facts.as_dict(),
               "budget_min": minutes(budget_s), "reserve_min": minutes(budget_s and reserve(budget_s)),
               "planning_min": minutes(elapsed()), "device": device_name(resolve_device(base.train.device)),
-              "steps": steps, "ensemble": None, "submission": None, "total_min": None}
+              "steps": steps, "stopped": None, "ensemble": None, "submission": None, "total_min": None}
     return Plan(record, configs, RunDir.of(base).plan)
 
 
@@ -464,6 +464,7 @@ def finish_ensemble(plan: Plan, final: Config) -> None:
 
 
 def finish_run(plan: Plan, submission: Optional[Path], total_s: float) -> None:
+    """Record the submission (None: a final stage failed) and the whole run's minutes."""
     plan.record.update(submission=None if submission is None else str(submission), total_min=minutes(total_s))
     plan.save()
 
@@ -483,7 +484,7 @@ def _num(value: Optional[float], digits: int = 2) -> str:
 
 
 def estimator(facts: Facts, cfg: Config) -> Estimator:
-    """The measuring estimator on the device the members will train on, with their thread count."""
+    """The measuring estimator on the device the members will train on (:func:`planned` sets their threads)."""
     return Estimator(facts, resolve_device(cfg.train.device))
 
 
