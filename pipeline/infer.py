@@ -31,7 +31,7 @@ from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
 from pipeline.rundir import (RunDir, collect_oof, counted_folds, file_sha1, fold_done, load_manifest, load_split,
                              read_folds)
-from pipeline.training import features
+from pipeline.training import features, partial
 from pipeline.training.checkpoints import load_weights, weights_intact
 from pipeline.training.precision import compute_settings
 
@@ -102,6 +102,8 @@ def fold_predictor(cfg: Config, fold: Optional[int], manifest: dict, device: tor
     its head on the cached embeddings), the mean over the TTA views."""
     if cfg.train.mode == "features":
         return lambda split, rows, views: features.predict_fold(cfg, fold, manifest, split, rows, views, device)
+    if cfg.train.mode == "partial":
+        return lambda split, rows, views: partial.predict_fold(cfg, fold, manifest, split, rows, views, device)
     model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
     mean, std = normalization(cfg.model, manifest)
     dtype, channels_last = compute_settings(cfg, device)

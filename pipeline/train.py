@@ -27,7 +27,7 @@ from pipeline.core.utils import resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
 from pipeline.rundir import (ModelDir, RunDir, collect_oof, fold_done, load_manifest, load_split, read_folds,
                              save_config, teacher_table)
-from pipeline.training import distributed
+from pipeline.training import distributed, partial
 from pipeline.training.checkpoints import weights_intact
 from pipeline.training.distill import distill_targets, teacher_probs
 from pipeline.training.features import fit_folds
@@ -42,9 +42,9 @@ def _teacher_targets(cfg: Config, index, folds, manifest: dict):
     teacher = teacher_probs(cfg, index, folds, manifest["classes"])
     if teacher is None:
         return None
-    if cfg.train.mode == "features":
-        raise ValueError("train.teacher: distillation trains a model on soft targets; train.mode=features fits "
-                         "heads on hard labels only: use train.mode=finetune for a student")
+    if cfg.train.mode != "finetune":
+        raise ValueError(f"train.teacher: distillation trains a model on soft targets; train.mode={cfg.train.mode} "
+                         "trains on hard labels only: use train.mode=finetune for a student")
     log.info("distilling from %s (alpha %.2f, temperature %.2f)", teacher_table(cfg), cfg.train.distill_alpha,
              cfg.train.distill_temperature)
     return distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
@@ -84,7 +84,7 @@ def run(cfg: Config) -> dict:
     save_config(cfg)
     device = distributed.local_device(resolve_device(cfg.train.device))
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
-    refit = [None] if cfg.train.refit and cfg.train.mode != "features" else []  # None: the refit model
+    refit = [None] if cfg.train.refit and cfg.train.mode == "finetune" else []  # None: the refit model
     mine = distributed.share(wanted + refit)  # under torchrun: this process's share (else all of them)
     targets = _teacher_targets(cfg, index, folds, manifest)
     for fold in mine:
@@ -95,6 +95,8 @@ def run(cfg: Config) -> dict:
                  compute_settings(cfg, device)[0] or "fp32", threads, mine, len(index))
         if cfg.train.mode == "features":
             trained = fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
+        elif cfg.train.mode == "partial":
+            trained = partial.fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
         else:
             trained = sum(train_model(cfg, fold, images, index, folds, manifest, device, targets)
                           for fold in mine if fold is not None)
@@ -107,7 +109,7 @@ def run(cfg: Config) -> dict:
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(run.oof, oof)
     report = cv_report(cfg, index, folds, probs)
-    if cfg.train.refit and cfg.train.mode != "features":
+    if cfg.train.refit and cfg.train.mode == "finetune":
         refit = run.model(None).root
         report["refit"] = {"rows": len(index), "dir": str(refit),
                            "note": "trained on every row: nothing held out, so the OOF and CV are the fold models'"}

@@ -126,6 +126,28 @@ def shared_competition(tmp_path_factory) -> Path:
 
 
 
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """Weights of timm's tiny ``test_efficientnet`` as a local safetensors file (a pretrained start, offline)."""
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "test_efficientnet.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
+    return path
+
+
+def chain(cfg):
+    """preprocess, folds, train and infer of ``cfg``; the train stage's report."""
+    from pipeline import folds, infer, preprocess, train
+
+    preprocess.run(cfg)
+    folds.run(cfg)
+    report = train.run(cfg)
+    infer.run(cfg)
+    return report
+
+
 def trained_run(tmp: Path, *overrides: str):
     """A tiny competition preprocessed, split, trained and predicted once; returns (root, cfg)."""
     from pipeline import folds, infer, preprocess, train

@@ -5,29 +5,11 @@ import logging
 
 import numpy as np
 import pytest
-import timm
-from safetensors.torch import save_file
 
-from pipeline import ensemble, folds, infer, preprocess, submit, train
+from pipeline import ensemble, folds, preprocess, submit, train
 from pipeline.rundir import read_cv
-from pipeline.core.utils import read_json
 
-from conftest import fold_run, make_cfg
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    path = tmp_path / "test_efficientnet.safetensors"
-    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
-    return path
-
-
-def _chain(cfg):
-    preprocess.run(cfg)
-    folds.run(cfg)
-    report = train.run(cfg)
-    infer.run(cfg)
-    return report
+from conftest import chain, fold_run, make_cfg
 
 
 def _feature_files(tmp_path):
@@ -39,7 +21,7 @@ def test_features_mode_end_to_end(tmp_path, competition, tiny_weights, caplog):
     base = ["train.mode=features", "model.name=test_efficientnet", f"model.weights={tiny_weights}",
             "infer.tta=[identity,hflip]"]
     cfg = make_cfg(tmp_path, competition, *base)
-    report = _chain(cfg)
+    report = chain(cfg)
     assert report["scored_rows"] == report["total_rows"] == 36
     cv = read_cv(cfg.run_dir)
     assert cv["oof_tta"]["tta"] == ["identity", "hflip"] and 0 <= cv["oof_tta"]["accuracy"] <= 1
@@ -53,19 +35,19 @@ def test_features_mode_end_to_end(tmp_path, competition, tiny_weights, caplog):
 
     # another head: refitted from the cached embeddings, nothing re-embedded
     caplog.clear()
-    _chain(make_cfg(tmp_path, competition, *base, "train.head_c=0.1"))
+    chain(make_cfg(tmp_path, competition, *base, "train.head_c=0.1"))
     assert _feature_files(tmp_path) == files
     assert "embedded" not in caplog.text and "cached" in caplog.text
 
     # the MLP head: same embeddings, its own checkpoints, the chain unchanged
-    report = _chain(make_cfg(tmp_path, competition, *base, "train.head=mlp", "train.head_steps=20"))
+    report = chain(make_cfg(tmp_path, competition, *base, "train.head=mlp", "train.head_steps=20"))
     assert report["scored_rows"] == 36 and _feature_files(tmp_path) == files
 
     # another backbone (the shipped Lite0 weights) or another size: new embeddings
-    _chain(make_cfg(tmp_path, competition, "train.mode=features", "model.name=efficientnet_lite0",
+    chain(make_cfg(tmp_path, competition, "train.mode=features", "model.name=efficientnet_lite0",
                     "model.pretrained=true", "infer.tta=[identity,hflip]"))
     assert len(_feature_files(tmp_path)) == 8
-    _chain(make_cfg(tmp_path, competition, *base, "data.image_size=24"))
+    chain(make_cfg(tmp_path, competition, *base, "data.image_size=24"))
     after = _feature_files(tmp_path)
     assert len(after) == 12 and all(after[name] == t for name, t in files.items())
 
@@ -86,7 +68,7 @@ def test_linear_probe_head_init_is_the_features_head(tmp_path, competition, tiny
 
     base = ["model.name=test_efficientnet", f"model.weights={tiny_weights}", "infer.tta=[identity,hflip]"]
     features_cfg = make_cfg(tmp_path, competition, *base, "train.mode=features", "experiment=probe")
-    _chain(features_cfg)
+    chain(features_cfg)
     cfg = make_cfg(tmp_path, competition, *base, "train.head_init=linear_probe", "train.ema_decay=0.9")
     run = fold_run(cfg, fold=1)
     saved = load_file(str(features_cfg.run_dir / "fold1" / "best.safetensors"))

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.registry import Registry
 from pipeline.core.utils import atomic_path, autocast, write_json
-from pipeline.data.dataset import iter_batches, to_float
+from pipeline.data.dataset import center_crop, iter_batches, to_float
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
 from pipeline.models.factory import create_model
@@ -40,8 +45,45 @@ HEADS: Registry = Registry("feature head")
 
 
 def train_views(cfg: Config) -> list[str]:
-    """The views the head trains on: identity first (it scores the OOF), then the other TTA views."""
-    return ["identity"] + [v for v in cfg.infer.tta if v != "identity"]
+    """The views the head trains on: identity first (it scores the OOF), then the other TTA views, then
+    ``train.crop_views`` seeded random resized crops (``crop0``, ``crop1``, …)."""
+    tta = cfg.infer.tta if isinstance(cfg.infer.tta, list) else []
+    return ["identity"] + [v for v in tta if v != "identity"] + [f"crop{k}" for k in range(cfg.train.crop_views)]
+
+
+def crop_boxes(count: int, view: str, height: int, width: int) -> np.ndarray:
+    """``count`` × (top, left, height, width, flip, brightness, contrast) of the random resized crop view
+    ``crop<k>``: a seeded draw per image (seed ``k``), so the view is the same in every run and its cache valid.
+    Area 25–100 % of the cached image, aspect ratio 3/4–4/3, a horizontal flip half the time, brightness and
+    contrast within ±20 %."""
+    rng = np.random.default_rng([0x5EED, int(view[4:])])
+    area = rng.uniform(0.25, 1.0, count) * height * width
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), count))
+    h = np.clip(np.round(np.sqrt(area / ratio)), 8, height).astype(int)
+    w = np.clip(np.round(np.sqrt(area * ratio)), 8, width).astype(int)
+    top = (rng.uniform(0, 1, count) * (height - h + 1)).astype(int)
+    left = (rng.uniform(0, 1, count) * (width - w + 1)).astype(int)
+    flip = rng.uniform(0, 1, count) < 0.5
+    jitter = rng.uniform(0.8, 1.2, (count, 2))
+    return np.column_stack([top, left, h, w, flip, jitter]).astype(np.float64)
+
+
+def crop_view(batch: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
+    """The random resized crops ``boxes`` (rows of :func:`crop_boxes`) of a float batch in 0–255, each resized
+    (antialiased bilinear) to ``size``, flipped and jittered in brightness and contrast."""
+    out = []
+    for image, (top, left, h, w, flip, bright, contrast) in zip(batch, boxes):
+        crop = image[:, int(top):int(top + h), int(left):int(left + w)].unsqueeze(0)
+        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                               align_corners=False)[0]
+        crop = crop.flip(-1) if flip else crop
+        mean = crop.mean()
+        out.append(((crop * bright - mean * bright) * contrast + mean * bright).clamp(0, 255))
+    return torch.stack(out)
+
+
+def is_crop(view: str) -> bool:
+    return view.startswith("crop") and view[4:].isdigit()
 
 
 def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
@@ -75,19 +117,31 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
-           device: torch.device, desc: str) -> list[np.ndarray]:
-    dtype = compute_settings(cfg, device)[0]
-    fns = [get_view(v) for v in views]
+def embed_views(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
+                device: torch.device, desc: str, dtype: type = np.float32) -> list[np.ndarray]:
+    """``model``'s output for every image under each view (TTA views of the centre ``data.image_size`` square,
+    or ``crop<k>`` views of the whole cached image), as ``dtype`` arrays in row order."""
+    compute = compute_settings(cfg, device)[0]
+    size, batch_size = cfg.data.image_size, cfg.infer.batch_size
+    height, width = images.shape[1:3]
+    boxes = {v: crop_boxes(len(images), v, height, width) for v in views if is_crop(v)}
+    fns = {v: get_view(v) for v in views if not is_crop(v)}
     out: list[list[np.ndarray]] = [[] for _ in views]
-    batches = iter_batches(images, np.arange(len(images)), cfg.infer.batch_size, cfg.data.image_size)
-    for batch in tqdm(batches, total=-(-len(images) // cfg.infer.batch_size), desc=desc, unit="batch",
-                      leave=False, mininterval=1.0):
-        x = to_float(batch, mean, std, device, cfg.train.channels_last)
-        with autocast(device, dtype):
-            for slot, fn in zip(out, fns):
-                slot.append(model(fn(x)).float().cpu().numpy())
-    return [np.concatenate(o) if o else np.zeros((0, 0), np.float32) for o in out]
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    batches = iter_batches(images, np.arange(len(images)), batch_size)
+    for i, batch in enumerate(tqdm(batches, total=-(-len(images) // batch_size), desc=desc, unit="batch",
+                                   leave=False, mininterval=1.0)):
+        centre = to_float(center_crop(batch, size), mean, std, device, cfg.train.channels_last)
+        for slot, view in zip(out, views):
+            if is_crop(view):
+                x = (crop_view(batch.to(device).float(), boxes[view][i * batch_size:][:len(batch)], size) - m) / s
+                x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+            else:
+                x = fns[view](centre)
+            with autocast(device, compute):
+                slot.append(model(x).float().cpu().numpy().astype(dtype))
+    return [np.concatenate(o) if o else np.zeros((0, 0), dtype) for o in out]
 
 
 def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
@@ -99,7 +153,7 @@ def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device
         start = time.perf_counter()
         model = backbone(cfg, device)
         mean, std = normalization(cfg.model, manifest)
-        arrays = _embed(model, images, missing, cfg, mean, std, device, f"embed {split}")
+        arrays = embed_views(model, images, missing, cfg, mean, std, device, f"embed {split}")
         seconds = time.perf_counter() - start
         for view, array in zip(missing, arrays):
             paths[view].parent.mkdir(parents=True, exist_ok=True)
@@ -116,22 +170,53 @@ def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device
 # --------------------------------------------------------------------------- heads
 
 
-@HEADS.register("logreg")
-def logreg_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int) -> nn.Module:
-    """Multinomial logistic regression on standardised features, as one ``nn.Linear`` on raw features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+HEAD_CS = (0.03, 0.1, 0.3, 1.0, 3.0)  # logreg_cv's grid of C (inverse L2 strength on standardised features)
 
+
+def _class_weight(cfg: Config) -> Optional[str]:
+    """scikit-learn's ``class_weight`` for ``train.class_weights``: ``balanced`` or None (a list is the loss's)."""
+    return "balanced" if cfg.train.class_weights == "balanced" else None
+
+
+@HEADS.register("logreg")
+def logreg_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int,
+                groups: Optional[np.ndarray] = None) -> nn.Module:
+    """Multinomial logistic regression on standardised features (``train.head_c``; ``train.class_weights:
+    balanced`` weighs classes inversely to their counts), as one ``nn.Linear`` on raw features."""
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(C=cfg.train.head_c, max_iter=2000).fit(scaler.transform(x), y)
+    clf = LogisticRegression(C=cfg.train.head_c, max_iter=2000, class_weight=_class_weight(cfg))
+    return _as_linear(clf.fit(scaler.transform(x), y), scaler, x.shape[1], num_classes)
+
+
+@HEADS.register("logreg_cv")
+def logreg_cv_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int,
+                   groups: Optional[np.ndarray] = None) -> nn.Module:
+    """The logistic regression with C chosen from :data:`HEAD_CS` by the log loss of a 3-fold cross-validation
+    inside the rows it is given (a fold's training rows: the held-out fold never chooses its own head). Rows
+    of one image under several views share a group, so an image's flip never scores its identity view."""
+    scaler = StandardScaler().fit(x)
+    groups = np.arange(len(y)) if groups is None else groups
+    splits = list(StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=cfg.seed).split(x, y, groups))
+    clf = LogisticRegressionCV(Cs=list(HEAD_CS), cv=splits, scoring="neg_log_loss", max_iter=2000,
+                               class_weight=_class_weight(cfg))
+    with warnings.catch_warnings():  # scikit-learn's notices of its own attribute changes, not about the data
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit(scaler.transform(x), y)
+    log.info("logreg_cv: C %.3g chosen by inner 3-fold log loss (grid %s)", float(np.ravel(clf.C_)[0]),
+             list(HEAD_CS))
+    return _as_linear(clf, scaler, x.shape[1], num_classes)
+
+
+def _as_linear(clf, scaler: StandardScaler, dim: int, num_classes: int) -> nn.Linear:
+    """A fitted scikit-learn logistic regression on standardised features as one ``nn.Linear`` on raw ones."""
     coef, intercept = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: sigmoid(z) = softmax([-z/2, z/2])
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight = np.zeros((num_classes, x.shape[1]))
+    weight = np.zeros((num_classes, dim))
     bias = np.full(num_classes, -1e4)  # a class absent from the training folds is never predicted
     weight[clf.classes_] = coef / scaler.scale_
     bias[clf.classes_] = intercept - (coef / scaler.scale_) @ scaler.mean_
-    head = nn.Linear(x.shape[1], num_classes)
+    head = nn.Linear(dim, num_classes)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight))
         head.bias.copy_(torch.from_numpy(bias))
@@ -151,7 +236,8 @@ class MLPHead(nn.Sequential):
 
 
 @HEADS.register("mlp")
-def mlp_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int) -> nn.Module:
+def mlp_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int,
+             groups: Optional[np.ndarray] = None) -> nn.Module:
     """A small MLP (``train.head_hidden`` units) trained full-batch with AdamW for ``train.head_steps`` steps
     (``train.weight_decay``, label smoothing ``train.label_smoothing``); seeded, seconds on a CPU."""
     torch.manual_seed(cfg.seed)
@@ -193,7 +279,7 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
     train_rows, valid_rows = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
     x = np.concatenate([f[train_rows] for f in feats.values()])
     y = np.tile(labels[train_rows], len(feats))
-    head = HEADS.build(cfg.train.head, cfg, x, y, len(classes))
+    head = HEADS.build(cfg.train.head, cfg, x, y, len(classes), groups=np.tile(train_rows, len(feats)))
     first = next(iter(feats.values()))
     probs = head_probs(head, [first[valid_rows]])
     metrics = score(labels[valid_rows], probs)

@@ -7,6 +7,7 @@ A caller that cannot honour a setting refuses it (:func:`refuse`), naming the ke
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,6 +31,9 @@ from pipeline.training.losses import build_loss
 from pipeline.training.precision import compute_settings
 from pipeline.training.schedulers import Schedule, build_scheduler
 from pipeline.training.step import TrainStep
+
+log = logging.getLogger(__name__)
+ESTIMATE_AFTER = 3  # the cost estimate is logged after this many batches of the first epoch (and one more)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -80,12 +84,23 @@ class Training:
         size = augment.size_at_epoch(self.cfg.augment, epoch, self.size)
         total, n = 0.0, 0
         self.loader.set_epoch(epoch)
-        for images, targets in tqdm(self.loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
+        start = time.perf_counter()
+        for i, (images, targets) in enumerate(tqdm(self.loader, desc=desc, unit="batch", leave=False,
+                                                   mininterval=1.0)):
             total += self.step(images, targets, size) * len(targets)
             n += len(targets)
+            if i == ESTIMATE_AFTER and epoch == 0:
+                self.log_cost((time.perf_counter() - start) / (i + 1))
             if deadline is not None and time.monotonic() > deadline:
                 return total / max(n, 1), True
         return total / max(n, 1), False
+
+    def log_cost(self, seconds_per_batch: float) -> None:
+        """What one epoch and the whole training cost on this machine, from the first batches' pace."""
+        epoch = seconds_per_batch * len(self.loader)
+        log.info("cost on this machine: %.2fs per batch (first %d), about %.0fs per epoch, %.1f min for %d epochs",
+                 seconds_per_batch, ESTIMATE_AFTER + 1, epoch, epoch * self.cfg.train.epochs / 60,
+                 self.cfg.train.epochs)
 
     def predict(self, images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """Logits of :attr:`eval_model` for ``rows`` of a uint8 cache, centre view (float32, CPU)."""
