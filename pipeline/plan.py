@@ -10,8 +10,8 @@ run folder, ``<experiment>`` for the first and ``<experiment>-<member>`` for the
   ``long``, ``airnet_small`` for as many epochs as the budget leaves (10 to 40: a larger model trained longer
   gains most); ``long-seed2``, the same with another seed (a second seed gains less).
 * ``photos`` (configs/photos.yaml with the loaded config's competition keys and the ``--set`` overrides on top):
-  ``lp``, frozen Lite0 features (seconds for hundreds of photos); ``partial``, Lite0's last 3 blocks tuned for
-  3 epochs on cached activations; ``lite2``, frozen Lite2 features at 260 px; ``crops``, Lite0 features with 2
+  ``lp``, frozen Lite0 features (seconds for hundreds of photos); ``partial``, configs/photos.yaml's default:
+  Lite0's last 3 blocks tuned on cached activations; ``lite2``, frozen Lite2 features at 260 px; ``crops``, Lite0 features with 2
   random-resized-crop views per training image; ``partial-seed2``.
 
 Without a budget only the first member runs. With one, each member's minutes are estimated (:class:`Estimator`:
@@ -78,7 +78,8 @@ class Member:
     seed_offset: int = 0  # seed = the base config's + this
 
 
-PARTIAL = {"train.mode": "partial", "train.tune_blocks": 3, "train.epochs": 3}
+FEATURES = {"train.mode": "features"}
+PARTIAL = {"train.mode": "partial"}  # configs/photos.yaml's default: the last 3 blocks, 2 epochs
 LONG = {"model.name": "airnet_small"}
 FAMILIES: dict[str, list[Member]] = {
     "small": [
@@ -89,12 +90,12 @@ FAMILIES: dict[str, list[Member]] = {
                seed_offset=1),
     ],
     "photos": [
-        Member("lp", "frozen ImageNet Lite0 features and a logistic regression: strong in seconds"),
+        Member("lp", "frozen ImageNet Lite0 features and a logistic regression: strong in minutes", FEATURES),
         Member("partial", "Lite0's last 3 blocks tuned on cached activations: most of a fine-tune's gain", PARTIAL),
         Member("lite2", "frozen Lite2 features at 260 px: another, larger backbone",
-               {"model.name": "tf_efficientnet_lite2", "data.image_size": 260}),
+               {**FEATURES, "model.name": "tf_efficientnet_lite2", "data.image_size": 260}),
         Member("crops", "Lite0 features with 2 random-resized-crop views per training image: augmentation",
-               {"train.crop_views": 2}),
+               {**FEATURES, "train.crop_views": 2}),
         Member("partial-seed2", "the partial fine-tune with another seed: ensembling two seeds", PARTIAL,
                seed_offset=1),
     ],

@@ -81,7 +81,9 @@ def test_photos_take_the_pretrained_family_with_the_users_data_and_overrides(tmp
     family, why = suggest.family(found)
     assert family == "photos" and "160×120" in why
     base = plan.base_config(family, loaded, sets)
-    assert (base.model.name, base.model.pretrained, base.train.mode) == ("tf_efficientnet_lite0", True, "features")
+    assert (base.model.name, base.model.pretrained, base.train.mode) == ("tf_efficientnet_lite0", True, "partial")
+    first = plan.member_config(base, plan.FAMILIES["photos"][0], first=True)
+    assert first.train.mode == "features" and first.experiment == base.experiment  # the fastest strong start
     assert (base.data.image_size, base.data.resize) == (224, "crop")  # photos.yaml's, not default.yaml's 32
     assert base.data.root == str(root) and base.train.head_c == 0.5  # the user's data and --set on top
     assert base.experiment == loaded.experiment and base.runs_dir == str(tmp_path / "runs")
