@@ -33,7 +33,7 @@ from .scan import default_workers, scan_paths
 
 log = logging.getLogger(__name__)
 
-EDA_VERSION = 3  # bump when the report changes, so that up-to-date checks rerun
+EDA_VERSION = 4  # bump when the report changes, so that up-to-date checks rerun
 MAX_LISTED = 200  # duplicate groups listed per kind in eda.json (counts are always exact)
 
 
