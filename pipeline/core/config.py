@@ -208,6 +208,9 @@ class TrainConfig:
     # features / partial: extra training views, each a seeded random resized crop (and flip) of every training
     # image, embedded (or cached) once beside the TTA views; 0: the TTA views only
     crop_views: int = 0
+    # partial: at least this many optimizer steps per fold (more epochs on small data, where a few epochs are
+    # only a few dozen steps); 0: exactly train.epochs
+    min_steps: int = 0
     # fine-tuning a pretrained backbone (pipeline/finetune.py)
     freeze_epochs: int = 0  # train only the classifier for this many first epochs
     backbone_lr_mult: float = 1.0  # the backbone's learning rate = lr × this
@@ -232,9 +235,9 @@ class TrainConfig:
     distill_temperature: float = 1.0  # > 1 softens the teacher's probabilities
 
     def __post_init__(self) -> None:
-        if self.tune_blocks < 1 or self.crop_views < 0:
-            raise ConfigError(f"train.tune_blocks must be >= 1 and train.crop_views >= 0, got {self.tune_blocks} "
-                              f"and {self.crop_views}")
+        if self.tune_blocks < 1 or self.crop_views < 0 or self.min_steps < 0:
+            raise ConfigError(f"train.tune_blocks must be >= 1, train.crop_views and train.min_steps >= 0, got "
+                              f"{self.tune_blocks}, {self.crop_views} and {self.min_steps}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from pipeline.core.config import Config, ConfigError, to_dict
+from pipeline.core.config import Config, ConfigError, to_dict, with_values
 from pipeline.core.utils import atomic_path, seed_everything, write_json
 from pipeline.evaluation.metrics import score
 from pipeline.models.factory import create_model
@@ -204,6 +204,17 @@ def _evaluate(cfg: Config, parts: dict, acts: np.ndarray, rows: np.ndarray, labe
     return model, probs, metrics
 
 
+def with_min_steps(cfg: Config, rows: int) -> Config:
+    """``cfg`` with enough epochs for ``train.min_steps`` optimizer steps over ``rows`` training rows."""
+    steps = math.ceil(rows / cfg.train.batch_size)
+    epochs = max(cfg.train.epochs, math.ceil(cfg.train.min_steps / steps))
+    if epochs == cfg.train.epochs:
+        return cfg
+    log.info("partial: %d epochs instead of %d, for train.min_steps=%d steps of %d rows", epochs, cfg.train.epochs,
+             cfg.train.min_steps, rows)
+    return with_values(cfg, {"train.epochs": epochs})
+
+
 def fit_fold(cfg: Config, fold: int, acts: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
              classes: list[str], device: torch.device) -> dict:
     """Train fold ``fold``'s back on the other folds' cached activations, keep the epoch ``train.monitor`` picks
@@ -212,7 +223,8 @@ def fit_fold(cfg: Config, fold: int, acts: np.ndarray, index: pd.DataFrame, fold
     labels = index["label_idx"].to_numpy()
     held = folds["fold"].to_numpy() == fold
     train_rows, valid_rows = np.flatnonzero(~held), np.flatnonzero(held)
-    seed = cfg.seed + fold
+    seed, provenance = cfg.seed + fold, trained_with(cfg)
+    cfg = with_min_steps(cfg, len(train_rows))
     parts = build_parts(cfg, acts, labels, train_rows, len(classes), device, seed)
     folder = RunDir.of(cfg).model(fold)
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +249,7 @@ def fit_fold(cfg: Config, fold: int, acts: np.ndarray, index: pd.DataFrame, fold
                 np.save(tmp, probs.astype(np.float32))
     result = {"fold": fold, "best_epoch": kept["epoch"], "metrics": kept["metrics"],
               "seconds": round(time.perf_counter() - start, 1),
-              "parameters": sum(p.numel() for p in parts["back"].parameters()), **trained_with(cfg)}
+              "parameters": sum(p.numel() for p in parts["back"].parameters()), **provenance}
     write_json(folder.result, result)
     return result
 
