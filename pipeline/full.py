@@ -214,10 +214,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         auto, steps, budget_s = prepare(args)
-    except ConfigError as err:
+        path = run_auto(auto, args.overrides, budget_s) if auto is not None else run_steps(steps)
+    except ConfigError as err:  # a plan's member config that cannot load: one line, like any config error
         print(f"error: {err}", file=sys.stderr)
         return 1
-    path = run_auto(auto, args.overrides, budget_s) if auto is not None else run_steps(steps)
     if path is None:
         return 1
     print(f"submission: {path}")

@@ -16,6 +16,7 @@ from pipeline.core.config import ConfigError, load_config
 from pipeline.core.timing import parse_duration
 from pipeline.core.utils import read_json
 from pipeline.eda import suggest
+from pipeline.plan import costs
 from pipeline.rundir import RunDir, check_data
 
 from conftest import DEFAULT_CONFIG, config_overrides, make_cfg, make_competition
@@ -98,7 +99,7 @@ def given(minutes: dict[str, float], per_epoch: float = 0.0):
     """Estimates given per member (by its experiment's last word), never measured."""
     def estimate(cfg, planned):
         name = cfg.experiment.rsplit("-", 1)[-1] if "-" in cfg.experiment else "base"
-        return plan.Cost(60 * minutes[name], 60 * per_epoch if name != "base" else 0.0)
+        return costs.Cost(60 * minutes[name], 60 * per_epoch if name != "base" else 0.0)
     return estimate
 
 

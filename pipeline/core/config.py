@@ -384,7 +384,7 @@ class Config:
     seed: int = 42
     runs_dir: str = "runs"
     # manual: run this config as written; auto: pipeline.full chooses the recipe from the data and the machine
-    # (and --budget), starting from these settings (pipeline/plan.py)
+    # (and --budget), starting from these settings (pipeline/plan/)
     recipe: Literal["manual", "auto"] = "manual"
     data: DataConfig = field(default_factory=DataConfig)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
