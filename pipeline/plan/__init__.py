@@ -296,11 +296,13 @@ def estimator(facts: Facts, cfg: Config) -> Estimator:
 
 def planned(family: str, why: str, base: Config, facts: Facts, budget_s: Optional[float],
             elapsed: Callable[[], float], estimate: Optional[Estimate] = None) -> Plan:
-    """:func:`make_plan` measured on this machine (``estimate`` given: those estimates instead), written to
-    ``plan.json`` and logged as a table."""
+    """:func:`make_plan` measured on this machine when there is a budget (``estimate`` given: those estimates
+    instead), written to ``plan.json`` and logged as a table."""
     with training_slot(base, "plan") as threads:
         torch.set_num_threads(threads)
-        plan = make_plan(family, why, base, facts, budget_s, elapsed, estimate or estimator(facts, base))
+        if estimate is None and budget_s is not None:  # without a budget nothing is fitted: no measuring
+            estimate = estimator(facts, base)
+        plan = make_plan(family, why, base, facts, budget_s, elapsed, estimate)
     plan.save()
     log.info("%s\n  written to %s", table(plan.record), plan.path)
     return plan
