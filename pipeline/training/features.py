@@ -25,6 +25,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from pipeline.core.config import Config
@@ -73,10 +74,8 @@ def crop_view(batch: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor
     (antialiased bilinear) to ``size``, flipped and jittered in brightness and contrast."""
     out = []
     for image, (top, left, h, w, flip, bright, contrast) in zip(batch, boxes):
-        crop = image[:, int(top):int(top + h), int(left):int(left + w)].unsqueeze(0)
-        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                               align_corners=False)[0]
-        crop = crop.flip(-1) if flip else crop
+        crop = TF.resized_crop(image, int(top), int(left), int(h), int(w), [size, size], antialias=True)
+        crop = TF.horizontal_flip(crop) if flip else crop
         mean = crop.mean()
         out.append(((crop * bright - mean * bright) * contrast + mean * bright).clamp(0, 255))
     return torch.stack(out)
