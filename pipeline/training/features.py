@@ -16,7 +16,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -85,17 +85,25 @@ def is_crop(view: str) -> bool:
     return view.startswith("crop") and view[4:].isdigit()
 
 
+def fit_cached_folds(cfg: Config, wanted: list[int], cached: Callable[[], Any], fit: Callable[[int, Any], None],
+                     verb: str = "fitted") -> int:
+    """Fit every wanted fold not already done with these settings on what ``cached()`` loads (embeddings or
+    activations, only when a fold needs them); return how many were fitted."""
+    todo = [f for f in wanted if not fold_done(cfg, f)]
+    for fold in sorted(set(wanted) - set(todo)):
+        log.info("fold %d already %s with these settings: skipped", fold, verb)
+    if todo:
+        data = cached()
+        for fold in todo:
+            fit(fold, data)
+    return len(todo)
+
+
 def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
               manifest: dict, device: torch.device) -> int:
     """Fit the head of every wanted fold not already done with these settings; return how many were fitted."""
-    todo = [f for f in wanted if not fold_done(cfg, f)]
-    if todo:
-        feats = embeddings(cfg, manifest, "train", train_views(cfg), device)
-        for fold in todo:
-            fit_fold(cfg, fold, feats, index, folds, classes)
-    for fold in sorted(set(wanted) - set(todo)):
-        log.info("fold %d already fitted with these settings: skipped", fold)
-    return len(todo)
+    return fit_cached_folds(cfg, wanted, lambda: embeddings(cfg, manifest, "train", train_views(cfg), device),
+                            lambda fold, feats: fit_fold(cfg, fold, feats, index, folds, classes))
 
 
 def features_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
