@@ -30,8 +30,6 @@ FOLD_OVERHEAD_S = 2.0  # a fold's model building and checkpoints
 HEAD_S = (1.0, 1e-3)  # a feature head per fold: 1 s + 1 ms per training row and view (logistic regression)
 DECODE_SAMPLE = 48  # source images decoded to time the preprocess stage
 EFFORT = Effort(batches=4, seconds=3.0)  # each timed measurement
-MEASURE_BATCH = 16  # images per timed pass of a pretrained backbone's parts (partial fine-tuning)
-MEASURE_PIXELS = 64 * 64 * 64  # a timed forward pass: about this many pixels (256 images at 32 px, 8 at 224)
 
 
 @dataclass(frozen=True)
@@ -109,14 +107,12 @@ class Estimator:
         return self.rate(("decode img",), lambda: bench.preprocess_rate(cfg, DECODE_SAMPLE) or 50.0)
 
     def forward_rate(self, cfg: Config) -> float:
-        """Images/s of the member's model forward at its input size (the bench's inference floor)."""
-        batch = int(min(cfg.infer.batch_size, max(8, MEASURE_PIXELS // cfg.data.image_size ** 2)))
-
+        """Images/s of the member's model forward at its input size and ``infer.batch_size`` (the bench's
+        inference floor): the batch the stages run, since a CPU's images/s depends on it (caches)."""
         def measure() -> float:
-            probe = with_values(cfg, {"infer.batch_size": batch})
-            data = synthetic(self.facts.classes, batch, cfg.data.image_size)
-            return bench.tta_floor(probe, data, self.device, *compute_settings(cfg, self.device), self.effort)
-        return self.rate(("forward img", cfg.model.name, cfg.data.image_size), measure)
+            data = synthetic(self.facts.classes, cfg.infer.batch_size, cfg.data.image_size)
+            return bench.tta_floor(cfg, data, self.device, *compute_settings(cfg, self.device), self.effort)
+        return self.rate(("forward img", cfg.model.name, cfg.data.image_size, cfg.infer.batch_size), measure)
 
     def train_rate(self, cfg: Config) -> float:
         """Images/s of the train stage's recipe and loader on random images (the bench's training pipeline)."""
@@ -131,7 +127,8 @@ class Estimator:
 
     def partial_rates(self, cfg: Config) -> tuple[float, float, float]:
         """Images/s of the frozen front, and of the tuned back's training step and forward pass."""
-        key = ("partial img", cfg.model.name, cfg.data.image_size, cfg.train.tune_blocks, cfg.train.batch_size)
+        key = ("partial img", cfg.model.name, cfg.data.image_size, cfg.train.tune_blocks, cfg.train.batch_size,
+               cfg.infer.batch_size)
         if key + ("front",) not in self.rates:
             front, step, back = measure_partial(cfg, self.facts.classes, self.device, self.effort)
             self.rates.update({key + ("front",): front, key + ("step",): step, key + ("back",): back})
@@ -141,12 +138,13 @@ class Estimator:
 
 
 def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float, float]:
-    """Time ``train.mode: partial``'s parts on random tensors: the frozen front's forward, the back's
-    forward + backward + AdamW step on a training batch of activations, and its forward alone."""
+    """Time ``train.mode: partial``'s parts on random tensors: the frozen front's forward at ``infer.batch_size``,
+    the back's forward + backward + AdamW step on a training batch of activations, and its forward alone."""
+    dtype, channels_last = compute_settings(cfg, device)
     model = create_model(cfg.model, classes).to(device).eval()
     front, back = split_backbone(model, cfg.train.tune_blocks)
-    dtype = compute_settings(cfg, device)[0]
-    x = torch.randn(MEASURE_BATCH, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    x = torch.randn(cfg.infer.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     @torch.no_grad()
     def forward_front() -> int:

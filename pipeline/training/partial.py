@@ -31,7 +31,7 @@ from pipeline.core.utils import atomic_path, seed_everything, write_json
 from pipeline.evaluation.metrics import score
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
-from pipeline.rundir import RunDir, fold_done, load_split, trained_with, without_secrets
+from pipeline.rundir import RunDir, load_split, trained_with, without_secrets
 from pipeline.training import features, finetune
 from pipeline.training.checkpoints import load_weights, save_checkpoint
 from pipeline.training.losses import build_loss
@@ -130,7 +130,7 @@ def probe_head(cfg: Config, model: nn.Module, back: nn.Module, acts: np.ndarray,
                labels: np.ndarray, device: torch.device) -> None:
     """Set the classifier to a logistic regression on the pooled pretrained features of ``rows`` (every
     cached view), as ``train.head_init: linear_probe`` does for a full fine-tune."""
-    feats = np.concatenate([run_back(pooled(back), view, rows, cfg.infer.batch_size, device).numpy()
+    feats = np.concatenate([run_back(pooled(back), view, rows, cfg.train.batch_size, device).numpy()
                             for view in acts])
     probe = features.HEADS.build("logreg", cfg, feats, np.tile(labels[rows], len(acts)), model.num_classes)
     with torch.no_grad():
@@ -142,14 +142,9 @@ def probe_head(cfg: Config, model: nn.Module, back: nn.Module, acts: np.ndarray,
 def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
               manifest: dict, device: torch.device) -> int:
     """Train the back of every wanted fold not already done with these settings; return how many trained."""
-    todo = [f for f in wanted if not fold_done(cfg, f)]
-    for fold in sorted(set(wanted) - set(todo)):
-        log.info("fold %d already trained with these settings: skipped", fold)
-    if todo:
-        acts = activations(cfg, manifest, "train", features.train_views(cfg), device)
-        for fold in todo:
-            fit_fold(cfg, fold, acts, index, folds, classes, device)
-    return len(todo)
+    return features.fit_cached_folds(
+        cfg, wanted, lambda: activations(cfg, manifest, "train", features.train_views(cfg), device),
+        lambda fold, acts: fit_fold(cfg, fold, acts, index, folds, classes, device), "trained")
 
 
 def _epoch(cfg: Config, parts: dict, acts: np.ndarray, rows: np.ndarray, labels: np.ndarray,
@@ -197,7 +192,7 @@ def _evaluate(cfg: Config, parts: dict, acts: np.ndarray, rows: np.ndarray, labe
     """Held-out probabilities (identity view) and scores of what the fold keeps (the EMA when on)."""
     model = parts["ema"].module if parts["ema"] is not None else parts["model"]
     _, back = split_backbone(model, cfg.train.tune_blocks)
-    logits = run_back(back, acts[0], rows, cfg.infer.batch_size, parts["device"])
+    logits = run_back(back, acts[0], rows, cfg.train.batch_size, parts["device"])
     probs = logits.softmax(1).numpy()
     metrics = score(labels[rows], probs)
     metrics["loss"] = float(parts["loss"](logits, torch.from_numpy(labels[rows]))) if len(rows) else math.nan
@@ -260,5 +255,5 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.nd
     acts = activations(cfg, manifest, split, views, device)
     model = load_weights(pretrained_model(cfg, len(manifest["classes"])), RunDir.of(cfg).model(fold).weights("best"))
     _, back = split_backbone(model.to(device), cfg.train.tune_blocks)
-    return np.mean([run_back(back, view, rows, cfg.infer.batch_size, device).softmax(1).numpy() for view in acts],
+    return np.mean([run_back(back, view, rows, cfg.train.batch_size, device).softmax(1).numpy() for view in acts],
                    axis=0)
