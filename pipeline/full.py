@@ -168,6 +168,8 @@ def run_members(plan: planner.Plan, clock: Clock, start: float) -> list[Config]:
             done.append(cfg)
         elif i == 0:
             return []
+        if i == 0:
+            planner.adapt(plan, clock() - start)
     return done
 
 

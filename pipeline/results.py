@@ -143,8 +143,9 @@ def plan_section(plan: Optional[dict]) -> str:
     rows = [[s["member"], s["experiment"], s["estimated_min"], s["actual_min"], (s["oof"] or {}).get("accuracy"),
              (s["oof"] or {}).get("log_loss"), s["status"], s["note"]] for s in plan["steps"]]
     ens = plan.get("ensemble") or {}
+    adapted = f" After the first member, {esc(plan['adapted'])}." if plan.get("adapted") else ""
     body = (f"<p><b>{esc(plan['family'])}</b> recipe, {esc(budget)}, on {esc(plan['device'])}: {esc(plan['why'])}."
-            f"</p>" + table(["member", "experiment", "estimated min", "actual min", "OOF accuracy", "OOF log loss",
+            f"{adapted}</p>" + table(["member", "experiment", "estimated min", "actual min", "OOF accuracy", "OOF log loss",
                              "status", "note"], rows, source="plan.json")
             + f"<p>Planning (EDA and measurements) {plan['planning_min']} min; ensemble: {esc(ens.get('method'))}, "
             f"OOF accuracy {fmt((ens.get('oof') or {}).get('accuracy'))}.</p>")

@@ -115,7 +115,7 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     status = [(s["member"], s["status"]) for s in made.steps]
     assert status == [("base", "planned"), ("long", "planned"), ("long-seed2", "dropped")]
     long = made.configs[1]
-    assert long.train.epochs == int((left - 1) // 0.5) and 10 <= long.train.epochs < 40  # as many epochs as fit
+    assert long.train.epochs == int((left - 1) // 0.5) and 6 <= long.train.epochs < 40  # as many epochs as fit
     assert made.steps[1]["estimated_min"] == pytest.approx(1 + 0.5 * long.train.epochs, abs=0.01)
     assert "needs" in made.steps[2]["note"] and made.configs[2].seed == cfg.seed + 1
 
@@ -126,6 +126,44 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     unbudgeted = plan.make_plan("small", "why", cfg, small_facts(), None, no_time, None)
     assert [s["status"] for s in unbudgeted.steps] == ["planned", "dropped", "dropped"]
     assert unbudgeted.configs[0] is cfg and "without --budget" in unbudgeted.steps[1]["note"]
+
+
+def photos_facts() -> suggest.Facts:
+    return suggest.Facts(images=2000, test_images=500, classes=20, width=400, height=300, aspect=1.33, mode="RGB",
+                         imbalance=3.0, duplicate_groups=0)
+
+
+@pytest.mark.parametrize("first_oof", [0.95, 0.70])
+def test_after_the_first_member_the_rest_is_refitted_and_reordered_by_its_score(tmp_path, first_oof):
+    sets = outputs(tmp_path, tmp_path / "photos")
+    base = plan.base_config("photos", load_config(DEFAULT_CONFIG, sets), sets)
+    fixed = {"base": 2, "partial": 1, "lite2": 4, "crops": 3, "seed2": 3}  # minutes, + 2 an epoch when fine-tuning
+
+    def estimates(cfg, planned):
+        name = cfg.experiment.rsplit("-", 1)[-1] if "-" in cfg.experiment else "base"
+        return costs.Cost(60 * fixed[name], 120.0 if cfg.train.mode == "partial" else 0.0)
+
+    made = plan.make_plan("photos", "why", base, photos_facts(), 20 * 60, no_time, estimates)
+    assert [s["member"] for s in made.steps] == ["lp", "partial", "lite2", "crops", "partial-seed2"]
+    assert made.configs[1].train.epochs == 2 and made.steps[1]["estimated_min"] == pytest.approx(5)  # 1 + 2 x 2
+    made.steps[0].update(status="done", oof={"accuracy": first_oof, "log_loss": 0.5})
+    plan.adapt(made, elapsed_s=10 * 60)  # the first member took 10 min, not 2: 10 - 0.9 (reserve) left
+    order = [s["member"] for s in made.steps]
+    if first_oof >= plan.EASY_OOF:  # near ImageNet: the larger frozen backbone before fine-tuning
+        assert order == ["lp", "lite2", "crops", "partial", "partial-seed2"]
+        assert [s["status"] for s in made.steps[1:]] == ["planned", "planned", "dropped", "dropped"]
+        assert "frozen ImageNet features already fit" in made.record["adapted"]
+    else:
+        assert order == ["lp", "partial", "lite2", "crops", "partial-seed2"]
+        assert [s["status"] for s in made.steps[1:]] == ["planned", "dropped", "planned", "dropped"]
+        assert made.configs[1].train.epochs == 2 and "re-fitted" in made.record["adapted"]
+    assert [c.experiment.rsplit("-", 1)[-1] for c in made.configs[1:]] == [o.rsplit("-", 1)[-1] for o in order[1:]]
+    assert read_json(made.path)["steps"] == made.steps  # saved as adapted
+
+    made.steps[0]["oof"]["accuracy"] = 0.5
+    plan.adapt(made, elapsed_s=15 * 60)  # 3.9 min left: partial fits with one epoch only
+    assert made.configs[1].train.epochs == 1 and made.steps[1]["status"] == "planned"
+    assert [s["status"] for s in made.steps[2:]] == ["dropped"] * 3
 
 
 def test_the_plan_is_written_before_training_and_one_member_runs_without_a_budget(tmp_path, monkeypatch, capsys):
