@@ -13,6 +13,9 @@
 * ``tta_floor_img_s``: forward passes on an in-memory batch at ``infer.batch_size``; ``tta_img_s``:
   view-images per second of :func:`pipeline.evaluation.tta.predict_tta` over the cached test set, i.e. test images/s ×
   the number of views (``tta_test_img_s`` is test images/s); ``tta_ratio`` = tta / floor;
+* ``--infer-batches 4,16,64`` measures only the forward-only floor at each ``infer.batch_size`` on random
+  images (``bench_batches.json``: images/s and the ratio to the largest batch; on a CPU small batches can be
+  faster, their activations staying in its caches);
 * ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does;
 * ``augment``: images/s of the configured policy on ``train.batch_size × 4`` cached images per call, per
   image (albumentations, as the DataLoader path runs it: ``per_image_img_s``) and batched on the device
@@ -30,6 +33,7 @@ Training and inference call the train stage's building blocks (:func:`~pipeline.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -44,7 +48,7 @@ import torch
 
 from pipeline import augment
 from pipeline.cli import build_parser, stage_main
-from pipeline.core.config import Config
+from pipeline.core.config import Config, with_values
 from pipeline.core.jobs import training_slot
 from pipeline.core.timing import Effort, timed
 from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision,
@@ -56,6 +60,7 @@ from pipeline.models.factory import create_model
 from pipeline.preprocess import decode_all
 from pipeline.preprocess import run as preprocess
 from pipeline.rundir import RunDir, load_manifest, load_split
+from pipeline.training.precision import compute_settings
 from pipeline.training.recipe import Training, build_training
 
 log = logging.getLogger(__name__)
@@ -275,7 +280,8 @@ def combos(device: torch.device, dtype: Optional[torch.dtype], channels_last: bo
 
 
 def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: int = 3,
-        compare: bool = True, augment_only: bool = False, seconds: Optional[float] = 120) -> dict:
+        compare: bool = True, augment_only: bool = False, seconds: Optional[float] = 120,
+        batch_sizes: Sequence[int] = ()) -> dict:
     """Measure every figure (see the module docstring) and write ``runs/<experiment>/bench.json``.
 
     Every figure is measured ``rounds`` times, floors and pipelines alternately, and the best kept, so that
@@ -286,7 +292,40 @@ def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: i
         torch.set_num_threads(threads)
         if augment_only:
             return _measure_augment(cfg, Effort(batches, seconds and seconds / 2))
+        if batch_sizes:
+            share = seconds and seconds / (max(1, rounds) * len(batch_sizes))
+            return infer_batches(cfg, batch_sizes, rounds, Effort(batches, share))
         return _measure(cfg, batches, preprocess_images, rounds, compare, seconds)
+
+
+def synthetic(classes: int, rows: int, side: int) -> dict:
+    """Random uint8 images and labels shaped like :func:`load_data`'s (for measurements without the data)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (rows, side, side, 3), dtype=np.uint8)
+    manifest = {"classes": [str(c) for c in range(classes)], "mean": [0.5] * 3, "std": [0.25] * 3}
+    return {"images": images, "test": images, "labels": (np.arange(rows) % classes).astype(np.int64),
+            "manifest": manifest, "num_classes": classes}
+
+
+def infer_batches(cfg: Config, sizes: Sequence[int], rounds: int, effort: Effort) -> dict:
+    """Forward-only images/s of the configured model at each ``infer.batch_size`` in ``sizes`` (random images
+    at ``data.image_size``), best of ``rounds`` alternating passes; written to ``bench_batches.json``."""
+    device = resolve_device(cfg.train.device)
+    dtype, channels_last = compute_settings(cfg, device)
+    rates = dict.fromkeys(sizes, 0.0)
+    for _ in range(max(1, rounds)):
+        for size in sizes:
+            probe = with_values(cfg, {"infer.batch_size": size})
+            rate = tta_floor(probe, synthetic(2, size, cfg.data.image_size), device, dtype, channels_last, effort)
+            rates[size] = max(rates[size], rate)
+    largest = rates[max(sizes)]
+    result = {"experiment": cfg.experiment, "model": cfg.model.name, "image_size": cfg.data.image_size,
+              "device": device_name(device), "threads": torch.get_num_threads(), "channels_last": channels_last,
+              "forward_img_s": {str(k): round(v, 1) for k, v in rates.items()},
+              "ratio_to_largest": {str(k): round(v / largest, 3) for k, v in rates.items()},
+              "best_batch": max(rates, key=rates.get)}
+    write_json(RunDir.of(cfg).bench_batches, result)
+    return result
 
 
 def _measure_augment(cfg: Config, effort: Effort) -> dict:
@@ -365,6 +404,17 @@ def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 1)
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``4,16,64`` as batch sizes (positive integers)."""
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 4,16,64, got '{text}'")
+    return sizes
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
@@ -376,11 +426,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="measure only the configured precision and memory format")
     parser.add_argument("--augment-only", action="store_true",
                         help="measure only the per-image vs batched augmentation rates")
+    parser.add_argument("--infer-batches", type=_sizes, default=(),
+                        help="measure only the forward floor at these infer.batch_size values, e.g. 4,16,64")
     args, _ = parser.parse_known_args(argv)
 
     def bench(cfg: Config) -> dict:
         result = run(cfg, args.batches, args.preprocess_images, args.rounds, args.compare, args.augment_only,
-                     args.seconds or None)
+                     args.seconds or None, args.infer_batches)
         print(json.dumps(result, indent=2))  # the tool's output
         return result
 

@@ -110,3 +110,18 @@ def test_a_time_bound_stops_warm_up_and_timing():
     assert len(calls) == 4 and rate == 10.0  # 2 warm-up + 2 timed: 20 items in 2 s
     calls.clear()
     assert bench.timed(one, warmup=1, effort=bench.Effort(batches=3), clock=clock) == 10.0 and len(calls) == 4
+
+
+def test_infer_batches_measures_only_the_forward_floor_at_each_batch(tmp_path, capsys):
+    sets = [f"runs_dir={tmp_path / 'runs'}", "experiment=batches", "model.name=airnet_tiny", "data.image_size=32"]
+    args = [a for s in sets for a in ("--set", s)] + ["--infer-batches", "2,8", "--batches", "2", "--rounds", "1"]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["forward_img_s"]) == {"2", "8"} and all(r > 0 for r in result["forward_img_s"].values())
+    assert result["ratio_to_largest"]["8"] == 1.0  # the reference; which batch wins is never asserted
+    assert result["best_batch"] in (2, 8) and result["model"] == "airnet_tiny"
+    assert json.loads((tmp_path / "runs" / "batches" / "bench_batches.json").read_text()) == result
+    assert not (tmp_path / "runs" / "batches" / "preprocess.json").exists()  # no data read: random images
+    with pytest.raises(SystemExit):
+        bench.main(["--infer-batches", "0,4"])
+    assert "expected batch sizes like 4,16,64, got '0,4'" in capsys.readouterr().err
