@@ -234,10 +234,9 @@ def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[
     cost, remaining = estimate(cfg, planned), left()
     if first or remaining is None:
         return cfg, cost.seconds(cfg.train.epochs), None
-    if member.epochs and cost.per_epoch > 0:
+    if member.epochs and cost.per_epoch > 0:  # as many epochs as fit, or the fewest it takes to say what it needs
         epochs = min(member.epochs[1], int((remaining - cost.fixed) // cost.per_epoch))
-        if epochs >= member.epochs[0]:
-            cfg = member_config(base, member, first, epochs)
+        cfg = member_config(base, member, first, max(epochs, member.epochs[0]))
     needed = cost.seconds(cfg.train.epochs)
     if needed > remaining:
         return cfg, needed, f"needs {needed / 60:.1f} min, {max(remaining, 0) / 60:.1f} min left"
