@@ -157,7 +157,7 @@ def run_members(plan: planner.Plan, clock: Clock, start: float) -> list[Config]:
     for i, cfg in enumerate(plan.configs):
         if plan.steps[i]["status"] != "planned":
             continue
-        reason = planner.skip_reason(plan, i, clock() - start) if i else None
+        reason = planner.skip_reason(plan, i, clock() - start) if i != plan.lead else None
         planner.start_step(plan, i, reason)
         if reason:
             continue
@@ -166,9 +166,9 @@ def run_members(plan: planner.Plan, clock: Clock, start: float) -> list[Config]:
         planner.finish_step(plan, i, clock() - begin, ok, clock() - start)
         if ok:
             done.append(cfg)
-        elif i == 0:
+        elif i == plan.lead:
             return []
-        if i == 0:
+        if i == plan.lead:
             planner.adapt(plan, clock() - start)
     return done
 

@@ -6,7 +6,8 @@ small images, else photos). A family is a list of members in a fixed order of ex
 (:data:`FAMILIES`), each a set of overrides on the family's base config (:func:`base_config`) trained in its own
 run folder, ``<experiment>`` for the first and ``<experiment>-<member>`` for the others:
 
-* ``small`` (the loaded config as written, configs/default.yaml: ``airnet_tiny`` from scratch): ``base``;
+* ``small`` (the loaded config as written, configs/default.yaml: ``airnet_tiny`` from scratch): ``base`` (with a
+  budget it makes way when ``long`` fits the budget alone);
   ``long``, ``airnet_small`` with configs/cifar10-small-scratch.yaml's recipe for as many epochs as the budget
   leaves (6 to 40: a larger model trained longer gains most); ``long-seed2``, the same with another seed (a
   second seed gains less).
@@ -70,6 +71,7 @@ class Member:
     overrides: dict = field(default_factory=dict)
     epochs: Optional[tuple[int, int]] = None  # train.epochs fitted to the time left, within these bounds
     seed_offset: int = 0  # seed = the base config's + this
+    yields: bool = False  # with a budget, the first member makes way when the next one fits the budget alone
 
 
 FEATURES = {"train.mode": "features"}
@@ -80,7 +82,7 @@ LONG = {"model.name": "airnet_small", "train.batch_size": 128, "train.label_smoo
         "infer.tta": ["identity", "hflip"]}
 FAMILIES: dict[str, list[Member]] = {
     "small": [
-        Member("base", "the config as written: a compact CNN from scratch, the fastest strong start"),
+        Member("base", "the config as written: a compact CNN from scratch, the fastest strong start", yields=True),
         Member("long", "a larger CNN (airnet_small) trained as long as the budget allows: the largest gain",
                LONG, epochs=(6, 40)),
         Member("long-seed2", "the larger CNN again with another seed: ensembling two seeds", LONG, epochs=(6, 40),
@@ -145,6 +147,7 @@ class Plan:
     record: dict
     configs: list[Config]
     path: Path
+    lead: int = 0  # the step of the member that runs first (1 where the family's first made way)
     family: str = "small"
     base: Optional[Config] = None
     budget_s: Optional[float] = None
@@ -169,14 +172,42 @@ def make_plan(family: str, why: str, base: Config, facts: Facts, budget_s: Optio
     estimate fits what is left (``elapsed()`` seconds already spent, measuring included, and :func:`reserve`
     kept), a member with fitted epochs taking as many as fit; without one, only the first (``estimate`` None:
     nothing measured)."""
-    steps, configs = _fit_members(FAMILIES[family], base, budget_s, elapsed, estimate, [], first=True)
+    members, lead, steps, configs = FAMILIES[family], 0, [], []
+    yielded = _yields(members, base, budget_s, elapsed, estimate)
+    if yielded:
+        lead, cfg = 1, member_config(base, members[0], first=False)
+        steps.append(_step(members[0], cfg, base, None, "dropped", yielded))
+        configs.append(cfg)
+    more_steps, more_configs = _fit_members(members[lead:], base, budget_s, elapsed, estimate, [], first=True)
+    steps, configs = steps + more_steps, configs + more_configs
     record = {"version": 1, "experiment": base.experiment, "data_root": str(Path(base.data.root).resolve()),
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "family": family, "why": why, "facts": facts.as_dict(),
               "budget_min": minutes(budget_s), "reserve_min": minutes(budget_s and reserve(budget_s)),
               "planning_min": minutes(elapsed()), "device": device_name(resolve_device(base.train.device)),
               "steps": steps, "adapted": None, "stopped": None, "ensemble": None, "submission": None,
               "total_min": None}
-    return Plan(record, configs, RunDir.of(base).plan, family, base, budget_s, estimate)
+    return Plan(record, configs, RunDir.of(base).plan, lead, family, base, budget_s, estimate)
+
+
+def _yields(members: list[Member], base: Config, budget_s: Optional[float], elapsed: Callable[[], float],
+            estimate: Optional[Estimate]) -> Optional[str]:
+    """Why the family's first member makes way for the second (it ``yields`` and the second, at its fewest
+    epochs, fits the whole budget: the larger member gains more per minute), or None."""
+    if budget_s is None or estimate is None or not members[0].yields or len(members) < 2:
+        return None
+    second = members[1]
+    cfg = member_config(base, second, True, second.epochs[0] if second.epochs else None)
+    needed, left = estimate(cfg, []).seconds(cfg.train.epochs), budget_s - elapsed() - reserve(budget_s)
+    if needed > left:
+        return None
+    return f"{second.name} fits the budget on its own ({needed / 60:.1f} of {left / 60:.1f} min) and gains more"
+
+
+def _step(member: Member, cfg: Config, base: Config, est_s: Optional[float], status: str, note: Optional[str]) -> dict:
+    """A plan step as ``plan.json`` records it."""
+    return {"member": member.name, "experiment": cfg.experiment, "why": member.why,
+            "overrides": _overrides(base, cfg), "estimated_min": minutes(est_s), "status": status,
+            "note": note or "", "actual_min": None, "oof": None}
 
 
 def _fit_members(members: list[Member], base: Config, budget_s: Optional[float], elapsed: Callable[[], float],
@@ -194,9 +225,7 @@ def _fit_members(members: list[Member], base: Config, budget_s: Optional[float],
         if status == "planned":
             planned.append(cfg)
             spent += est_s or 0.0
-        steps.append({"member": member.name, "experiment": cfg.experiment, "why": member.why,
-                      "overrides": _overrides(base, cfg), "estimated_min": minutes(est_s), "status": status,
-                      "note": note or "", "actual_min": None, "oof": None})
+        steps.append(_step(member, cfg, base, est_s, status, note))
         configs.append(cfg)
     return steps, configs
 
@@ -205,18 +234,19 @@ def adapt(plan: Plan, elapsed_s: float) -> None:
     """Once the first member is done (with a budget): the other members re-fitted to the time actually left,
     and for photos, where the frozen Lite0 features already score :data:`EASY_OOF` or more (data close to
     ImageNet's), the larger frozen backbone and the crop views moved before fine-tuning."""
-    if plan.budget_s is None or plan.estimate is None or plan.steps[0]["status"] != "done" or plan.record["stopped"]:
+    lead = plan.lead
+    if plan.budget_s is None or plan.estimate is None or plan.steps[lead]["status"] != "done" or plan.record["stopped"]:
         return
-    members = FAMILIES[plan.family][1:]
-    accuracy = (plan.steps[0]["oof"] or {}).get("accuracy")
-    note = f"the members after {plan.steps[0]['member']} re-fitted to the time left"
+    members = FAMILIES[plan.family][lead + 1:]
+    accuracy = (plan.steps[lead]["oof"] or {}).get("accuracy")
+    note = f"the members after {plan.steps[lead]['member']} re-fitted to the time left"
     if plan.family == "photos" and accuracy is not None and accuracy >= EASY_OOF:
         members = sorted(members, key=lambda m: EASY_ORDER.index(m.name))
         note += (f"; its OOF {accuracy:.3f} >= {EASY_OOF}: frozen ImageNet features already fit this data, so a "
                  "larger frozen backbone and crop views go before fine-tuning")
     steps, configs = _fit_members(members, plan.base, plan.budget_s, lambda: elapsed_s, plan.estimate,
-                                  [plan.configs[0]], first=False)
-    plan.record["steps"][1:], plan.configs[1:] = steps, configs
+                                  [plan.configs[lead]], first=False)
+    plan.record["steps"][lead + 1:], plan.configs[lead + 1:] = steps, configs
     plan.record["adapted"] = note
     plan.save()
     log.info("plan: %s\n  %s", note, table(plan.record))
@@ -232,13 +262,13 @@ def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[
     if estimate is None:
         return cfg, None, None
     cost, remaining = estimate(cfg, planned), left()
-    if first or remaining is None:
+    if remaining is None or (first and not member.epochs):
         return cfg, cost.seconds(cfg.train.epochs), None
     if member.epochs and cost.per_epoch > 0:  # as many epochs as fit, or the fewest it takes to say what it needs
         epochs = min(member.epochs[1], int((remaining - cost.fixed) // cost.per_epoch))
         cfg = member_config(base, member, first, max(epochs, member.epochs[0]))
     needed = cost.seconds(cfg.train.epochs)
-    if needed > remaining:
+    if needed > remaining and not first:
         return cfg, needed, f"needs {needed / 60:.1f} min, {max(remaining, 0) / 60:.1f} min left"
     return cfg, needed, None
 
