@@ -96,11 +96,11 @@ def small_facts(images: int = 1000) -> suggest.Facts:
                          imbalance=1.0, duplicate_groups=0)
 
 
-def given(minutes: dict[str, float], per_epoch: float = 0.0):
+def given(minutes: dict[str, float], per_epoch: float = 0.0, base_per_epoch: float = 0.0):
     """Estimates given per member of the small family (known by its model and seed), never measured."""
     def estimate(cfg, planned):
         name = "base" if cfg.model.name != "airnet_small" else "long" if cfg.seed == 42 else "seed2"
-        return costs.Cost(60 * minutes[name], 60 * per_epoch if name != "base" else 0.0)
+        return costs.Cost(60 * minutes[name], 60 * (per_epoch if name != "base" else base_per_epoch))
     return estimate
 
 
@@ -118,14 +118,15 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     assert "long fits the budget on its own" in made.steps[0]["note"] and made.lead == 1
     long = made.configs[1]
     assert long.experiment == cfg.experiment  # the first member to run takes the experiment's folder
-    assert long.train.epochs == int((left - 1) // 0.5) and 6 <= long.train.epochs < 40  # as many epochs as fit
+    assert long.train.epochs == int((left - 1) // 0.5) and 10 <= long.train.epochs < 40  # as many epochs as fit
     assert made.steps[1]["estimated_min"] == pytest.approx(1 + 0.5 * long.train.epochs, abs=0.01)
     assert "needs" in made.steps[2]["note"] and made.configs[2].seed == cfg.seed + 1
-    assert made.configs[2].train.epochs == 6  # what its fewest epochs would need
+    assert made.configs[2].train.epochs == 10  # what its fewest epochs would need
 
-    kept = given({"base": 2, "long": 7, "seed2": 7}, per_epoch=0.5)  # long (7 + 3 min) does not fit 9.2 alone
+    kept = given({"base": 2, "long": 5, "seed2": 5}, per_epoch=0.5, base_per_epoch=0.25)  # long: 5 + 5 > 9.2 min
     small = plan.make_plan("small", "why", cfg, small_facts(), 600, no_time, kept)
     assert [s["status"] for s in small.steps] == ["planned", "dropped", "dropped"] and small.lead == 0
+    assert small.configs[0].train.epochs == int((left - 2) // 0.25) == 28  # the compact CNN for as long as fits
 
     over = given({"base": 5, "long": 1, "seed2": 1})
     tight = plan.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
@@ -212,7 +213,8 @@ class HalfHours:
 def test_an_overrunning_member_stops_further_ones_and_the_submission_is_written(tmp_path, monkeypatch):
     root = make_competition(tmp_path / "comp", n_per_class=8)
     # the small family with a first member that never makes way, so that it runs and overruns
-    monkeypatch.setitem(plan.FAMILIES, "small", [replace(m, yields=False) for m in plan.FAMILIES["small"]])
+    monkeypatch.setitem(plan.FAMILIES, "small", [replace(m, yields=False, epochs=None if m.name == "base" else m.epochs)
+                                                 for m in plan.FAMILIES["small"]])
     sets = config_overrides(tmp_path, root)
     cfg = load_config(DEFAULT_CONFIG, sets)
     path = full.run_auto(cfg, sets, 6 * 3600, clock=HalfHours(), estimate=given({"base": 1, "long": 1, "seed2": 1}))
