@@ -29,8 +29,8 @@ from pipeline.evaluation.metrics import cv_report
 from pipeline.evaluation.tta import predict_tta, select_views
 from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
-from pipeline.rundir import (RunDir, collect_oof, counted_folds, file_sha1, fold_done, load_manifest, load_split,
-                             read_folds)
+from pipeline.provenance import collect_oof, counted_folds, fold_done
+from pipeline.rundir import RunDir, file_sha1, load_manifest, load_split, read_folds
 from pipeline.training import features, partial
 from pipeline.training.checkpoints import load_weights, weights_intact
 from pipeline.training.precision import compute_settings
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def trained_folds(cfg: Config) -> list[int]:
-    """The folds that count (:func:`pipeline.rundir.counted_folds`: in ``folds.csv`` and ``train.folds``,
+    """The folds that count (:func:`pipeline.provenance.counted_folds`: in ``folds.csv`` and ``train.folds``,
     finished with the current training settings) and have a best checkpoint."""
     run = RunDir.of(cfg)
     fold_of = read_folds(cfg.run_dir, load_split(cfg.run_dir, "train")[1])["fold"].to_numpy()

@@ -25,8 +25,8 @@ from pipeline.core.config import Config
 from pipeline.core.jobs import training_slot
 from pipeline.core.utils import resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
-from pipeline.rundir import (ModelDir, RunDir, collect_oof, fold_done, load_manifest, load_split, read_folds,
-                             save_config, teacher_table)
+from pipeline.provenance import collect_oof, fold_done, teacher_table
+from pipeline.rundir import ModelDir, RunDir, load_manifest, load_split, read_folds, save_config
 from pipeline.training import distributed, partial
 from pipeline.training.checkpoints import weights_intact
 from pipeline.training.distill import distill_targets, teacher_probs

@@ -152,10 +152,10 @@ def test_a_spec_file_trains_and_infers_through_the_pipeline(tmp_path, shared_com
 def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
     """A fold's fingerprint holds the architecture a spec file describes, not the file's name: a trained fold
     is reused after the file moves, and retrained after its contents change."""
-    from pipeline import rundir
+    from pipeline import provenance
 
     def fingerprint(spec):
-        return rundir.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,
+        return provenance.training_fingerprint(load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None,
                                                                                          f"model.spec={spec}")))
 
     first, moved = tmp_path / "net.yaml", tmp_path / "moved.yaml"
@@ -163,6 +163,6 @@ def test_editing_a_spec_file_retrains_and_moving_it_does_not(tmp_path):
     moved.write_text(yaml.safe_dump(SPEC))
     trained = fingerprint(first)
     cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, f"model.spec={moved}"))
-    assert rundir.same_training(trained, cfg)
+    assert provenance.same_training(trained, cfg)
     moved.write_text(yaml.safe_dump({**SPEC, "width_multiplier": 2.0}))
-    assert not rundir.same_training(trained, cfg) and fingerprint(moved) != trained
+    assert not provenance.same_training(trained, cfg) and fingerprint(moved) != trained

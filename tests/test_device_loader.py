@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import rundir
+from pipeline import provenance
 from pipeline import folds, preprocess, train
 from pipeline.augment import BatchAugment
 from pipeline.core.config import AugmentConfig, from_dict
@@ -67,8 +67,8 @@ def test_training_on_the_device_loader_gives_a_valid_oof(tmp_path, competition):
     scored = oof["fold"].isin([0, 1]).to_numpy()
     assert np.isfinite(probs[scored]).all() and np.allclose(probs[scored].sum(1), 1, atol=1e-4)
     assert np.isnan(probs[~scored]).all()
-    assert "loader: device" in rundir.training_fingerprint(cfg)
-    assert rundir.same_training(rundir.training_fingerprint(from_dict({})), from_dict({}))
+    assert "loader: device" in provenance.training_fingerprint(cfg)
+    assert provenance.same_training(provenance.training_fingerprint(from_dict({})), from_dict({}))
 
 
 def test_device_loader_resumes_exactly(tmp_path, competition):

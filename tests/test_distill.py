@@ -6,7 +6,7 @@ import torch
 import pandas as pd
 import pytest
 
-from pipeline import rundir
+from pipeline import provenance
 from pipeline.training import distill, fold
 from pipeline import folds, preprocess, train
 from pipeline.core.config import load_config
@@ -93,14 +93,14 @@ def test_student_trains_and_its_fingerprint_follows_the_teacher(teacher_run, sha
     assert train.main(argv) == 0
     cfg = student_cfg(teacher_run, shared_competition, "train.teacher=teacher", "train.distill_alpha=0.7",
                       "train.distill_temperature=2")
-    assert rundir.fold_done(cfg, 0) is not None
-    assert rundir.fold_done(student_cfg(teacher_run, shared_competition, "train.teacher=teacher"), 0) is None
+    assert provenance.fold_done(cfg, 0) is not None
+    assert provenance.fold_done(student_cfg(teacher_run, shared_competition, "train.teacher=teacher"), 0) is None
     # a retrained teacher (other OOF probabilities) makes the student stale
     copy = tmp_path / "teacher_oof.csv"
     oof = pd.read_csv(teacher_run / "runs" / "teacher" / "oof.csv", dtype={"id": str, "label": str})
     oof.to_csv(copy, index=False)
     moved = student_cfg(teacher_run, shared_competition, f"train.teacher={copy}", "train.distill_alpha=0.7",
                         "train.distill_temperature=2")
-    before = rundir.training_fingerprint(moved)
+    before = provenance.training_fingerprint(moved)
     oof.assign(fold=oof["fold"]).iloc[::-1].to_csv(copy, index=False)
-    assert rundir.training_fingerprint(moved) != before
+    assert provenance.training_fingerprint(moved) != before

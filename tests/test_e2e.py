@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.training import checkpoints
-from pipeline import rundir
+from pipeline import provenance
 from pipeline import ensemble, folds, infer, preprocess, submit, train
 from pipeline.core.config import Config, load_config
 from pipeline.rundir import read_cv
@@ -145,10 +145,10 @@ def test_train_rerun_skips_finished_folds(chain, caplog):
 def test_changing_only_inference_settings_does_not_retrain(chain):
     cfg = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES,
                                                        "infer.tta=[identity, hflip]", "submit.format=probs"))
-    assert rundir.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
-    assert rundir.fold_done(cfg, 1) is not None
+    assert provenance.fold_done(chain["cfg"], 1) is not None  # the unchanged config: finished
+    assert provenance.fold_done(cfg, 1) is not None
     retrain = load_config(DEFAULT_CONFIG, config_overrides(chain["tmp"], chain["root"], *OVERRIDES, "train.lr=0.02"))
-    assert rundir.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
+    assert provenance.fold_done(retrain, 1) is None  # a training setting changed: the fold is stale
 
 
 def trained_competition(tmp_path: Path) -> tuple[Path, list[str], Config]:
@@ -170,7 +170,7 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     """EDA flags a wrong label and the user fixes train.csv: the folds are made again, and no model trained on
     the old split is kept or resumed (it saw rows that the new split holds out)."""
     root, argv, cfg = trained_competition(tmp_path)
-    old = rundir.split_signature(cfg)
+    old = provenance.split_signature(cfg)
     assert old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == old for k in range(N_FOLDS))
     (cfg.run_dir / "fold0" / "result.json").unlink()  # fold 0 as if killed after its last checkpoint
     table = pd.read_csv(root / "train.csv", dtype=str)
@@ -183,7 +183,7 @@ def test_a_fixed_label_remakes_the_folds_and_retrains_every_model_of_the_old_one
     assert any(m.startswith("fold 0: last checkpoint was made on other folds") for m in messages), messages
     assert sum("was trained on other folds" in m for m in messages) == N_FOLDS - 1
     assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
-    new = rundir.split_signature(cfg)
+    new = provenance.split_signature(cfg)
     assert new != old and all(read_json(cfg.run_dir / f"fold{k}" / "result.json")["folds"] == new
                               for k in range(N_FOLDS))
 
@@ -193,7 +193,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     """The models record the pixels they saw: touching every image (new mtimes, so preprocess decodes them
     again) keeps every fold; one image replaced by another under its own name retrains every fold."""
     root, argv, cfg = trained_competition(tmp_path)
-    old = rundir.images_signature(cfg)
+    old = provenance.images_signature(cfg)
     assert old and read_json(cfg.run_dir / "fold0" / "result.json")["images"] == old
     decoded = read_json(cfg.run_dir / "preprocess.json")["train"]["signature"]
     images = sorted((root / "train").iterdir())
@@ -205,7 +205,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     retrain(argv)
     messages = [r.getMessage() for r in caplog.records]
     assert read_json(cfg.run_dir / "preprocess.json")["train"]["signature"] != decoded  # decoded again
-    assert rundir.images_signature(cfg) == old and not any(" epoch 1/2" in m for m in messages), messages
+    assert provenance.images_signature(cfg) == old and not any(" epoch 1/2" in m for m in messages), messages
 
     Image.open(images[1]).save(images[0])  # another image under the first one's name
     caplog.clear()
@@ -213,7 +213,7 @@ def test_an_image_replaced_in_place_retrains_and_a_touched_one_does_not(tmp_path
     messages = [r.getMessage() for r in caplog.records]
     assert sum("was trained on other images" in m for m in messages) == N_FOLDS, messages
     assert all(any(m.startswith(f"fold {k} epoch 2/2") for m in messages) for k in range(N_FOLDS))
-    assert rundir.images_signature(cfg) not in (None, old)
+    assert provenance.images_signature(cfg) not in (None, old)
 
 
 @pytest.mark.slow
@@ -324,13 +324,13 @@ def test_a_config_key_added_at_its_default_does_not_retrain(tmp_path):
     import yaml
 
     cfg = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None))
-    old = yaml.safe_load(rundir.training_fingerprint(cfg))
+    old = yaml.safe_load(provenance.training_fingerprint(cfg))
     del old["model"]["kwargs"]  # as if model.kwargs had been added after this fold was trained
     stored = yaml.safe_dump(old, sort_keys=True)
-    assert rundir.same_training(stored, cfg)
+    assert provenance.same_training(stored, cfg)
     changed = load_config(DEFAULT_CONFIG, config_overrides(tmp_path, None, "model.kwargs={stem: 8}"))
-    assert not rundir.same_training(stored, changed)
-    assert not rundir.same_training(rundir.training_fingerprint(cfg), changed) and not rundir.same_training(None, cfg)
+    assert not provenance.same_training(stored, changed)
+    assert not provenance.same_training(provenance.training_fingerprint(cfg), changed) and not provenance.same_training(None, cfg)
 
 
 @pytest.mark.slow

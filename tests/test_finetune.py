@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import rundir
+from pipeline import provenance
 from pipeline.training import finetune, recipe
 from pipeline import folds, preprocess, train
 from pipeline.models.factory import create_model
@@ -67,4 +67,4 @@ def test_ema_is_evaluated_checkpointed_and_resumed(tmp_path, competition):
     run.resume()
     assert run.epoch == 2 and run.training.step.updates == state["updates"]
     assert all(torch.equal(v, ema[k]) for k, v in run.training.ema.module.state_dict().items())
-    assert read_json(fold / "result.json")["fingerprint"] == rundir.training_fingerprint(cfg)
+    assert read_json(fold / "result.json")["fingerprint"] == provenance.training_fingerprint(cfg)

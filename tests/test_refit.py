@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.training import fold
-from pipeline import rundir
+from pipeline import provenance
 from pipeline import ensemble, folds, infer, preprocess, train
 from pipeline.core.config import ConfigError, with_values
 from pipeline.rundir import load_split, read_cv
@@ -26,7 +26,7 @@ def refitted(tmp_path_factory):
 
 def test_refit_trains_on_every_row_and_keeps_the_cv_the_folds(refitted):
     cfg = refitted
-    result = rundir.fold_done(cfg, None)
+    result = provenance.fold_done(cfg, None)
     assert result and result["fold"] is None and (cfg.run_dir / "refit" / "best.safetensors").is_file()
     assert result["best_epoch"] == 2  # nothing held out: the last epoch (of 2) is kept
     assert result["metrics"] == dict.fromkeys(("accuracy", "macro_f1", "log_loss", "loss"))  # no scores: null
@@ -45,7 +45,7 @@ def test_refit_is_skipped_when_done_and_retrained_when_settings_change(refitted,
     with caplog.at_level("INFO", logger="pipeline"):
         train.run(refitted)
     assert "refit already trained with these settings: skipped" in caplog.text
-    assert not rundir.fold_done(with_values(refitted, {"train.lr": 0.01}), None)
+    assert not provenance.fold_done(with_values(refitted, {"train.lr": 0.01}), None)
 
 
 @pytest.mark.parametrize("mode, weight", [("with", 0.5), ("with", 0.25), ("instead", 1.0)])

@@ -89,7 +89,7 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     """model.weights re-exported at the same path is another starting point: every fold trained from the old one is
     stale. Moving the file (the same bytes under another name) or deleting it after training leaves the trained
     folds valid (inference does not need it)."""
-    from pipeline import rundir
+    from pipeline import provenance
     from pipeline import folds, preprocess, train
 
     from conftest import make_cfg
@@ -102,13 +102,13 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     for stage in (preprocess, folds, train):
         stage.run(cfg)
     first = read_json(cfg.run_dir / "fold0" / "result.json")["start_weights"]
-    assert first and rundir.fold_done(cfg, 0) is not None
+    assert first and provenance.fold_done(cfg, 0) is not None
 
     moved = tmp_path / "moved" / "start.safetensors"
     moved.parent.mkdir()
     path.rename(moved)
-    assert rundir.fold_done(replace(cfg, model=replace(cfg.model, weights=str(moved))), 0) is not None
-    assert rundir.fold_done(replace(cfg, model=replace(cfg.model, weights=None)), 0) is None
+    assert provenance.fold_done(replace(cfg, model=replace(cfg.model, weights=str(moved))), 0) is not None
+    assert provenance.fold_done(replace(cfg, model=replace(cfg.model, weights=None)), 0) is None
     (cfg.run_dir / "fold0" / "result.json").unlink()  # as if killed after its last checkpoint: it resumes
     with caplog.at_level(logging.INFO, logger="pipeline"):
         train.run(replace(cfg, model=replace(cfg.model, weights=str(moved))))
@@ -116,11 +116,11 @@ def test_a_starting_checkpoint_replaced_under_its_name_retrains_and_a_moved_or_d
     moved.rename(path)
 
     path.unlink()
-    assert rundir.fold_done(cfg, 0) is not None
+    assert provenance.fold_done(cfg, 0) is not None
     torch.manual_seed(1)
     save_file(timm.create_model("test_efficientnet").state_dict(), str(path))  # same name, size and layout
-    assert rundir.data_change(read_json(cfg.run_dir / "fold0" / "result.json"), cfg).startswith("other starting")
-    assert rundir.fold_done(cfg, 0) is None
+    assert provenance.data_change(read_json(cfg.run_dir / "fold0" / "result.json"), cfg).startswith("other starting")
+    assert provenance.fold_done(cfg, 0) is None
 
 
 class Wrapped:

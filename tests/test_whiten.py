@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.training import checkpoints
-from pipeline import rundir
+from pipeline import provenance
 from pipeline import folds, preprocess
 from pipeline.search import study as search
 from pipeline.core.config import ModelConfig, TrainConfig, with_values
@@ -104,7 +104,7 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
     trained = load_weights(create_model(cfg.model, 3), cfg.run_dir / "fold0" / "best.safetensors")
     assert torch.equal(trained.stem[0].weight, initial) == freeze
     assert (cfg.run_dir / "fold0" / "test.npy").is_file()  # infer builds the patch-stem model and predicts
-    assert rundir.fold_done(cfg, 0) and not rundir.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
+    assert provenance.fold_done(cfg, 0) and not provenance.fold_done(with_values(cfg, {"model.whiten_eps": 0.1}), 0)
 
 
 @pytest.mark.parametrize("bias_epochs", [1, None])

@@ -35,7 +35,8 @@ from pipeline.core.utils import configure_backends, read_json, resolve_device, s
 from pipeline.evaluation.metrics import score
 from pipeline.models.arch import count_macs, cpu_latency_ms
 from pipeline.models.factory import count_parameters, create_model
-from pipeline.rundir import RunDir, SearchDir, load_manifest, load_split, training_fingerprint, without_secrets
+from pipeline.provenance import training_fingerprint
+from pipeline.rundir import RunDir, SearchDir, load_manifest, load_split, without_secrets
 from pipeline.search.report import rerank_candidates, trial_line, trials_table, write_outputs
 from pipeline.search.space import OBJECTIVES, check_search, suggest, trial_config
 from pipeline.search.storage import enqueue_seed_specs, open_study, sqlite_worker, warm_start

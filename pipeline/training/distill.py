@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.core.config import Config
 from pipeline.data.contract import AS_WRITTEN
-from pipeline.rundir import teacher_table
+from pipeline.provenance import teacher_table
 
 
 def teacher_probs(cfg: Config, index: pd.DataFrame, folds: pd.DataFrame, classes: list[str]) -> Optional[np.ndarray]:

@@ -36,7 +36,8 @@ from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
-from pipeline.rundir import RunDir, fold_done, load_split, trained_with
+from pipeline.provenance import fold_done, trained_with
+from pipeline.rundir import RunDir, load_split
 from pipeline.training.checkpoints import load_weights, save_checkpoint
 from pipeline.training.precision import compute_settings
 

@@ -19,7 +19,8 @@ from pipeline.core.utils import atomic_path, read_json, write_json
 from pipeline.evaluation.metrics import score
 from pipeline.models.factory import count_parameters
 from pipeline.report.figures import confusion_figure, figure_array
-from pipeline.rundir import RunDir, data_change, same_training, trained_with, without_secrets
+from pipeline.provenance import data_change, same_training, trained_with
+from pipeline.rundir import RunDir, without_secrets
 from pipeline.training.checkpoints import load_state, save_checkpoint, save_state
 from pipeline.training.losses import build_loss
 from pipeline.training.recipe import build_training

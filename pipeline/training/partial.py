@@ -31,7 +31,8 @@ from pipeline.core.utils import atomic_path, seed_everything, write_json
 from pipeline.evaluation.metrics import score
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
-from pipeline.rundir import RunDir, load_split, trained_with, without_secrets
+from pipeline.provenance import trained_with
+from pipeline.rundir import RunDir, load_split, without_secrets
 from pipeline.training import features, finetune
 from pipeline.training.checkpoints import load_weights, save_checkpoint
 from pipeline.training.losses import build_loss
