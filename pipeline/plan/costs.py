@@ -56,7 +56,7 @@ class Estimator:
 
     def __init__(self, facts: Facts, device: torch.device, effort: Effort = EFFORT) -> None:
         self.facts, self.device, self.effort = facts, device, effort
-        self.rates: dict[tuple, float] = {}
+        self.rates: dict[tuple, tuple[float, ...]] = {}
 
     def __call__(self, cfg: Config, planned: list[Config]) -> Cost:
         before = set().union(*(self.work(c) for c in planned))
@@ -87,11 +87,15 @@ class Estimator:
                          if self.view_key(cfg, split, v) not in before))
 
     def rate(self, key: tuple, measure: Callable[[], float]) -> float:
-        """A throughput, measured once per key: the better of two measurements, as the bench keeps its best round
-        (a cold start or a passing load slows one down, nothing speeds one up)."""
+        """A throughput, measured once per key (:meth:`measured`)."""
+        return self.measured(key, lambda: (measure(),))[0]
+
+    def measured(self, key: tuple, measure: Callable[[], tuple[float, ...]]) -> tuple[float, ...]:
+        """Throughputs measured together, once per key: each the better of two measurements, as the bench keeps
+        its best round (a cold start or a passing load slows one down, nothing speeds one up)."""
         if key not in self.rates:
-            self.rates[key] = max(measure(), measure(), 1e-3)
-            log.info("plan: %s %.1f/s", " ".join(map(str, key)), self.rates[key])
+            self.rates[key] = tuple(max(a, b, 1e-3) for a, b in zip(measure(), measure()))
+            log.info("plan: %s %s img/s", " ".join(map(str, key)), " / ".join(f"{r:.1f}" for r in self.rates[key]))
         return self.rates[key]
 
     def decode_rate(self, cfg: Config) -> float:
@@ -118,15 +122,11 @@ class Estimator:
 
     def partial_rates(self, cfg: Config) -> tuple[float, float, float]:
         """Images/s of the frozen front, and of the tuned back's training step and forward pass."""
-        key = ("partial img", cfg.model.name, cfg.data.image_size, cfg.train.tune_blocks, cfg.train.batch_size,
-               cfg.infer.batch_size)
-        if key + ("front",) not in self.rates:
-            rates = [measure_partial(cfg, self.facts.classes, self.device, self.effort) for _ in range(2)]
-            front, step, back = (max(r) for r in zip(*rates))
-            self.rates.update({key + ("front",): front, key + ("step",): step, key + ("back",): back})
-            log.info("plan: %s front %.1f, back step %.1f, back forward %.1f img/s", " ".join(map(str, key)),
-                     front, step, back)
-        return self.rates[key + ("front",)], self.rates[key + ("step",)], self.rates[key + ("back",)]
+        key = ("partial img (front / back step / back forward)", cfg.model.name, cfg.data.image_size,
+               cfg.train.tune_blocks, cfg.train.batch_size, cfg.infer.batch_size)
+        front, step, back = self.measured(key, lambda: measure_partial(cfg, self.facts.classes, self.device,
+                                                                       self.effort))
+        return front, step, back
 
 
 def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float, float]:
