@@ -29,7 +29,7 @@
 Training and inference call the train stage's building blocks (:func:`~pipeline.training.recipe.build_training`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run. The timing
 (:mod:`pipeline.core.timing`) and these measurements also turn the planner's members into minutes
-(:mod:`pipeline.plan`).
+(:mod:`pipeline.plan.costs`).
 """
 from __future__ import annotations
 

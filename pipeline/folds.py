@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from pipeline.cli import stage_main
 from pipeline.core.config import Config
 from pipeline.data.contract import AS_WRITTEN
-from pipeline.rundir import RunDir, load_split, read_folds
+from pipeline.rundir import ReportDir, RunDir, load_split, read_folds
 from pipeline.core.utils import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def assign_folds(index: pd.DataFrame, n_splits: int, seed: int, group_col: str |
 
 def duplicate_groups(cfg: Config, ids: pd.Series) -> pd.Series:
     """Each train id's EDA duplicate group (``dup:<n>``), or its own group (``id:<id>``) when it has none."""
-    path = Path(cfg.eda.out_dir) / cfg.experiment / "eda" / "duplicate_groups.csv"
+    path = ReportDir.of(cfg).duplicate_groups
     if not path.is_file():
         raise FileNotFoundError(f"folds.group_duplicates needs {path}: run the eda stage first")
     dups = pd.read_csv(path, dtype={"id": str, "split": str}, **AS_WRITTEN)

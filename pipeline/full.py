@@ -10,8 +10,8 @@ process pays Python's and torch's start-up once instead of eight times. The last
 ``submission: <path>``; a failing stage stops the chain with its error (exit 1).
 
 One config with ``recipe: auto`` (configs/default.yaml) is planned from the data and the machine
-(:mod:`pipeline.plan`): the EDA, then the family's members (only the first without ``--budget DURATION``), each in
-its own run folder, the plan written to ``runs/<experiment>/plan.json`` before anything trains, and the
+(:mod:`pipeline.plan.planner`): the EDA, then the family's members (only the first without ``--budget DURATION``),
+each in its own run folder, the plan written to ``runs/<experiment>/plan.json`` before anything trains, and the
 ensemble of what finished within the budget, its results and one submission. Its run folder holding another
 competition and no ``--set experiment=``: the run goes to ``<experiment>-<data folder>`` instead.
 """
@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipeline import plan as planner
 from pipeline.cli import build_parser, config_path, run_stage
 from pipeline.core.config import Config, ConfigError, load_config, with_values
 from pipeline.core.timing import Clock, parse_duration
 from pipeline.core.utils import read_json, setup_logging
 from pipeline.data.demo import build as build_demo
 from pipeline.eda import suggest
+from pipeline.plan import planner
 from pipeline.rundir import check_data, suggested_experiment
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ STAGES = ("eda", "preprocess", "folds", "train", "infer", "ensemble", "results",
 MEMBER_STAGES = ("preprocess", "folds", "train", "infer")
 FINAL_STAGES = ("ensemble", "results", "submit")
 DEMO = "data/demo"
+STAGE_MODULES = {"eda": "pipeline.eda.stage"}  # the stages whose module is not ``pipeline.<stage>``
 
 
 def stage_function(name: str) -> Callable[[Config], Any]:
     """A stage's ``run(cfg)``, its module imported only now (a stage pays only for its own imports)."""
-    return importlib.import_module(f"pipeline.{name}").run
+    return importlib.import_module(STAGE_MODULES.get(name, f"pipeline.{name}")).run
 
 
 def member_plan(primary: Config, members: list[Config], own_folder: bool) -> list[tuple[str, Config]]:

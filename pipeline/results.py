@@ -26,7 +26,7 @@ from pipeline.data.contract import AS_WRITTEN
 from pipeline.evaluation.metrics import score
 from pipeline.report.figures import confusion_figure, reliability_figure, thumbs_figure
 from pipeline.report.webpage import esc, figure, fmt, page, png_base64, section, table
-from pipeline.rundir import RunDir, load_manifest, load_split, read_cv
+from pipeline.rundir import ReportDir, RunDir, load_manifest, load_split, read_cv
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +178,15 @@ def run(cfg: Config) -> Path:
                         + f"<p>Expected calibration error {ece:.4f} (10 bins of the top probability).</p>"),
                 tta_section(cv), ensemble_section(ens),
                 plan_section(read_json(run.plan) if run.plan.is_file() else None)]
-    out = Path(cfg.eda.out_dir) / cfg.experiment / "results"
+    reports = ReportDir.of(cfg)
     title = f"Results: {cfg.experiment}"
     subtitle = f"{cfg.model.name}, {len(np.unique(folds))} folds, {int(done.sum()):,} OOF images, {source.name}"
-    write_text(out / "index.html", page(title, subtitle, sections, NAV))
-    write_json(out / "results.json", {"source": source.name, **scores, "per_class": per_class, "ece": ece,
+    write_text(reports.results_page, page(title, subtitle, sections, NAV))
+    write_json(reports.results_json, {"source": source.name, **scores, "per_class": per_class, "ece": ece,
                                       "confusion_matrix": cm, "confidently_wrong": wrong, "ensemble": ens})
     log.info("results: OOF accuracy %.4f (%s), ECE %.4f → %s", scores["overall"]["accuracy"], source.name, ece,
-             out / "index.html")
-    return out / "index.html"
+             reports.results_page)
+    return reports.results_page
 
 
 def main(argv=None) -> int:

@@ -12,9 +12,16 @@ Stages talk only through these files, so every path is named here once. Each fil
   ``test_probs.csv``, ``oof_tta.csv`` and ``cv_tta.json`` (TTA scores, ``infer.tta: auto``'s choice);
 * ensemble: ``ensemble.csv``, ``ensemble_oof.csv``, ``ensemble.json``;
 * bench: ``bench.json``, ``bench_augment.json``, ``bench_batches.json``; the augment preview: ``augment_preview.png``;
-* full with ``recipe: auto`` (:mod:`pipeline.plan`): ``plan.json`` in the first member's folder (the family, each
-  member's estimated and actual minutes and OOF score, the ensemble and the submission);
+* full with ``recipe: auto`` (:mod:`pipeline.plan.planner`): ``plan.json`` in the first member's folder (the
+  family, each member's estimated and actual minutes and OOF score, the ensemble and the submission);
 * search: ``search/`` (:class:`SearchDir`: the study, its tables, figures and exported configs).
+
+The reports folder, ``<eda.out_dir>/<experiment>/`` (``reports/`` by default), is named here too
+(:class:`ReportDir`):
+
+* eda: ``eda/index.html``, ``eda/eda.json``, ``eda/duplicate_groups.csv`` (read by folds'
+  ``folds.group_duplicates``) and ``eda/image_flags.csv``;
+* results: ``results/index.html`` and ``results/results.json``.
 
 The rules that read the models' files (the training fingerprint that decides whether a fold is up to date, the
 folds that count and the stitched out-of-fold table) are :mod:`pipeline.provenance`'s.
@@ -156,6 +163,30 @@ class SearchDir:
         ``trials.csv``, ``pareto.csv``, ``pareto.png``, ``hypervolume.png``, ``summary.json``, ``config.yaml``,
         ``references.json``, ``rerank*.json``, ``tb``."""
         return self.root / name
+
+
+class ReportDir:
+    """Every path of one experiment's reports folder, ``<eda.out_dir>/<experiment>/``; ``ReportDir.of(cfg)`` for
+    a config's. The pages open from disk; the folds stage reads the EDA's duplicate groups from here."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "ReportDir":
+        return cls(Path(cfg.eda.out_dir) / cfg.experiment)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    eda = property(lambda self: self.root / "eda")
+    eda_page = property(lambda self: self.eda / "index.html")
+    eda_json = property(lambda self: self.eda / "eda.json")
+    duplicate_groups = property(lambda self: self.eda / "duplicate_groups.csv")
+    image_flags = property(lambda self: self.eda / "image_flags.csv")
+    results = property(lambda self: self.root / "results")
+    results_page = property(lambda self: self.results / "index.html")
+    results_json = property(lambda self: self.results / "results.json")
 
 
 # --------------------------------------------------------------------------- who may write, which data

@@ -259,11 +259,11 @@ def test_changed_config_retrains_instead_of_resuming(chain, caplog):
 @pytest.mark.slow
 def test_eda_stage_on_the_tiny_competition(tmp_path):
     try:
-        eda = importlib.import_module("pipeline.eda")
+        eda = importlib.import_module("pipeline.eda.stage")
     except ImportError:
-        pytest.skip("pipeline.eda is not there")
+        pytest.skip("pipeline.eda.stage is not there")
     if not hasattr(eda, "run") or not hasattr(eda, "main"):
-        pytest.skip("pipeline.eda has no run/main")
+        pytest.skip("pipeline.eda.stage has no run/main")
     root = make_competition(tmp_path / "comp", n_per_class=6, n_test=3)
     assert eda.main(stage_argv(tmp_path, root, f"experiment={EXPERIMENT}")) == 0
     out = tmp_path / "reports"

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import eda
 from pipeline.core.config import from_dict
+from pipeline.eda import stage as eda
 from pipeline.eda.dups import near_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

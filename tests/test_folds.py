@@ -105,7 +105,7 @@ def test_folds_keep_eda_duplicates_together(tmp_path):
     """A planted copy of a train image lands in the same fold as its original once EDA has found it."""
     import shutil
 
-    from pipeline import eda
+    from pipeline.eda import stage as eda
 
     root = make_competition(tmp_path / "comp", n_per_class=12)
     train = pd.read_csv(root / "train.csv", dtype=str)

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline import folds, preprocess
 from pipeline.data.contract import DataError, check, load_competition, looks_like_formula, structural_problems
 from pipeline.eda.scan import scan_paths
+from pipeline.rundir import ReportDir
 
 from conftest import make_cfg, make_competition, pattern, stage_argv
 
@@ -59,7 +60,7 @@ def test_na_like_labels_reach_the_folds(tmp_path, competition):
 
 def test_duplicate_groups_keep_na_like_ids(tmp_path, competition):
     cfg = make_cfg(tmp_path, competition, "folds.group_duplicates=true")
-    path = Path(cfg.eda.out_dir) / cfg.experiment / "eda" / "duplicate_groups.csv"
+    path = ReportDir.of(cfg).duplicate_groups
     path.parent.mkdir(parents=True)
     pd.DataFrame({"id": ["NA", "None", "0003"], "split": "train", "dup_group": [0, 0, 1]}).to_csv(path, index=False)
     groups = folds.duplicate_groups(cfg, pd.Series(["NA", "None", "0003", "0004"]))

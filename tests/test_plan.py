@@ -1,7 +1,7 @@
-"""``recipe: auto`` and ``--budget`` (pipeline.plan, pipeline.full): the family chosen from the EDA's facts on
-generated data of each kind, budgets in the words people write them, the budget accounting of the plan (with
-estimates and a clock given, never measured), and whole runs on the tiny competition: the plan file is there
-before training starts, an overrunning member stops further ones, and the submission is still written."""
+"""``recipe: auto`` and ``--budget`` (pipeline.plan.planner, pipeline.full): the family chosen from the EDA's
+facts on generated data of each kind, budgets in the words people write them, the budget accounting of the plan
+(with estimates and a clock given, never measured), and whole runs on the tiny competition: the plan file is
+there before training starts, an overrunning member stops further ones, and the submission is still written."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import eda, full, plan, train
+from pipeline import full, train
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.timing import parse_duration
 from pipeline.core.utils import read_json
-from pipeline.eda import suggest
-from pipeline.plan import costs
-from pipeline.rundir import RunDir, check_data
+from pipeline.eda import stage as eda, suggest
+from pipeline.plan import costs, planner
+from pipeline.rundir import ReportDir, RunDir, check_data
 
 from conftest import DEFAULT_CONFIG, config_overrides, make_cfg, make_competition
 
@@ -69,8 +69,8 @@ def test_small_images_take_the_small_family_as_configured(tmp_path):
     cfg = make_cfg(tmp_path, root)
     family, why = suggest.family(facts_of(cfg))
     assert family == "small" and "32×32" in why
-    assert plan.base_config(family, cfg, []) is cfg  # the config as written: the demo's settings unchanged
-    page = (Path(cfg.eda.out_dir) / "demo" / "eda" / "index.html").read_text()
+    assert planner.base_config(family, cfg, []) is cfg  # the config as written: the demo's settings unchanged
+    page = ReportDir.of(cfg).eda_page.read_text()
     assert "<h3>Plan</h3>" in page and "recipe: auto takes the small recipe" in page
 
 
@@ -82,9 +82,9 @@ def test_photos_take_the_pretrained_family_with_the_users_data_and_overrides(tmp
     assert (found.width, found.height, found.images) == (160, 120, 8)
     family, why = suggest.family(found)
     assert family == "photos" and "160×120" in why
-    base = plan.base_config(family, loaded, sets)
+    base = planner.base_config(family, loaded, sets)
     assert (base.model.name, base.model.pretrained, base.train.mode) == ("tf_efficientnet_lite0", True, "partial")
-    first = plan.member_config(base, plan.FAMILIES["photos"][0], first=True)
+    first = planner.member_config(base, planner.FAMILIES["photos"][0], first=True)
     assert first.train.mode == "features" and first.experiment == base.experiment  # the fastest strong start
     assert (base.data.image_size, base.data.resize) == (224, "crop")  # photos.yaml's, not default.yaml's 32
     assert base.data.root == str(root) and base.train.head_c == 0.5  # the user's data and --set on top
@@ -111,8 +111,8 @@ def no_time() -> float:
 def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path / "comp")
     estimates = given({"base": 2, "long": 1, "seed2": 1}, per_epoch=0.5)
-    made = plan.make_plan("small", "why", cfg, small_facts(), 600, no_time, estimates)
-    left = 10 - plan.reserve(600) / 60  # minutes
+    made = planner.make_plan("small", "why", cfg, small_facts(), 600, no_time, estimates)
+    left = 10 - planner.reserve(600) / 60  # minutes
     status = [(s["member"], s["status"]) for s in made.steps]
     assert status == [("base", "dropped"), ("long", "planned"), ("long-seed2", "dropped")]
     assert "long fits the budget on its own" in made.steps[0]["note"] and made.lead == 1
@@ -124,15 +124,15 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     assert made.configs[2].train.epochs == 10  # what its fewest epochs would need
 
     kept = given({"base": 2, "long": 5, "seed2": 5}, per_epoch=0.5, base_per_epoch=0.25)  # long: 5 + 5 > 9.2 min
-    small = plan.make_plan("small", "why", cfg, small_facts(), 600, no_time, kept)
+    small = planner.make_plan("small", "why", cfg, small_facts(), 600, no_time, kept)
     assert [s["status"] for s in small.steps] == ["planned", "dropped", "dropped"] and small.lead == 0
     assert small.configs[0].train.epochs == int((left - 2) // 0.25) == 28  # the compact CNN for as long as fits
 
     over = given({"base": 5, "long": 1, "seed2": 1})
-    tight = plan.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
+    tight = planner.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
     assert [s["status"] for s in tight.steps] == ["planned", "dropped", "dropped"]  # the first runs regardless
 
-    unbudgeted = plan.make_plan("small", "why", cfg, small_facts(), None, no_time, None)
+    unbudgeted = planner.make_plan("small", "why", cfg, small_facts(), None, no_time, None)
     assert [s["status"] for s in unbudgeted.steps] == ["planned", "dropped", "dropped"]
     assert unbudgeted.configs[0] is cfg and "without --budget" in unbudgeted.steps[1]["note"]
 
@@ -145,20 +145,20 @@ def photos_facts() -> suggest.Facts:
 @pytest.mark.parametrize("first_oof", [0.95, 0.70])
 def test_after_the_first_member_the_rest_is_refitted_and_reordered_by_its_score(tmp_path, first_oof):
     sets = outputs(tmp_path, tmp_path / "photos")
-    base = plan.base_config("photos", load_config(DEFAULT_CONFIG, sets), sets)
+    base = planner.base_config("photos", load_config(DEFAULT_CONFIG, sets), sets)
     fixed = {"base": 2, "partial": 1, "lite2": 4, "crops": 3, "seed2": 3}  # minutes, + 2 an epoch when fine-tuning
 
     def estimates(cfg, planned):
         name = cfg.experiment.rsplit("-", 1)[-1] if "-" in cfg.experiment else "base"
         return costs.Cost(60 * fixed[name], 120.0 if cfg.train.mode == "partial" else 0.0)
 
-    made = plan.make_plan("photos", "why", base, photos_facts(), 20 * 60, no_time, estimates)
+    made = planner.make_plan("photos", "why", base, photos_facts(), 20 * 60, no_time, estimates)
     assert [s["member"] for s in made.steps] == ["lp", "partial", "lite2", "crops", "partial-seed2"]
     assert made.configs[1].train.epochs == 2 and made.steps[1]["estimated_min"] == pytest.approx(5)  # 1 + 2 x 2
     made.steps[0].update(status="done", oof={"accuracy": first_oof, "log_loss": 0.5})
-    plan.adapt(made, elapsed_s=10 * 60)  # the first member took 10 min, not 2: 10 - 0.9 (reserve) left
+    planner.adapt(made, elapsed_s=10 * 60)  # the first member took 10 min, not 2: 10 - 0.9 (reserve) left
     order = [s["member"] for s in made.steps]
-    if first_oof >= plan.EASY_OOF:  # near ImageNet: the larger frozen backbone before fine-tuning
+    if first_oof >= planner.EASY_OOF:  # near ImageNet: the larger frozen backbone before fine-tuning
         assert order == ["lp", "lite2", "crops", "partial", "partial-seed2"]
         assert [s["status"] for s in made.steps[1:]] == ["planned", "planned", "dropped", "dropped"]
         assert "frozen ImageNet features already fit" in made.record["adapted"]
@@ -170,7 +170,7 @@ def test_after_the_first_member_the_rest_is_refitted_and_reordered_by_its_score(
     assert read_json(made.path)["steps"] == made.steps  # saved as adapted
 
     made.steps[0]["oof"]["accuracy"] = 0.5
-    plan.adapt(made, elapsed_s=15 * 60)  # 3.9 min left: partial fits with one epoch only
+    planner.adapt(made, elapsed_s=15 * 60)  # 3.9 min left: partial fits with one epoch only
     assert made.configs[1].train.epochs == 1 and made.steps[1]["status"] == "planned"
     assert [s["status"] for s in made.steps[2:]] == ["dropped"] * 3
 
@@ -213,8 +213,8 @@ class HalfHours:
 def test_an_overrunning_member_stops_further_ones_and_the_submission_is_written(tmp_path, monkeypatch):
     root = make_competition(tmp_path / "comp", n_per_class=8)
     # the small family with a first member that never makes way, so that it runs and overruns
-    monkeypatch.setitem(plan.FAMILIES, "small", [replace(m, yields=False, epochs=None if m.name == "base" else m.epochs)
-                                                 for m in plan.FAMILIES["small"]])
+    monkeypatch.setitem(planner.FAMILIES, "small", [
+        replace(m, yields=False, epochs=None if m.name == "base" else m.epochs) for m in planner.FAMILIES["small"]])
     sets = config_overrides(tmp_path, root)
     cfg = load_config(DEFAULT_CONFIG, sets)
     path = full.run_auto(cfg, sets, 6 * 3600, clock=HalfHours(), estimate=given({"base": 1, "long": 1, "seed2": 1}))

@@ -87,11 +87,12 @@ class ModelConfig:
     # it by 1/sqrt(num_classes), so a 2-class head starts with huge logits that the first epochs must unlearn
     zero_head: bool = True
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
-    # an architecture spec (pipeline/arch.py): a YAML path or the mapping inline; setting it sets name: spec
+    # an architecture spec (pipeline/models/arch.py): a YAML path or the mapping inline; setting it sets name: spec
     spec: Optional[Union[str, dict]] = None
     # patch-whitening initialisation of the first conv (airbench): the eigenvectors of the covariance of the
     # fold's training-image patches (normalised as the model sees them), scaled by 1/sqrt(eigenvalue + whiten_eps),
-    # as +/- pairs; needs a first conv with an even number of outputs <= 2 x in_channels x k x k (pipeline/whiten.py)
+    # as +/- pairs; needs a first conv with an even number of outputs <= 2 x in_channels x k x k
+    # (pipeline/models/whiten.py)
     whiten: bool = False
     whiten_eps: float = 5e-4  # airbench's value
     whiten_freeze: bool = True  # keep the whitened filters fixed (airbench); false: they train like any weight
@@ -201,7 +202,7 @@ class TrainConfig:
     # partial: at least this many optimizer steps per fold (more epochs on small data, where a few epochs are
     # only a few dozen steps); 0: exactly train.epochs
     min_steps: int = 0
-    # fine-tuning a pretrained backbone (pipeline/finetune.py)
+    # fine-tuning a pretrained backbone (pipeline/training/finetune.py)
     freeze_epochs: int = 0  # train only the classifier for this many first epochs
     backbone_lr_mult: float = 1.0  # the backbone's learning rate = lr × this
     # the new classifier's start: random (model.zero_head), or linear_probe: a logistic regression fitted on the
@@ -264,7 +265,7 @@ class EnsembleConfig:
     hill_climb_steps: int = 50  # at most this many picks (with replacement) after the best member
     stack_cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # stack: C chosen by CV
     # temperature: one scalar T fitted on the OOF log loss re-tempers the test probabilities (p ∝ p^(1/T)), for
-    # log-loss competitions; labels and accuracy are unchanged (pipeline/calibration.py). Needs the OOF
+    # log-loss competitions; labels and accuracy are unchanged (pipeline/evaluation/calibration.py). Needs the OOF
     calibrate: Literal["none", "temperature"] = "none"
     # an experiment trained with train.refit: its refit model's test predictions are used "with" its fold models
     # (refit_weight of the experiment's test probabilities, the folds' mean the rest) or "instead" of them;
@@ -323,7 +324,7 @@ class ArchSpaceConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The search stage (pipeline/search.py): an Optuna study over architectures and any config key."""
+    """The search stage (pipeline/search/): an Optuna study over architectures and any config key."""
     n_trials: Optional[int] = 40  # finished trials the study stops at (all workers together); None: no cap
     timeout: Optional[float] = None  # seconds this worker searches (the study time limit)
     trial_timeout: Optional[float] = None  # seconds a trial trains; then it stops and is scored as it is

@@ -3,8 +3,8 @@
 The fold's training rows of the uint8 cache go to the training device once (N×C×H×W uint8: 50,000 CIFAR
 images are 150 MB); each epoch a seeded permutation cuts the batches there, and each batch is augmented in
 one call by :class:`pipeline.augment.BatchAugment`. No workers, no per-image Python, no host-to-device copy
-per batch. It yields what :func:`pipeline.training.engine.make_train_loader` yields (uint8 images, targets), already
-on the device, so the training step is unchanged. Resuming needs its generator's state and the epoch,
+per batch. It yields what :func:`pipeline.training.loaders.make_train_loader` yields (uint8 images, targets),
+already on the device, so the training step is unchanged. Resuming needs its generator's state and the epoch,
 which the caller sets with :meth:`set_epoch` (the alternating flip depends on it).
 """
 from __future__ import annotations

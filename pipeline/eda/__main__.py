@@ -1,5 +1,5 @@
-"""``python -m pipeline.eda``: see :mod:`pipeline.eda`."""
-from . import main
+"""``python -m pipeline.eda``: see :mod:`pipeline.eda.stage`."""
+from pipeline.eda.stage import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

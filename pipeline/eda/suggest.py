@@ -1,5 +1,5 @@
 """Advice derived from the EDA figures: input size, imbalance handling, CV grouping, normalization, and the
-recipe family ``recipe: auto`` takes (:func:`family`, the rule the planner, :mod:`pipeline.plan`, applies).
+recipe family ``recipe: auto`` takes (:func:`family`, the rule the planner, :mod:`pipeline.plan.planner`, applies).
 
 Each suggestion is ``{"topic", "text", "set"}`` where ``set`` lists ``--set`` overrides that apply it
 (empty when the advice needs a human decision).

@@ -6,7 +6,7 @@ in ± pairs (the strongest directions first): the layer then outputs decorrelate
 components, which lets a small network learn faster. Only the rows a fold trains on are read, so the held-out
 images never shape the model. With ``model.whiten_freeze`` the filters stay fixed during training, and
 ``model.whiten_bias_epochs`` stops training the layer's bias after that many epochs (airbench: 3).
-Used by the training engine (:class:`pipeline.training.engine.FoldRun`); the result lives in the weights.
+Used by the training recipe (:func:`pipeline.training.recipe.build_training`); the result lives in the weights.
 """
 from __future__ import annotations
 
