@@ -34,6 +34,7 @@ from pipeline.data.demo import build as build_demo
 from pipeline.eda import suggest
 from pipeline.plan import planner
 from pipeline.rundir import check_data, suggested_experiment
+from pipeline.training import modes
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def run_auto(cfg: Config, overrides: list[str], budget_s: Optional[float], clock
     family, why = suggest.family(facts)
     base = planner.base_config(family, cfg, overrides)
     plan = planner.planned(family, why, base, facts, budget_s, lambda: clock() - start, estimate)
+    for member in plan.configs:  # a setting a member's mode cannot honour: refused before anything trains
+        modes.training_mode(member)
     done = run_members(plan, clock, start)
     return run_final(plan, done, clock, start) if done else None
 
@@ -199,6 +202,8 @@ def prepare(args: argparse.Namespace) -> tuple[Optional[Config], list[tuple[str,
             raise ConfigError("--budget: plans the members of one config with recipe: auto (configs/default.yaml "
                               "has it, or --set recipe=auto)")
         steps = plan(paths, args.overrides)
+        for cfg in {id(cfg): cfg for _, cfg in steps}.values():  # each config checked against its training mode
+            modes.training_mode(cfg)
         build_demo_if_read(steps)
         return None, steps, None
     auto = own_folder(auto, args.overrides)

@@ -27,13 +27,13 @@ from pipeline.core.jobs import training_slot
 from pipeline.core.utils import atomic_path, read_json, resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
 from pipeline.evaluation.tta import predict_tta, select_views
-from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
 from pipeline.provenance import collect_oof, counted_folds, fold_done
 from pipeline.rundir import RunDir, file_sha1, load_manifest, load_split, read_folds
-from pipeline.training import features, partial
-from pipeline.training.checkpoints import load_weights, weights_intact
+from pipeline.training.mode import Predict
+from pipeline.training.modes import training_mode
 from pipeline.training.precision import compute_settings
+from pipeline.training.record import damage
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def trained_folds(cfg: Config) -> list[int]:
     if not folds:
         raise FileNotFoundError(f"no fold in {run} trained with these settings (fold*/result.json, "
                                 "best.safetensors): run the train stage")
-    damaged = [str(run.model(f).weights("best")) for f in folds if not weights_intact(run.model(f).weights("best"))]
+    damaged = [str(path) for path in (damage(run.model(f)) for f in folds) if path is not None]
     if damaged:
-        raise ValueError(f"{', '.join(damaged)}: damaged (truncated or not safetensors): re-run the train stage, "
+        raise ValueError(f"{', '.join(damaged)}: damaged (truncated or unreadable): re-run the train stage, "
                          "which trains those folds again")
     return folds
 
@@ -57,17 +57,9 @@ def trained_folds(cfg: Config) -> list[int]:
 def refit_ready(cfg: Config) -> None:
     """``train.refit``: the refit model must have finished with the current settings and be intact."""
     best = RunDir.of(cfg).model(None).weights("best")
-    if not (fold_done(cfg, None) and weights_intact(best)):
+    if not (fold_done(cfg, None) and damage(RunDir.of(cfg).model(None)) is None):
         raise FileNotFoundError(f"train.refit: no refit model trained with these settings in {best.parent} "
                                 "(result.json, best.safetensors): run the train stage")
-
-
-def load_fold_model(cfg: Config, fold: Optional[int], num_classes: int, device: torch.device) -> torch.nn.Module:
-    path = RunDir.of(cfg).model(fold).weights("best")
-    model = load_weights(create_model(cfg.model, num_classes), path).to(device).eval()
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def prediction_key(cfg: Config, fold: Optional[int], split: str, manifest: dict, device: torch.device,
@@ -97,24 +89,10 @@ def _save(out: Path, probs: np.ndarray, key: dict) -> None:
     write_json(out.with_suffix(".json"), {"key": key, "tta": key["tta"], "rows": len(probs)})
 
 
-def fold_predictor(cfg: Config, fold: Optional[int], manifest: dict, device: torch.device):
-    """``predict(split, rows, views) -> probabilities`` with the fold's model (or, in ``train.mode=features``,
-    its head on the cached embeddings), the mean over the TTA views."""
-    if cfg.train.mode == "features":
-        return lambda split, rows, views: features.predict_fold(cfg, fold, manifest, split, rows, views, device)
-    if cfg.train.mode == "partial":
-        return lambda split, rows, views: partial.predict_fold(cfg, fold, manifest, split, rows, views, device)
-    model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
-    mean, std = normalization(cfg.model, manifest)
-    dtype, channels_last = compute_settings(cfg, device)
-    kwargs = dict(mean=mean, std=std, device=device, channels_last=channels_last, dtype=dtype, batch_size=cfg.infer.batch_size,
-                  size=cfg.data.image_size)
-
-    def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:
-        images, _ = load_split(cfg.run_dir, split, manifest)
-        return predict_tta(model, images, rows, views, **kwargs).numpy()
-
-    return predict
+def fold_predictor(cfg: Config, fold: Optional[int], manifest: dict, device: torch.device) -> Predict:
+    """``predict(split, rows, views) -> probabilities`` of the fold's model as its training mode predicts (the
+    network on images, a head on cached embeddings, the tuned back on cached activations), mean over the views."""
+    return training_mode(cfg).predictor(cfg, fold, manifest, device)
 
 
 def _fold_rows(cfg: Config, fold: int) -> np.ndarray:
@@ -146,6 +124,7 @@ def predict_fold(cfg: Config, fold: Optional[int], manifest: dict, device: torch
 
 def run(cfg: Config) -> pd.DataFrame:
     """Predict the test set with every trained fold; return the fold-averaged probabilities."""
+    training_mode(cfg)  # a setting the mode cannot honour is refused before anything is read
     manifest = load_manifest(cfg.run_dir)
     device = resolve_device(cfg.train.device)
     folds = trained_folds(cfg)

@@ -1,12 +1,13 @@
 """Train stage: K-fold training with out-of-fold predictions, checkpoints and TensorBoard logs.
 
-``python -m pipeline.train --config CONFIG [--set train.epochs=3]``. For each fold it trains a model on
-the other folds and scores the held-out one, keeping
+``python -m pipeline.train --config CONFIG [--set train.epochs=3]``. For each fold the config's training mode
+(``train.mode``, :mod:`pipeline.training.modes`) trains a model on the other folds and scores the held-out one,
+keeping
 
-* ``fold<k>/best.safetensors`` + ``best.json`` (classes, metric, epoch, the resolved config),
-* ``fold<k>/last.safetensors`` + ``last_state.pt`` (optimizer/scheduler state, written atomically each
+* ``fold<k>/best.safetensors`` + ``best.json``, ``oof.npy`` (held-out probabilities of the kept epoch) and
+  ``result.json`` (done marker), the same for every mode (:mod:`pipeline.training.record`),
+* ``fold<k>/last.safetensors`` + ``last_state.pt`` (finetune: optimizer/scheduler state, written atomically each
   epoch: an interrupted run resumes where it stopped),
-* ``fold<k>/oof.npy`` (held-out probabilities of the best epoch) and ``fold<k>/result.json`` (done marker),
 * TensorBoard scalars under ``runs/<experiment>/tb/fold<k>`` (``tensorboard --logdir runs``; a resumed fold
   continues its curves, a fold trained again replaces them),
 
@@ -16,7 +17,6 @@ then ``oof.csv`` and ``cv.json`` (accuracy, macro-F1 and log loss per fold and o
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -25,14 +25,11 @@ from pipeline.core.config import Config
 from pipeline.core.jobs import training_slot
 from pipeline.core.utils import resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
-from pipeline.provenance import collect_oof, fold_done, teacher_table
+from pipeline.provenance import collect_oof, teacher_table
 from pipeline.rundir import ModelDir, RunDir, load_manifest, load_split, read_folds, save_config
-from pipeline.training import distributed, partial
-from pipeline.training.checkpoints import weights_intact
+from pipeline.training import distributed, modes
 from pipeline.training.distill import distill_targets, teacher_probs
-from pipeline.training.features import fit_folds
-from pipeline.training.fold import FoldRun
-from pipeline.training.precision import compute_settings
+from pipeline.training.mode import FoldData
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +39,6 @@ def _teacher_targets(cfg: Config, index, folds, manifest: dict):
     teacher = teacher_probs(cfg, index, folds, manifest["classes"])
     if teacher is None:
         return None
-    if cfg.train.mode != "finetune":
-        raise ValueError(f"train.teacher: distillation trains a model on soft targets; train.mode={cfg.train.mode} "
-                         "trains on hard labels only: use train.mode=finetune for a student")
     log.info("distilling from %s (alpha %.2f, temperature %.2f)", teacher_table(cfg), cfg.train.distill_alpha,
              cfg.train.distill_temperature)
     return distill_targets(index["label_idx"].to_numpy(), teacher, cfg.train.distill_alpha,
@@ -62,54 +56,33 @@ def remove_temporaries(folder: ModelDir) -> None:
                  ", ".join(p.name for p in stray))
 
 
-def train_model(cfg: Config, fold: Optional[int], images, index, folds, manifest: dict, device, targets) -> bool:
-    """Train one fold (``None``: the refit) unless it finished with these settings; True when it trained."""
-    folder = RunDir.of(cfg).model(fold)
-    if fold_done(cfg, fold):
-        best = folder.weights("best")
-        if weights_intact(best):
-            log.info("%s already trained with these settings: skipped", folder.name)
-            return False
-        log.warning("%s: %s is missing or damaged: training the fold again", folder.name, best)
-        folder.last_state.unlink(missing_ok=True)  # from the start: its best epoch is lost
-    FoldRun(cfg, fold, images, index, folds, manifest, device, targets).fit()
-    return True
-
-
 def run(cfg: Config) -> dict:
-    """Train every configured fold (skipping finished ones), then write ``oof.csv`` and ``cv.json``."""
+    """Train every configured fold (skipping finished ones) in the config's mode, then write ``oof.csv`` and
+    ``cv.json``."""
+    mode = modes.check(cfg)  # a setting the mode cannot honour is refused before anything is read
     manifest = load_manifest(cfg.run_dir)
     images, index = load_split(cfg.run_dir, "train", manifest)
     folds = read_folds(cfg.run_dir, index)
     save_config(cfg)
     device = distributed.local_device(resolve_device(cfg.train.device))
     wanted = [int(f) for f in (cfg.train.folds if cfg.train.folds is not None else sorted(folds["fold"].unique()))]
-    refit = [None] if cfg.train.refit and cfg.train.mode == "finetune" else []  # None: the refit model
+    refit = [None] if cfg.train.refit else []  # None: the refit model, after the CV folds (test predictions only)
     mine = distributed.share(wanted + refit)  # under torchrun: this process's share (else all of them)
-    targets = _teacher_targets(cfg, index, folds, manifest)
+    data = FoldData(cfg, manifest, images, index, folds, device, _teacher_targets(cfg, index, folds, manifest))
     for fold in mine:
         remove_temporaries(RunDir.of(cfg).model(fold))
     with distributed.process_group(device), training_slot(cfg, "train") as threads:
         torch.set_num_threads(threads)
-        log.info("train: %s on %s (%s, %d threads), folds %s, %d images", cfg.model.name, device,
-                 compute_settings(cfg, device)[0] or "fp32", threads, mine, len(index))
-        if cfg.train.mode == "features":
-            trained = fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
-        elif cfg.train.mode == "partial":
-            trained = partial.fit_folds(cfg, mine, index, folds, manifest["classes"], manifest, device)
-        else:
-            trained = sum(train_model(cfg, fold, images, index, folds, manifest, device, targets)
-                          for fold in mine if fold is not None)
-            if None in mine:  # after the CV: one model on every training row (test predictions only)
-                train_model(cfg, None, images, index, folds, manifest, device, targets)
-        distributed.total(trained)  # waits for every process's folds
+        log.info("train: %s, train.mode=%s on %s (%d threads), folds %s, %d images", cfg.model.name, mode.name,
+                 device, threads, mine, len(index))
+        distributed.total(mode.fit_folds(data, mine))  # waits for every process's folds
         if distributed.rank() != 0:
             return {"rank": distributed.rank(), "folds": mine}  # rank 0 collects the OOF
     run = RunDir.of(cfg)
     oof, probs = collect_oof(cfg, index, folds, manifest["classes"])
     write_csv(run.oof, oof)
     report = cv_report(cfg, index, folds, probs)
-    if cfg.train.refit and cfg.train.mode == "finetune":
+    if cfg.train.refit:
         refit = run.model(None).root
         report["refit"] = {"rows": len(index), "dir": str(refit),
                            "note": "trained on every row: nothing held out, so the OOF and CV are the fold models'"}

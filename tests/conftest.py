@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.training.fold import FoldRun
+from pipeline.training.mode import FoldData
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -179,4 +180,4 @@ def fold_run(cfg, fold: int = 0) -> FoldRun:
     folds.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
-    return FoldRun(cfg, fold, images, index, table, manifest, torch.device("cpu"))
+    return FoldRun(FoldData(cfg, manifest, images, index, table, torch.device("cpu")), fold)

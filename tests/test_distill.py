@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline import provenance
+from pipeline.training.mode import FoldData
 from pipeline.training import distill, fold
 from pipeline import folds, preprocess, train
 from pipeline.core.config import load_config
@@ -53,9 +54,9 @@ def test_targets_come_from_the_fold_that_held_each_row_out(teacher_run, shared_c
         held = fold_table["fold"].to_numpy() == k
         np.testing.assert_allclose(probs[held], np.load(teacher_dir / f"fold{k}" / "oof.npy"), rtol=1e-5)
     # the fold-k model's training rows get targets from the other folds' models, never from fold k's model
-    run = fold.FoldRun(cfg, 0, *load_split(cfg.run_dir, "train", manifest)[:1], index, fold_table, manifest,
-                         torch.device("cpu"), targets=distill.distill_targets(
-                             index["label_idx"].to_numpy(), probs, 1.0, 1.0))
+    targets = distill.distill_targets(index["label_idx"].to_numpy(), probs, 1.0, 1.0)
+    images = load_split(cfg.run_dir, "train", manifest)[0]
+    run = fold.FoldRun(FoldData(cfg, manifest, images, index, fold_table, torch.device("cpu"), targets), 0)
     images, targets = next(iter(run.training.loader))
     assert targets.ndim == 2 and targets.shape[1] == 3
     rows = run.train_rows

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.training import checkpoints
+from pipeline.training.mode import FoldData
 from pipeline.training.fold import FoldRun
 from pipeline import folds, preprocess
 from pipeline.core.config import TrainConfig
@@ -61,7 +62,7 @@ def test_resume_with_lookahead_is_exact(tmp_path, competition):
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
-    fold = lambda cls=FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    fold = lambda cls=FoldRun: cls(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0)  # noqa: E731
     run = fold(KeepEpochOne)
     run.fit()
     reference = np.load(run.dir.root / "oof.npy")

@@ -12,6 +12,7 @@ from pipeline.core.config import ConfigError, with_values
 from pipeline.rundir import load_split
 from pipeline.search import study as search
 from pipeline.training.fold import FoldRun
+from pipeline.training.mode import FoldData
 
 from conftest import make_cfg
 
@@ -37,12 +38,12 @@ def fold0(tmp_path, competition):
 def test_a_search_trial_and_a_fold_have_the_same_first_epoch_loss(fold0, caplog):
     cfg, manifest, images, index, table, data = fold0
     cpu = torch.device("cpu")
-    fold_loss, _ = FoldRun(cfg, 0, images, index, table, manifest, cpu).training.run_epoch(0, "fold 0")
+    fold_loss, _ = FoldRun(FoldData(cfg, manifest, images, index, table, cpu), 0).training.run_epoch(0, "fold 0")
     seen = []
     metrics = search.fit(cfg, data, cpu, lambda epoch, m: seen.append(m["train_loss"]))
     assert seen == [metrics["train_loss"]] == [fold_loss]
     with caplog.at_level(logging.INFO, logger="pipeline"):  # the train stage's own loop logs the same epoch
-        FoldRun(cfg, 0, images, index, table, manifest, cpu).fit()
+        FoldRun(FoldData(cfg, manifest, images, index, table, cpu), 0).fit()
     assert any(f"fold 0 epoch 1/1: train_loss {fold_loss:.4f}" in r.getMessage() for r in caplog.records)
     other = search.fit(with_values(cfg, {"train.freeze_epochs": 0}), data, cpu, lambda epoch, m: None)
     assert other["train_loss"] != fold_loss  # the setting matters, so the equality above is not vacuous

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.training import fold
+from pipeline.training.mode import FoldData
 from pipeline import provenance
 from pipeline import ensemble, folds, infer, preprocess, train
 from pipeline.core.config import ConfigError, with_values
@@ -32,7 +33,7 @@ def test_refit_trains_on_every_row_and_keeps_the_cv_the_folds(refitted):
     assert result["metrics"] == dict.fromkeys(("accuracy", "macro_f1", "log_loss", "loss"))  # no scores: null
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
-    run = fold.FoldRun(cfg, None, images, index, folds.run(cfg), manifest, torch.device("cpu"))
+    run = fold.FoldRun(FoldData(cfg, manifest, images, index, folds.run(cfg), torch.device("cpu")), None)
     assert len(run.train_rows) == len(index) == 36 and len(run.valid_rows) == 0
     cv = read_json(cfg.run_dir / "cv.json")
     assert cv["refit"]["rows"] == 36 and "OOF and CV are the fold models'" in cv["refit"]["note"]
@@ -86,7 +87,8 @@ def test_refit_resumes_exactly(tmp_path, competition):
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
-    run = lambda cls=fold.FoldRun: cls(cfg, None, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    data = FoldData(cfg, manifest, images, index, split, torch.device("cpu"))
+    run = lambda cls=fold.FoldRun: cls(data, None)  # noqa: E731
     run(KeepEpochOne).fit()
     refit_dir = cfg.run_dir / "refit"
     reference = (refit_dir / "best.safetensors").read_bytes()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.training import checkpoints
+from pipeline.training.mode import FoldData
 from pipeline.training.fold import FoldRun
 from pipeline import folds, preprocess, train
 from pipeline.rundir import load_split
@@ -103,7 +104,7 @@ def check_streams(cfg, streams) -> None:
     images, index = load_split(cfg.run_dir, "train", manifest)
     split = folds.run(cfg)
     torch.set_num_threads(1)
-    fold = lambda cls=FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    fold = lambda cls=FoldRun: cls(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0)  # noqa: E731
     run = fold(KeepEpochOne)
     run.fit()
     reference = np.load(run.dir.root / "oof.npy")

@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import folds, preprocess
+from pipeline.training.mode import FoldData
 from pipeline.rundir import RunDir, load_split
 from pipeline.training.fold import FoldRun
 
@@ -25,7 +26,7 @@ def test_a_resumed_or_retrained_fold_logs_each_epoch_once(tmp_path, competition,
     manifest = preprocess.run(cfg)
     split = folds.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
-    fold = lambda cls=FoldRun: cls(cfg, 0, images, index, split, manifest, torch.device("cpu"))  # noqa: E731
+    fold = lambda cls=FoldRun: cls(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0)  # noqa: E731
     model = RunDir.of(cfg).model(0)
 
     fold(KeepEpochOne).fit()

@@ -14,6 +14,7 @@ from pipeline.search import study as search
 from pipeline.core.config import ModelConfig, TrainConfig, with_values
 from pipeline.rundir import load_split
 from pipeline.training.fold import FoldRun
+from pipeline.training.mode import FoldData
 from pipeline.training.recipe import build_optimizer
 from pipeline.training.checkpoints import load_weights
 from pipeline.models.factory import create_model
@@ -68,21 +69,21 @@ def stem_weight(run: FoldRun) -> torch.Tensor:
 def test_whitening_reads_only_the_folds_training_images(prepared):
     cfg, manifest, images, index, split = prepared(PATCH)
     cpu = torch.device("cpu")
-    reference = stem_weight(FoldRun(cfg, 0, images, index, split, manifest, cpu))
+    reference = stem_weight(FoldRun(FoldData(cfg, manifest, images, index, split, cpu), 0))
     held_out = np.flatnonzero(split["fold"].to_numpy() == 0)
     changed = images.copy()
     changed[held_out] = np.random.default_rng(1).integers(0, 256, size=changed[held_out].shape, dtype=np.uint8)
-    assert torch.equal(stem_weight(FoldRun(cfg, 0, changed, index, split, manifest, cpu)), reference)
+    assert torch.equal(stem_weight(FoldRun(FoldData(cfg, manifest, changed, index, split, cpu), 0)), reference)
     changed = images.copy()
     train_row = np.flatnonzero(split["fold"].to_numpy() != 0)[0]
     changed[train_row] = 255 - changed[train_row]
-    assert not torch.equal(stem_weight(FoldRun(cfg, 0, changed, index, split, manifest, cpu)), reference)
+    assert not torch.equal(stem_weight(FoldRun(FoldData(cfg, manifest, changed, index, split, cpu), 0)), reference)
 
 
 def test_whitening_works_on_airnets_own_conv_bn_stem(prepared):
     """airnet_tiny's 3x3, 16-filter stem (room for 2 x 27) takes the top 8 directions and their negatives."""
     cfg, manifest, images, index, split = prepared()
-    weight = stem_weight(FoldRun(cfg, 0, images, index, split, manifest, torch.device("cpu")))
+    weight = stem_weight(FoldRun(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0))
     assert weight.shape == (16, 3, 3, 3)
     torch.testing.assert_close(weight[8:], -weight[:8])
 
@@ -92,7 +93,7 @@ def test_whitening_works_on_airnets_own_conv_bn_stem(prepared):
 def test_model_without_a_whitenable_first_conv_is_a_clear_error(prepared, override, message):
     cfg, manifest, images, index, split = prepared(override)
     with pytest.raises(ValueError, match=f"model.whiten.*{message}.*patch_stem"):
-        FoldRun(cfg, 0, images, index, split, manifest, torch.device("cpu"))
+        FoldRun(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -100,7 +101,7 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
     root, cfg = trained_run(tmp_path, "model.whiten=true", PATCH, "train.folds=[0]", f"model.whiten_freeze={freeze}")
     manifest = preprocess.run(cfg)
     images, index = load_split(cfg.run_dir, "train", manifest)
-    initial = stem_weight(FoldRun(cfg, 0, images, index, folds.run(cfg), manifest, torch.device("cpu")))
+    initial = stem_weight(FoldRun(FoldData(cfg, manifest, images, index, folds.run(cfg), torch.device("cpu")), 0))
     trained = load_weights(create_model(cfg.model, 3), cfg.run_dir / "fold0" / "best.safetensors")
     assert torch.equal(trained.stem[0].weight, initial) == freeze
     assert (cfg.run_dir / "fold0" / "test.npy").is_file()  # infer builds the patch-stem model and predicts
@@ -111,7 +112,7 @@ def test_frozen_whitening_survives_training_and_is_saved_in_the_weights(tmp_path
 def test_whitening_bias_trains_only_its_first_epochs(prepared, bias_epochs):
     cfg, manifest, images, index, split = prepared(PATCH, "train.epochs=2", "train.monitor=last",
                                                    f"model.whiten_bias_epochs={'null' if bias_epochs is None else 1}")
-    run = KeepEpochOne(cfg, 0, images, index, split, manifest, torch.device("cpu"))
+    run = KeepEpochOne(FoldData(cfg, manifest, images, index, split, torch.device("cpu")), 0)
     run.fit()
     after_one = checkpoints.load_state(run.dir.root / "epoch1_state.pt")["model"]["stem.0.bias"]
     final = run.training.model.stem[0].bias.detach()

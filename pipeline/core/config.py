@@ -24,7 +24,7 @@ from pipeline.core.sections import (ArchSpaceConfig, AugmentConfig, ConfigError,
 
 __all__ = ["ConfigError", "DataConfig", "FoldsConfig", "ModelConfig", "AugmentConfig", "TrainConfig",
            "InferConfig", "EnsembleConfig", "SubmitConfig", "EdaConfig", "ArchSpaceConfig", "SearchConfig",
-           "Config", "from_dict", "load_config", "parse_override", "to_dict", "to_yaml", "with_values",
+           "Config", "changed", "from_dict", "load_config", "parse_override", "to_dict", "to_yaml", "with_values",
            "yaml_error"]
 
 
@@ -207,6 +207,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def to_dict(cfg: Config) -> dict:
     """The config as plain data (what is saved next to every result)."""
     return dataclasses.asdict(cfg)
+
+
+def changed(cfg: Config, keys) -> dict[str, Any]:
+    """Those of the dotted ``keys`` (``train.lr``) that ``cfg`` sets away from their defaults, with their values."""
+    ours, default = to_dict(cfg), to_dict(Config())
+    return {key: _get(ours, key) for key in keys if _get(ours, key) != _get(default, key)}
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def to_yaml(cfg: Config) -> str:

@@ -191,10 +191,10 @@ class TrainConfig:
     # test set with it and the ensemble stage combines it (ensemble.refit); the OOF/CV stay the fold models'
     refit: bool = False
     # finetune: train the whole model per fold; features: embed every image once per TTA view with the frozen
-    # pretrained backbone (cached) and fit only a head per fold (pipeline/training/features.py): minutes on a CPU;
-    # partial: cache the frozen early blocks' output once per view and train the last tune_blocks blocks, the
-    # head convolution and a classifier per fold on the cache (pipeline/training/partial.py)
-    mode: Literal["finetune", "features", "partial"] = "finetune"
+    # pretrained backbone (cached) and fit only a head per fold: minutes on a CPU; partial: cache the frozen early
+    # blocks' output once per view and train the last tune_blocks blocks, the head convolution and a classifier
+    # per fold on the cache (see pipeline.training.modes; each mode refuses the settings it cannot honour)
+    mode: str = "finetune"
     tune_blocks: int = 3  # partial: how many of the backbone's last blocks train (the rest stay frozen, cached)
     # features / partial: extra training views, each a seeded random resized crop (and flip) of every training
     # image, embedded (or cached) once beside the TTA views; 0: the TTA views only
@@ -233,10 +233,9 @@ class TrainConfig:
             raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
-        if self.refit and (self.mode != "finetune" or self.scheduler == "plateau"):
-            raise ConfigError("train.refit: trains a model without held-out rows, so it needs train.mode=finetune "
-                              f"and a schedule fixed in advance (not plateau); got mode={self.mode}, "
-                              f"scheduler={self.scheduler}")
+        if self.refit and self.scheduler == "plateau":
+            raise ConfigError("train.refit: trains a model without held-out rows, so it needs a schedule fixed in "
+                              "advance (not plateau)")
         if self.lookahead_k < 0 or not 0 < self.lookahead_alpha <= 1:
             raise ConfigError(f"train.lookahead_k must be >= 0 and train.lookahead_alpha in (0, 1], got "
                               f"{self.lookahead_k} and {self.lookahead_alpha}")

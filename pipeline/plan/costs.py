@@ -1,44 +1,30 @@
 """What each member of a plan costs on this machine: throughputs measured in seconds on random tensors (the
-bench's timing, :mod:`pipeline.core.timing`), turned into minutes with the EDA's image counts."""
+bench's timing, :mod:`pipeline.core.timing`), turned into minutes with the EDA's image counts. Each training mode
+says what its members cost from these rates (:meth:`pipeline.training.mode.TrainMode.cost`)."""
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from pipeline import bench
 from pipeline.core.config import Config, with_values
-from pipeline.core.timing import Effort, timed
-from pipeline.core.utils import autocast
+from pipeline.core.timing import Effort
 from pipeline.data.cache import cache_side
 from pipeline.eda.suggest import Facts
 from pipeline.evaluation.tta import configured_views
-from pipeline.models.factory import create_model
 from pipeline.training.features import train_views
-from pipeline.training.partial import split_backbone
+from pipeline.training.mode import Cost  # noqa: F401 - the planner's unit, re-exported
+from pipeline.training.modes import training_mode
 from pipeline.training.precision import compute_settings
 
 log = logging.getLogger(__name__)
 
 SAFETY = 1.2  # floors timed on random tensors run ahead of a real run (first batches, loaders, bookkeeping)
 MEMBER_OVERHEAD_S = 5.0  # a member's stage start-ups, folds and tables
-FOLD_OVERHEAD_S = 2.0  # a fold's model building and checkpoints
-HEAD_S = (1.0, 1e-3)  # a feature head per fold: 1 s + 1 ms per training row and view (logistic regression)
 DECODE_SAMPLE = 48  # source images decoded to time the preprocess stage
 EFFORT = Effort(batches=4, seconds=3.0)  # each timed measurement
-
-
-@dataclass(frozen=True)
-class Cost:
-    """A member's seconds: ``fixed`` plus ``per_epoch`` for each training epoch."""
-    fixed: float
-    per_epoch: float = 0.0
-
-    def seconds(self, epochs: int) -> float:
-        return self.fixed + self.per_epoch * epochs
 
 
 Estimate = Callable[[Config, list[Config]], Cost]  # (member, members planned before it) -> its cost
@@ -60,7 +46,7 @@ class Estimator:
 
     def __call__(self, cfg: Config, planned: list[Config]) -> Cost:
         before = set().union(*(self.work(c) for c in planned))
-        cost = COSTS[cfg.train.mode](self, cfg, before)
+        cost = training_mode(cfg).cost(self, cfg, before)
         decode = ("decode", cache_side(cfg.data.image_size, cfg.data.crop_pct), cfg.data.resize)
         preprocess = 0.0 if decode in before else (self.facts.images + self.facts.test_images) / self.decode_rate(cfg)
         return Cost(SAFETY * (cost.fixed + preprocess) + MEMBER_OVERHEAD_S, SAFETY * cost.per_epoch)
@@ -69,15 +55,16 @@ class Estimator:
         """What a member leaves cached for later ones: decoded images and, per view, embeddings or activations."""
         side = cache_side(cfg.data.image_size, cfg.data.crop_pct)
         keys = {("decode", side, cfg.data.resize)}
-        if cfg.train.mode != "finetune":
+        if training_mode(cfg).cache_key(cfg) is not None:
             train, test = member_views(cfg)
             keys |= {self.view_key(cfg, split, v) for split, views in (("train", train), ("test", test)) for v in views}
         return keys
 
     @staticmethod
     def view_key(cfg: Config, split: str, view: str) -> tuple:
-        cut = cfg.train.tune_blocks if cfg.train.mode == "partial" else None
-        return (cfg.train.mode, cfg.model.name, cfg.data.image_size, cut, split, view)
+        """A cached pass of the member's mode (its :meth:`~pipeline.training.mode.TrainMode.cache_key`) over one
+        split under one view."""
+        return (*training_mode(cfg).cache_key(cfg), split, view)
 
     def new_images(self, cfg: Config, before: set[tuple]) -> float:
         """Images × views a features or partial member still has to embed or cache."""
@@ -119,84 +106,3 @@ class Estimator:
         key = ("train img", cfg.model.name, str(cfg.model.spec), cfg.data.image_size, cfg.train.batch_size,
                cfg.augment.policy, cfg.data.loader)
         return self.rate(key, measure)
-
-    def partial_rates(self, cfg: Config) -> tuple[float, float, float]:
-        """Images/s of the frozen front, and of the tuned back's training step and forward pass."""
-        key = ("partial img (front / back step / back forward)", cfg.model.name, cfg.data.image_size,
-               cfg.train.tune_blocks, cfg.train.batch_size, cfg.infer.batch_size)
-        front, step, back = self.measured(key, lambda: measure_partial(cfg, self.facts.classes, self.device,
-                                                                       self.effort))
-        return front, step, back
-
-
-def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float, float]:
-    """Time ``train.mode: partial``'s parts on random tensors: the frozen front's forward at ``infer.batch_size``,
-    the back's forward + backward + AdamW step on a training batch of activations, and its forward alone."""
-    dtype, channels_last = compute_settings(cfg, device)
-    model = create_model(cfg.model, classes).to(device).eval()
-    front, back = split_backbone(model, cfg.train.tune_blocks)
-    x = torch.randn(cfg.infer.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    @torch.no_grad()
-    def forward_front() -> int:
-        with autocast(device, dtype):
-            front(x)
-        return len(x)
-
-    front_rate = timed(forward_front, 1, effort)
-    with torch.no_grad(), autocast(device, dtype):
-        acts = front(x).float()
-    acts = acts.repeat(math.ceil(cfg.train.batch_size / len(acts)), 1, 1, 1)[:cfg.train.batch_size]
-    labels = torch.arange(len(acts), device=device) % classes
-    optimizer = torch.optim.AdamW(back.parameters(), lr=1e-4)
-
-    def step() -> int:
-        back.train()
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(back(acts), labels).backward()
-        optimizer.step()
-        return len(acts)
-
-    @torch.no_grad()
-    def forward_back() -> int:
-        back.eval()
-        back(acts)
-        return len(acts)
-
-    return front_rate, timed(step, 1, effort), timed(forward_back, 1, effort)
-
-
-def finetune_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
-    """Every fold trains on the others each epoch and scores its own; infer predicts the held-out rows and the
-    test set per fold under every TTA view."""
-    n, t, k = est.facts.images, est.facts.test_images, cfg.folds.n_splits
-    train, forward = est.train_rate(cfg), est.forward_rate(cfg)
-    views = len(configured_views(cfg.infer))
-    return Cost((n + k * t) * views / forward + k * FOLD_OVERHEAD_S, n * (k - 1) / train + n / forward)
-
-
-def features_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
-    """Every image embedded once per view not embedded before, then a head per fold."""
-    k, rows, new = cfg.folds.n_splits, est.facts.images * len(member_views(cfg)[0]), est.new_images(cfg, before)
-    head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
-    return Cost((new / est.forward_rate(cfg) if new else 0.0) + k * (head + FOLD_OVERHEAD_S))
-
-
-def partial_cost(est: Estimator, cfg: Config, before: set[tuple]) -> Cost:
-    """The front once per image and view not cached before; per fold the linear probe's pass over the training
-    rows' views, then each epoch a training pass over the other folds' rows and one over its own, and the
-    held-out rows and test set under every TTA view."""
-    n, t, k = est.facts.images, est.facts.test_images, cfg.folds.n_splits
-    train, test = member_views(cfg)
-    new = est.new_images(cfg, before)
-    front, step, back = est.partial_rates(cfg)
-    probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
-    fixed = new / front + probe + (n + k * t) * len(test) / back + k * FOLD_OVERHEAD_S
-    steps = max(1, math.ceil(n * (k - 1) / k / cfg.train.batch_size))  # a fold's optimizer steps per epoch
-    stretch = max(1.0, math.ceil(cfg.train.min_steps / steps) / max(cfg.train.epochs, 1))  # train.min_steps
-    return Cost(fixed, (n * (k - 1) / step + n / back) * stretch)
-
-
-COSTS: dict[str, Callable[[Estimator, Config, set], Cost]] = {
-    "finetune": finetune_cost, "features": features_cost, "partial": partial_cost}

@@ -16,7 +16,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -30,16 +30,19 @@ from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.registry import Registry
-from pipeline.core.utils import atomic_path, autocast, write_json
+from pipeline.core.utils import atomic_path, autocast
 from pipeline.data.dataset import center_crop, iter_batches, to_float
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
-from pipeline.provenance import fold_done, trained_with
 from pipeline.rundir import RunDir, load_split
-from pipeline.training.checkpoints import load_weights, save_checkpoint
+from pipeline.training.checkpoints import load_weights
+from pipeline.training.losses import class_weights
+from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
+    cached_pass_refusals
 from pipeline.training.precision import compute_settings
+from pipeline.training.record import FoldRecord
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +87,6 @@ def crop_view(batch: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor
 
 def is_crop(view: str) -> bool:
     return view.startswith("crop") and view[4:].isdigit()
-
-
-def fit_cached_folds(cfg: Config, wanted: list[int], cached: Callable[[], Any], fit: Callable[[int, Any], None],
-                     verb: str = "fitted") -> int:
-    """Fit every wanted fold not already done with these settings on what ``cached()`` loads (embeddings or
-    activations, only when a fold needs them); return how many were fitted."""
-    todo = [f for f in wanted if not fold_done(cfg, f)]
-    for fold in sorted(set(wanted) - set(todo)):
-        log.info("fold %d already %s with these settings: skipped", fold, verb)
-    if todo:
-        data = cached()
-        for fold in todo:
-            fit(fold, data)
-    return len(todo)
-
-
-def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
-              manifest: dict, device: torch.device) -> int:
-    """Fit the head of every wanted fold not already done with these settings; return how many were fitted."""
-    return fit_cached_folds(cfg, wanted, lambda: embeddings(cfg, manifest, "train", train_views(cfg), device),
-                            lambda fold, feats: fit_fold(cfg, fold, feats, index, folds, classes))
 
 
 def features_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
@@ -178,12 +160,15 @@ def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device
 # --------------------------------------------------------------------------- heads
 
 
+HEAD_S = (1.0, 1e-3)  # the planner's estimate of a head per fold: 1 s + 1 ms per training row and view
 HEAD_CS = (0.03, 0.1, 0.3, 1.0, 3.0)  # logreg_cv's grid of C (inverse L2 strength on standardised features)
 
 
-def _class_weight(cfg: Config) -> Optional[str]:
-    """scikit-learn's ``class_weight`` for ``train.class_weights``: ``balanced`` or None (a list is the loss's)."""
-    return "balanced" if cfg.train.class_weights == "balanced" else None
+def _class_weight(cfg: Config) -> Optional[Union[str, dict[int, float]]]:
+    """scikit-learn's ``class_weight`` for ``train.class_weights``: ``balanced``, a weight per class index, or
+    None."""
+    spec = cfg.train.class_weights
+    return dict(enumerate(map(float, spec))) if isinstance(spec, list) else spec
 
 
 @HEADS.register("logreg")
@@ -247,14 +232,16 @@ class MLPHead(nn.Sequential):
 def mlp_head(cfg: Config, x: np.ndarray, y: np.ndarray, num_classes: int,
              groups: Optional[np.ndarray] = None) -> nn.Module:
     """A small MLP (``train.head_hidden`` units) trained full-batch with AdamW for ``train.head_steps`` steps
-    (``train.weight_decay``, label smoothing ``train.label_smoothing``); seeded, seconds on a CPU."""
+    (``train.weight_decay``, label smoothing ``train.label_smoothing``, ``train.class_weights``); seeded, seconds
+    on a CPU."""
     torch.manual_seed(cfg.seed)
     head = MLPHead(x.shape[1], num_classes, cfg.train.head_hidden)
     xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
     head.mean.copy_(xt.mean(0))
     head.scale.copy_(xt.std(0).clamp_min(1e-6))
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=cfg.train.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    weight = class_weights(cfg.train.class_weights, y, num_classes)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     head.train()
     for _ in range(cfg.train.head_steps):
         optimizer.zero_grad(set_to_none=True)
@@ -281,7 +268,7 @@ def head_probs(head: nn.Module, feats: list[np.ndarray]) -> np.ndarray:
 def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.DataFrame, folds: pd.DataFrame,
              classes: list[str]) -> dict:
     """Fit the head on the other folds (every view), score the fold (identity view), save like a checkpoint."""
-    start = time.perf_counter()
+    record = FoldRecord(cfg, fold)
     labels = index["label_idx"].to_numpy()
     fold_of = folds["fold"].to_numpy()
     train_rows, valid_rows = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
@@ -291,16 +278,8 @@ def fit_fold(cfg: Config, fold: int, feats: dict[str, np.ndarray], index: pd.Dat
     first = next(iter(feats.values()))
     probs = head_probs(head, [first[valid_rows]])
     metrics = score(labels[valid_rows], probs)
-    folder = RunDir.of(cfg).model(fold)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    meta = {"fold": fold, "epoch": 0, "classes": classes, "metrics": metrics, "model": cfg.model.name,
-            "head": cfg.train.head, "views": list(feats), "image_size": cfg.data.image_size}
-    save_checkpoint(folder, "best", head, meta)
-    with atomic_path(folder.predictions("oof")) as tmp:
-        np.save(tmp, probs.astype(np.float32))
-    result = {"fold": fold, "best_epoch": 0, "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
-              "parameters": sum(p.numel() for p in head.parameters()), **trained_with(cfg)}
-    write_json(folder.result, result)
+    record.keep(head, probs, record.meta(0, classes, metrics, head=cfg.train.head, views=list(feats)))
+    result = record.finish(0, 1, metrics, sum(p.numel() for p in head.parameters()))
     log.info("fold %d: %s head on %d×%d features: acc %.4f log_loss %.4f (%.1fs)", fold, cfg.train.head,
              *x.shape, metrics["accuracy"], metrics["log_loss"], result["seconds"])
     return result
@@ -314,3 +293,44 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.nd
     best = RunDir.of(cfg).model(fold).weights("best")
     head = load_weights(build_head(cfg, dim, len(manifest["classes"])), best)
     return head_probs(head, [feats[v][rows] for v in views])
+
+
+# a head is fitted in closed form (or a few hundred full-batch steps): there is no network training loop. The
+# loop's core recipe (how long, how fast, which loss, which epoch is kept), which a config shared with a trained
+# mode sets for that mode, is not used (and named in the log); the loop's opt-in extras are refused
+_RECIPE = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "loss", "focal_gamma", "scheduler",
+           "warmup_epochs", "min_lr", "plateau_patience", "plateau_factor", "monitor", "resume", "min_steps",
+           "ema_decay", "bn", "tune_blocks")
+_NO_LOOP = "a head is fitted in closed form, with no training loop"
+_EXTRAS = ("accum_steps", "early_stopping", "lookahead_k", "lookahead_alpha", "freeze_epochs", "backbone_lr_mult",
+           "head_init")
+_IMAGES = "the frozen backbone embeds fixed views: its augmentation is train.crop_views and the TTA views"
+
+
+@TRAIN_MODES.register("features")
+class FeaturesMode(TrainMode):
+    """``train.mode: features``: every image embedded once per view by the frozen backbone (cached), then a head
+    per fold (``train.head``) fitted on the other folds' embeddings."""
+    name = "features"
+    verb = "fitted"
+    unused = tuple(f"train.{key}" for key in _RECIPE)
+    refused = {**{f"train.{key}": _NO_LOOP for key in _EXTRAS}, **cached_pass_refusals(_IMAGES, "the head")}
+
+    def prepare(self, data: FoldData) -> dict[str, np.ndarray]:
+        return embeddings(data.cfg, data.manifest, "train", train_views(data.cfg), data.device)
+
+    def fit_fold(self, data: FoldData, fold: Optional[int], prepared: dict[str, np.ndarray]) -> dict:
+        return fit_fold(data.cfg, fold, prepared, data.index, data.folds, data.classes)
+
+    def predictor(self, cfg: Config, fold: Optional[int], manifest: dict, device: torch.device) -> Predict:
+        return lambda split, rows, views: predict_fold(cfg, fold, manifest, split, rows, views, device)
+
+    def cache_key(self, cfg: Config) -> tuple:
+        return ("features", cfg.model.name, cfg.data.image_size, None)
+
+    def cost(self, rates: Rates, cfg: Config, before: set[tuple]) -> Cost:
+        """Every image embedded once per view not embedded before, then a head per fold."""
+        k, rows = cfg.folds.n_splits, rates.facts.images * len(train_views(cfg))
+        head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
+        new = rates.new_images(cfg, before)
+        return Cost((new / rates.forward_rate(cfg) if new else 0.0) + k * (head + FOLD_OVERHEAD_S))

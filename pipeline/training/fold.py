@@ -1,29 +1,35 @@
-"""One fold's model (or the refit's): train, evaluate, checkpoint and resume exactly, on the shared recipe."""
+"""``train.mode: finetune``: one fold's model (or the refit's) trained on images with the shared recipe, evaluated,
+checkpointed and resumed exactly (:class:`FoldRun`), and the mode's registration (:class:`FinetuneMode`)."""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from pipeline import augment
 from pipeline.core import rng as rngs
-from pipeline.core.config import Config, to_dict
-from pipeline.core.utils import atomic_path, read_json, write_json
+from pipeline.core.config import Config
+from pipeline.core.utils import read_json
 from pipeline.evaluation.metrics import score
-from pipeline.models.factory import count_parameters
+from pipeline.evaluation.tta import configured_views, predict_tta
+from pipeline.models.factory import count_parameters, create_model
+from pipeline.models.weights import normalization
+from pipeline.provenance import data_change, same_training
 from pipeline.report.figures import confusion_figure, figure_array
-from pipeline.provenance import data_change, same_training, trained_with
-from pipeline.rundir import RunDir, without_secrets
-from pipeline.training.checkpoints import load_state, save_checkpoint, save_state
+from pipeline.rundir import RunDir, load_split
+from pipeline.training.checkpoints import load_state, load_weights, save_checkpoint, save_state
 from pipeline.training.losses import build_loss
+from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
+    epochs_for_min_steps, stretch, with_min_steps
+from pipeline.training.precision import compute_settings
 from pipeline.training.recipe import build_training
+from pipeline.training.record import FoldRecord, Monitor, log_epoch
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +40,22 @@ class FoldRun:
     ``fold=None`` is the refit (``train.refit``): one model on every training row in ``refit/``, nothing held
     out, so it keeps its last epoch and has no validation scores."""
 
-    def __init__(self, cfg: Config, fold: Optional[int], images: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
-                 manifest: dict, device: torch.device, targets: Optional[np.ndarray] = None) -> None:
-        """``targets``: soft training targets per train-index row (distillation); None trains on the labels."""
-        self.cfg, self.fold, self.images, self.device = cfg, fold, images, device
-        self.classes = manifest["classes"]
-        self.labels = index["label_idx"].to_numpy()
-        held = folds["fold"].to_numpy() == fold if fold is not None else np.zeros(len(folds), dtype=bool)
-        self.train_rows, self.valid_rows = np.flatnonzero(~held), np.flatnonzero(held)
-        self.dir = RunDir.of(cfg).model(fold)
-        self.name = self.dir.name
+    def __init__(self, data: FoldData, fold: Optional[int]) -> None:
+        cfg, self.fold = data.cfg, fold
+        self.cfg, self.images, self.device, self.classes, self.labels = cfg, data.images, data.device, data.classes, \
+            data.labels
+        self.train_rows, self.valid_rows = data.rows(fold)
+        self.record = FoldRecord(cfg, fold)  # what the fold is trained with: recorded in every checkpoint
+        self.dir, self.name = self.record.dir, self.record.dir.name
         seed = cfg.seed + (fold if fold is not None else cfg.folds.n_splits)
-        self.dir.root.mkdir(parents=True, exist_ok=True)
-        self.provenance = trained_with(cfg)  # recorded in every checkpoint and the result: computed once
-        self.training = build_training(cfg, images, self.labels, self.train_rows, manifest, device, seed, targets)
+        self.epochs = epochs_for_min_steps(cfg, len(self.train_rows))
+        recipe = with_min_steps(cfg, len(self.train_rows))
+        self.training = build_training(recipe, data.images, self.labels, self.train_rows, data.manifest, data.device,
+                                       seed, data.targets)
         self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))
-        self.epoch, self.best, self.best_epoch, self.stale = 0, -math.inf, -1, 0
+        # the refit holds nothing out, so it keeps its last epoch
+        self.monitor = Monitor(cfg.train.monitor if len(self.valid_rows) else "last", cfg.train.early_stopping)
+        self.epoch = 0
 
     def evaluate(self) -> tuple[np.ndarray, dict]:
         if not len(self.valid_rows):  # the refit: nothing held out
@@ -61,15 +67,6 @@ class FoldRun:
         metrics = score(self.labels[self.valid_rows], probs)
         metrics["loss"] = float(self.eval_loss(logits, y))
         return probs, metrics
-
-    @property
-    def monitor(self) -> str:
-        """``train.monitor``, or ``last`` for the refit, which holds nothing out."""
-        return self.cfg.train.monitor if len(self.valid_rows) else "last"
-
-    def monitor_value(self, metrics: dict) -> float:
-        """Higher is better; with ``monitor: last`` every epoch improves on the one before."""
-        return {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(self.epoch)}[self.monitor]
 
     def resume(self) -> None:
         """Continue from ``last_state.pt`` when it exists and was made with the same config: weights, optimizer,
@@ -102,12 +99,10 @@ class FoldRun:
         t.optimizer.load_state_dict(state["optimizer"])
         t.schedule.load_state_dict(state["scheduler"])
         t.step.load_state_dict(state["step"])
-        self.epoch, self.best, self.best_epoch, self.stale = (state["epoch"], state["best"], state["best_epoch"],
-                                                              state["stale"])
+        m = self.monitor
+        self.epoch, m.best, m.best_epoch, m.stale = state["epoch"], state["best"], state["best_epoch"], state["stale"]
         self.restore_random(state["rng"])
-        kept = "keeping the last epoch" if self.monitor == "last" else \
-            f"best {self.monitor} {abs(self.best):.4f} at epoch {self.best_epoch + 1}"  # loss is stored negated
-        log.info("%s: resuming after epoch %d (%s)", self.name, self.epoch, kept)
+        log.info("%s: resuming after epoch %d (%s)", self.name, self.epoch, m.describe())
 
     @property
     def purge_step(self) -> int:
@@ -132,15 +127,10 @@ class FoldRun:
         rngs.restore(t.step.mixer, state["mixer"])
 
     def checkpoint(self, probs: np.ndarray, metrics: dict, improved: bool) -> None:
-        t = self.training
-        metrics = {k: None if v != v else v for k, v in metrics.items()}  # the refit's NaN scores: JSON null
-        meta = {"fold": self.fold, "epoch": self.epoch, "classes": self.classes, "metrics": metrics,
-                "model": self.cfg.model.name, "image_size": t.size, "mean": t.mean, "std": t.std,
-                "config": to_dict(without_secrets(self.cfg))}
+        t, m = self.training, self.monitor
+        meta = self.record.meta(self.epoch, self.classes, metrics, image_size=t.size, mean=t.mean, std=t.std)
         if improved:
-            save_checkpoint(self.dir, "best", t.eval_model, meta)
-            with atomic_path(self.dir.predictions("oof")) as tmp:
-                np.save(tmp, probs.astype(np.float32))
+            self.record.keep(t.eval_model, probs, meta)
         save_checkpoint(self.dir, "last", t.model, meta)
         if t.ema is not None:
             save_checkpoint(self.dir, "last_ema", t.ema.module, meta)
@@ -148,8 +138,8 @@ class FoldRun:
             "model": _cpu(t.model), "ema": None if t.ema is None else _cpu(t.ema.module),
             "optimizer": t.optimizer.state_dict(), "scheduler": t.schedule.state_dict(),
             "step": t.step.state_dict(), "rng": self.random_state(),
-            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-            **self.provenance, "updates": t.step.updates})
+            "epoch": self.epoch, "best": m.best, "best_epoch": m.best_epoch, "stale": m.stale,
+            **self.record.provenance, "updates": t.step.updates})
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter  # heavy: loaded only when a model trains
@@ -158,43 +148,31 @@ class FoldRun:
         writer = SummaryWriter(str(RunDir.of(self.cfg).tb(self.dir.root.name)), purge_step=self.purge_step)
         if self.epoch == 0:  # once per training, from its start (a resumed fold keeps the preview it logged)
             log_preview(writer, self.images, self.train_rows, self.cfg, self.training.size)
-        start = time.perf_counter()
-        while self.epoch < self.cfg.train.epochs:
+        while self.epoch < self.epochs:
             t0 = time.perf_counter()
-            desc = f"{self.name} epoch {self.epoch + 1}/{self.cfg.train.epochs}"
+            desc = f"{self.name} epoch {self.epoch + 1}/{self.epochs}"
             train_loss, _ = self.training.run_epoch(self.epoch, desc)
             probs, metrics = self.evaluate()
             self.training.schedule.step_epoch(metrics["loss"])
-            value = self.monitor_value(metrics)
-            improved = value > self.best
-            if improved:
-                self.best, self.best_epoch, self.stale = value, self.epoch, 0
-            else:
-                self.stale += 1
+            improved = self.monitor.update(self.epoch, metrics)
             self.epoch += 1
             lr = self.training.optimizer.param_groups[0]["lr"]
-            log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f lr %.3g %.1fs%s",
-                     self.name, self.epoch, self.cfg.train.epochs, train_loss, metrics["loss"],
-                     metrics["accuracy"], metrics["macro_f1"], lr, time.perf_counter() - t0,
-                     " *" if improved else "")
+            log_epoch(self.name, self.epoch, self.epochs, train_loss, metrics, time.perf_counter() - t0, improved,
+                      lr)
             for key, val in {"loss/train": train_loss, "loss/valid": metrics["loss"], "lr": lr,
                              "valid/accuracy": metrics["accuracy"], "valid/macro_f1": metrics["macro_f1"],
                              "valid/log_loss": metrics["log_loss"]}.items():
                 writer.add_scalar(key, val, self.epoch)
             self.checkpoint(probs, metrics, improved)
-            if self.cfg.train.early_stopping and self.stale >= self.cfg.train.early_stopping:  # never with "last"
-                log.info("%s: early stop, no improvement for %d epochs", self.name, self.stale)
+            if self.monitor.stop:
+                log.info("%s: early stop, no improvement for %d epochs", self.name, self.monitor.stale)
                 break
         if len(self.valid_rows):
             kept = np.load(self.dir.predictions("oof"))
             log_confusion(writer, self.labels[self.valid_rows], kept, self.classes, self.epoch)
         writer.close()
         best = read_json(self.dir.meta("best"))
-        result = {"fold": self.fold, "best_epoch": best["epoch"], "metrics": best["metrics"],
-                  "seconds": round(time.perf_counter() - start, 1), "parameters": count_parameters(self.training.model),
-                  **self.provenance}
-        write_json(self.dir.result, result)
-        return result
+        return self.record.finish(best["epoch"], self.epoch, best["metrics"], count_parameters(self.training.model))
 
 
 def log_preview(writer, images: np.ndarray, rows: np.ndarray, cfg: Config, size: int) -> None:
@@ -214,3 +192,51 @@ def log_confusion(writer, labels: np.ndarray, probs: np.ndarray, classes: list[s
 
 def _cpu(model: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@TRAIN_MODES.register("finetune")
+class FinetuneMode(TrainMode):
+    """``train.mode: finetune``: every fold trains the whole network on images with the recipe
+    (:func:`~pipeline.training.recipe.build_training`), resumable by epoch; the refit (``train.refit``) too."""
+    name = "finetune"
+    refused = {
+        "train.tune_blocks": "the partial mode's cut: finetune trains every block",
+        "train.crop_views": "cached crop views augment the frozen modes: finetune augments with augment.policy",
+        "train.head": "the features mode's head: finetune trains the model's own classifier",
+        "train.head_hidden": "the features mode's mlp head",
+        "train.head_steps": "the features mode's mlp head",
+    }
+
+    def fit_fold(self, data: FoldData, fold: Optional[int], prepared: Any) -> dict:
+        return FoldRun(data, fold).fit()
+
+    def predictor(self, cfg: Config, fold: Optional[int], manifest: dict, device: torch.device) -> Predict:
+        model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
+        mean, std = normalization(cfg.model, manifest)
+        dtype, channels_last = compute_settings(cfg, device)
+
+        def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:
+            images, _ = load_split(cfg.run_dir, split, manifest)
+            return predict_tta(model, images, rows, views, mean=mean, std=std, device=device,
+                               channels_last=channels_last, dtype=dtype, batch_size=cfg.infer.batch_size,
+                               size=cfg.data.image_size).numpy()
+
+        return predict
+
+    def cost(self, rates: Rates, cfg: Config, before: set[tuple]) -> Cost:
+        """Every fold trains on the others each epoch and scores its own; infer predicts the held-out rows and
+        the test set per fold under every TTA view."""
+        n, t, k = rates.facts.images, rates.facts.test_images, cfg.folds.n_splits
+        train, forward = rates.train_rate(cfg), rates.forward_rate(cfg)
+        views = len(configured_views(cfg.infer))
+        per_epoch = (n * (k - 1) / train + n / forward) * stretch(cfg, n * (k - 1) / k)
+        return Cost((n + k * t) * views / forward + k * FOLD_OVERHEAD_S, per_epoch)
+
+
+def load_fold_model(cfg: Config, fold: Optional[int], num_classes: int, device: torch.device) -> nn.Module:
+    """A fold's (``None``: the refit's) kept network, in eval mode on ``device``."""
+    path = RunDir.of(cfg).model(fold).weights("best")
+    model = load_weights(create_model(cfg.model, num_classes), path).to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

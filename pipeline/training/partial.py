@@ -5,8 +5,10 @@ The step between the frozen-feature probe and a full fine-tune: the pretrained b
 output is cached in half precision under ``<data.cache_dir>/activations/`` (keyed like the embeddings, plus the
 cut), so every fold, a second run or another schedule reuses it. Per fold, the last blocks, the head convolution
 and a new classifier (from a linear probe with ``train.head_init: linear_probe``) train on the cached
-activations of the other folds with the configured optimizer, schedule, loss and EMA, batch norm frozen with
-``train.bn: frozen``. One epoch is one pass over the training rows, each under one of the cached training views
+activations of the other folds through the recipe's optimisation (optimizer, schedule, loss, EMA, the training
+step with its precision and ``train.accum_steps``; :func:`pipeline.training.recipe.build_optimization`), batch
+norm frozen with ``train.bn: frozen``, the kept epoch chosen and stopped early as in a full fine-tune. Image
+augmentation and mixing cannot reach cached activations: :class:`PartialMode` refuses them. One epoch is one pass over the training rows, each under one of the cached training views
 (identity, the TTA views and ``train.crop_views`` random resized crops) drawn at random: more views are more
 augmentation at no cost per epoch. A fold saves the whole network (front + tuned back) like any checkpoint,
 so it also predicts from images; infer predicts from the cached test activations instead.
@@ -16,28 +18,34 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-import pandas as pd
 import torch
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from pipeline.core.config import Config, ConfigError, to_dict, with_values
-from pipeline.core.utils import atomic_path, seed_everything, write_json
+from pipeline.core.config import Config, ConfigError
+from pipeline.core.timing import Effort, timed
+from pipeline.core.utils import atomic_path, autocast, configure_backends, seed_everything
 from pipeline.evaluation.metrics import score
+from pipeline.evaluation.tta import configured_views
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
-from pipeline.provenance import trained_with
-from pipeline.rundir import RunDir, load_split, without_secrets
-from pipeline.training import features, finetune
-from pipeline.training.checkpoints import load_weights, save_checkpoint
-from pipeline.training.losses import build_loss
-from pipeline.training.recipe import build_optimizer
-from pipeline.training.schedulers import build_scheduler
+from pipeline.rundir import RunDir, load_split
+from pipeline.training import features
+from pipeline.training.checkpoints import load_weights
+from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
+    cached_pass_refusals, epochs_for_min_steps, stretch, with_min_steps
+from pipeline.training.precision import compute_settings
+from pipeline.training.recipe import build_optimization
+from pipeline.training.record import FoldRecord, Monitor, log_epoch
+from pipeline.training.schedulers import Schedule
+from pipeline.training.step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -140,114 +148,84 @@ def probe_head(cfg: Config, model: nn.Module, back: nn.Module, acts: np.ndarray,
     log.info("partial: classifier from a logistic regression on %d×%d pooled features", *feats.shape)
 
 
-def fit_folds(cfg: Config, wanted: list[int], index: pd.DataFrame, folds: pd.DataFrame, classes: list[str],
-              manifest: dict, device: torch.device) -> int:
-    """Train the back of every wanted fold not already done with these settings; return how many trained."""
-    return features.fit_cached_folds(
-        cfg, wanted, lambda: activations(cfg, manifest, "train", features.train_views(cfg), device),
-        lambda fold, acts: fit_fold(cfg, fold, acts, index, folds, classes, device), "trained")
+@dataclass
+class Tuning:
+    """One fold's partial fine-tune: the network (front frozen, back trainable) and the recipe's optimisation of
+    it (:func:`~pipeline.training.recipe.build_optimization`: optimizer, schedule, loss, EMA and step)."""
+    cfg: Config
+    model: nn.Module
+    back: nn.Module
+    schedule: Schedule
+    ema: Optional[nn.Module]
+    step: TrainStep
+    device: torch.device
+
+    def run_epoch(self, acts: np.ndarray, rows: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                  desc: str) -> float:
+        """One pass over ``rows`` in random order, each row under a random cached view; the mean training loss."""
+        set_train_mode(self.model, self.back, self.cfg)
+        order, views = rng.permutation(rows), rng.integers(len(acts), size=len(rows))
+        total, bs = 0.0, self.cfg.train.batch_size
+        for start in tqdm(range(0, len(order), bs), desc=desc, unit="batch", leave=False, mininterval=1.0):
+            batch, view = order[start:start + bs], views[start:start + bs]
+            x = torch.from_numpy(acts[view, batch].astype(np.float32))
+            total += self.step(x, torch.from_numpy(labels[batch])) * len(batch)
+        return total / max(len(order), 1)
+
+    def evaluate(self, acts: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> tuple[nn.Module, np.ndarray, dict]:
+        """What the fold keeps (the EMA when on), its held-out probabilities (identity view) and scores."""
+        model = self.ema.module if self.ema is not None else self.model
+        _, back = split_backbone(model, self.cfg.train.tune_blocks)
+        logits = run_back(back, acts[0], rows, self.cfg.train.batch_size, self.device)
+        probs = logits.softmax(1).numpy()
+        metrics = score(labels[rows], probs)
+        loss = self.step.loss_fn(logits, torch.from_numpy(labels[rows])) if len(rows) else math.nan
+        return model, probs, {**metrics, "loss": float(loss)}
 
 
-def _epoch(cfg: Config, parts: dict, acts: np.ndarray, rows: np.ndarray, labels: np.ndarray,
-           rng: np.random.Generator, desc: str) -> float:
-    """One pass over ``rows`` in random order, each row under a random cached view; the mean training loss."""
-    model, back, optimizer, schedule, loss_fn, ema = (parts[k] for k in ("model", "back", "optimizer", "schedule",
-                                                                          "loss", "ema"))
-    set_train_mode(model, back, cfg)
-    order, views = rng.permutation(rows), rng.integers(len(acts), size=len(rows))
-    total, bs = 0.0, cfg.train.batch_size
-    for start in tqdm(range(0, len(order), bs), desc=desc, unit="batch", leave=False, mininterval=1.0):
-        batch, view = order[start:start + bs], views[start:start + bs]
-        x = torch.from_numpy(acts[view, batch].astype(np.float32)).to(parts["device"])
-        y = torch.from_numpy(labels[batch]).to(parts["device"])
-        loss = loss_fn(back(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step_batch()
-        parts["updates"] += 1
-        if ema is not None:
-            ema.update(model, step=parts["updates"])
-        total += loss.item() * len(batch)
-    return total / max(len(order), 1)
-
-
-def build_parts(cfg: Config, acts: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, n_classes: int,
-                device: torch.device, seed: int) -> dict:
-    """The fold's network (front frozen, back trainable), optimizer over the back, schedule, loss and EMA."""
+def build_tuning(cfg: Config, acts: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, n_classes: int,
+                 device: torch.device, seed: int) -> Tuning:
+    """The fold's network (front frozen, back trainable, the classifier from a linear probe with
+    ``train.head_init: linear_probe``) and the recipe's optimisation of its back on cached activations."""
+    configure_backends(cfg.train.deterministic)
     seed_everything(seed)
     model = pretrained_model(cfg, n_classes).to(device)
-    front, back = split_backbone(model, cfg.train.tune_blocks)
+    _, back = split_backbone(model, cfg.train.tune_blocks)
     model.requires_grad_(False)
     back.requires_grad_(True)
     if cfg.train.head_init == "linear_probe":
         probe_head(cfg, model, back, acts, train_rows, labels, device)
-    optimizer = build_optimizer(cfg.train, model)  # frozen parameters get no gradient, so they never move
-    schedule = build_scheduler(cfg.train, optimizer, math.ceil(len(train_rows) / cfg.train.batch_size))
-    ema = finetune.build_ema(cfg.train, model)
-    return {"model": model, "back": back, "optimizer": optimizer, "schedule": schedule, "ema": ema,
-            "loss": build_loss(cfg.train, labels[train_rows], n_classes).to(device), "device": device, "updates": 0}
+    batches = math.ceil(len(train_rows) / cfg.train.batch_size)
+    _, schedule, ema, step = build_optimization(cfg, model, back, labels[train_rows], n_classes, batches, device,
+                                                compute_settings(cfg, device)[0], lambda x: x.to(device))
+    return Tuning(cfg, model, back, schedule, ema, step, device)
 
 
-def _evaluate(cfg: Config, parts: dict, acts: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> tuple:
-    """Held-out probabilities (identity view) and scores of what the fold keeps (the EMA when on)."""
-    model = parts["ema"].module if parts["ema"] is not None else parts["model"]
-    _, back = split_backbone(model, cfg.train.tune_blocks)
-    logits = run_back(back, acts[0], rows, cfg.train.batch_size, parts["device"])
-    probs = logits.softmax(1).numpy()
-    metrics = score(labels[rows], probs)
-    metrics["loss"] = float(parts["loss"](logits, torch.from_numpy(labels[rows]))) if len(rows) else math.nan
-    return model, probs, metrics
-
-
-def with_min_steps(cfg: Config, rows: int) -> Config:
-    """``cfg`` with enough epochs for ``train.min_steps`` optimizer steps over ``rows`` training rows."""
-    steps = math.ceil(rows / cfg.train.batch_size)
-    epochs = max(cfg.train.epochs, math.ceil(cfg.train.min_steps / steps))
-    if epochs == cfg.train.epochs:
-        return cfg
-    log.info("partial: %d epochs instead of %d, for train.min_steps=%d steps of %d rows", epochs, cfg.train.epochs,
-             cfg.train.min_steps, rows)
-    return with_values(cfg, {"train.epochs": epochs})
-
-
-def fit_fold(cfg: Config, fold: int, acts: np.ndarray, index: pd.DataFrame, folds: pd.DataFrame,
-             classes: list[str], device: torch.device) -> dict:
+def fit_fold(data: FoldData, fold: int, acts: np.ndarray) -> dict:
     """Train fold ``fold``'s back on the other folds' cached activations, keep the epoch ``train.monitor`` picks
-    (its weights, held-out probabilities and result), as the train stage does for a full fine-tune."""
-    start = time.perf_counter()
-    labels = index["label_idx"].to_numpy()
-    held = folds["fold"].to_numpy() == fold
-    train_rows, valid_rows = np.flatnonzero(~held), np.flatnonzero(held)
-    seed, provenance = cfg.seed + fold, trained_with(cfg)
-    cfg = with_min_steps(cfg, len(train_rows))
-    parts = build_parts(cfg, acts, labels, train_rows, len(classes), device, seed)
-    folder = RunDir.of(cfg).model(fold)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    rng, best, kept = np.random.default_rng(seed), -math.inf, {}
-    for epoch in range(cfg.train.epochs):
+    (stopping early with ``train.early_stopping``), as the train stage does for a full fine-tune."""
+    cfg, labels = data.cfg, data.labels
+    record = FoldRecord(cfg, fold)
+    train_rows, valid_rows = data.rows(fold)
+    recipe = with_min_steps(cfg, len(train_rows))
+    epochs = recipe.train.epochs
+    tuning = build_tuning(recipe, acts, labels, train_rows, len(data.classes), data.device, cfg.seed + fold)
+    monitor, kept = Monitor(cfg.train.monitor, cfg.train.early_stopping), {}
+    rng = np.random.default_rng(cfg.seed + fold)
+    for epoch in range(epochs):
         t0 = time.perf_counter()
-        loss = _epoch(cfg, parts, acts, train_rows, labels, rng, f"fold{fold} epoch {epoch + 1}/{cfg.train.epochs}")
-        model, probs, metrics = _evaluate(cfg, parts, acts, valid_rows, labels)
-        parts["schedule"].step_epoch(metrics["loss"])
-        value = {"accuracy": metrics["accuracy"], "loss": -metrics["loss"], "last": float(epoch)}[cfg.train.monitor]
-        improved = value > best
-        log.info("fold%d epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f %.1fs%s", fold, epoch + 1,
-                 cfg.train.epochs, loss, metrics["loss"], metrics["accuracy"], metrics["macro_f1"],
-                 time.perf_counter() - t0, " *" if improved else "")
+        loss = tuning.run_epoch(acts, train_rows, labels, rng, f"fold{fold} epoch {epoch + 1}/{epochs}")
+        model, probs, metrics = tuning.evaluate(acts, valid_rows, labels)
+        tuning.schedule.step_epoch(metrics["loss"])
+        improved = monitor.update(epoch, metrics)
+        log_epoch(record.dir.name, epoch + 1, epochs, loss, metrics, time.perf_counter() - t0, improved)
         if improved:
-            best, kept = value, {"epoch": epoch, "metrics": metrics}
-            meta = {"fold": fold, "epoch": epoch, "classes": classes, "metrics": metrics, "model": cfg.model.name,
-                    "image_size": cfg.data.image_size, "tune_blocks": cfg.train.tune_blocks,
-                    "config": to_dict(without_secrets(cfg))}
-            save_checkpoint(folder, "best", model, meta)
-            with atomic_path(folder.predictions("oof")) as tmp:
-                np.save(tmp, probs.astype(np.float32))
-    result = {"fold": fold, "best_epoch": kept["epoch"], "metrics": kept["metrics"],
-              "seconds": round(time.perf_counter() - start, 1),
-              "parameters": sum(p.numel() for p in parts["back"].parameters()), **provenance}
-    write_json(folder.result, result)
-    return result
+            kept = metrics
+            record.keep(model, probs, record.meta(epoch, data.classes, metrics, tune_blocks=cfg.train.tune_blocks))
+        if monitor.stop:
+            log.info("%s: early stop, no improvement for %d epochs", record.dir.name, monitor.stale)
+            break
+    return record.finish(monitor.best_epoch, epoch + 1, kept, sum(p.numel() for p in tuning.back.parameters()))
 
 
 def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.ndarray, views: list[str],
@@ -258,3 +236,87 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.nd
     _, back = split_backbone(model.to(device), cfg.train.tune_blocks)
     return np.mean([run_back(back, view, rows, cfg.train.batch_size, device).softmax(1).numpy() for view in acts],
                    axis=0)
+
+
+def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float, float]:
+    """Images/s of ``train.mode: partial``'s parts on random tensors: the frozen front's forward at
+    ``infer.batch_size``, the back's forward + backward + AdamW step on a training batch of activations, and its
+    forward alone."""
+    dtype, channels_last = compute_settings(cfg, device)
+    model = create_model(cfg.model, classes).to(device).eval()
+    front, back = split_backbone(model, cfg.train.tune_blocks)
+    x = torch.randn(cfg.infer.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    @torch.no_grad()
+    def forward_front() -> int:
+        with autocast(device, dtype):
+            front(x)
+        return len(x)
+
+    front_rate = timed(forward_front, 1, effort)
+    with torch.no_grad(), autocast(device, dtype):
+        acts = front(x).float()
+    acts = acts.repeat(math.ceil(cfg.train.batch_size / len(acts)), 1, 1, 1)[:cfg.train.batch_size]
+    labels = torch.arange(len(acts), device=device) % classes
+    optimizer = torch.optim.AdamW(back.parameters(), lr=1e-4)
+
+    def step() -> int:
+        back.train()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(back(acts), labels).backward()
+        optimizer.step()
+        return len(acts)
+
+    @torch.no_grad()
+    def forward_back() -> int:
+        back.eval()
+        back(acts)
+        return len(acts)
+
+    return front_rate, timed(step, 1, effort), timed(forward_back, 1, effort)
+
+
+# what the back trains on is cached activations, not images: image augmentation and mixing cannot reach them
+_IMAGES = "partial trains on cached activations: its augmentation is the cached views (train.crop_views, infer.tta)"
+
+
+@TRAIN_MODES.register("partial")
+class PartialMode(TrainMode):
+    """``train.mode: partial``: the frozen front cached once per view, the last ``train.tune_blocks`` blocks,
+    head convolution and a new classifier trained per fold on the cache with the recipe's optimisation."""
+    name = "partial"
+    unused = ("train.resume",)  # a fold trains from its start: its epochs are minutes on a cache
+    refused = {
+        **cached_pass_refusals(_IMAGES, "the back"),
+        "train.freeze_epochs": "the back trains from its first step (a classifier-only start: train.head_init)",
+        "train.head": "the features mode's head: partial trains the network's own classifier",
+        "train.head_hidden": "the features mode's mlp head",
+        "train.head_steps": "the features mode's mlp head",
+    }
+
+    def prepare(self, data: FoldData) -> np.ndarray:
+        return activations(data.cfg, data.manifest, "train", features.train_views(data.cfg), data.device)
+
+    def fit_fold(self, data: FoldData, fold: Optional[int], prepared: np.ndarray) -> dict:
+        return fit_fold(data, fold, prepared)
+
+    def predictor(self, cfg: Config, fold: Optional[int], manifest: dict, device: torch.device) -> Predict:
+        return lambda split, rows, views: predict_fold(cfg, fold, manifest, split, rows, views, device)
+
+    def cache_key(self, cfg: Config) -> tuple:
+        return ("partial", cfg.model.name, cfg.data.image_size, cfg.train.tune_blocks)
+
+    def cost(self, rates: Rates, cfg: Config, before: set[tuple]) -> Cost:
+        """The front once per image and view not cached before; per fold the linear probe's pass over the
+        training rows' views, then each epoch a training pass over the other folds' rows and one over its own,
+        and the held-out rows and test set under every TTA view."""
+        n, t, k = rates.facts.images, rates.facts.test_images, cfg.folds.n_splits
+        train, test = features.train_views(cfg), configured_views(cfg.infer)
+        key = ("partial img (front / back step / back forward)", cfg.model.name, cfg.data.image_size,
+               cfg.train.tune_blocks, cfg.train.batch_size, cfg.infer.batch_size)
+        front, step, back = rates.measured(key, lambda: measure_partial(cfg, rates.facts.classes, rates.device,
+                                                                        rates.effort))
+        probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
+        fixed = rates.new_images(cfg, before) / front + probe + (n + k * t) * len(test) / back + k * FOLD_OVERHEAD_S
+        return Cost(fixed, (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k))

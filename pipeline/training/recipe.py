@@ -7,10 +7,11 @@ A caller that cannot honour a setting refuses it (:func:`refuse`), naming the ke
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import augment
-from pipeline.core.config import Config, ConfigError, TrainConfig, to_dict
+from pipeline.core.config import Config, ConfigError, TrainConfig, changed
 from pipeline.core.utils import configure_backends, seed_everything
+from pipeline.data.dataset import to_float
 from pipeline.evaluation.tta import predict_logits
 from pipeline.models.factory import create_model
 from pipeline.models.weights import normalization
@@ -131,28 +133,34 @@ def build_training(cfg: Config, images: np.ndarray, labels: np.ndarray, train_ro
     whitened = init_whitening(cfg.model, model, images, train_rows, mean, std, size) if cfg.model.whiten else None
     train_targets = (labels if targets is None else targets)[train_rows]
     policy, loader = make_fold_loader(cfg, images, train_rows, train_targets, size, seed, device)
-    optimizer = build_optimizer(cfg.train, model)
-    schedule = build_scheduler(cfg.train, optimizer, max(1, len(loader) // max(1, cfg.train.accum_steps)))
-    loss_fn = build_loss(cfg.train, labels[train_rows], n_classes).to(device)
-    ema = finetune.build_ema(cfg.train, model)
-    step = TrainStep(model, optimizer, loss_fn, schedule, device, dtype, mean, std, channels_last,
-                     cfg.train.accum_steps, augment.build_mixer(cfg.augment, n_classes, seed=seed), ema)
+    inputs = functools.partial(to_float, mean=mean, std=std, device=device, channels_last=channels_last)
+    optimizer, schedule, ema, step = build_optimization(
+        cfg, model, model, labels[train_rows], n_classes, len(loader), device, dtype, inputs,
+        augment.build_mixer(cfg.augment, n_classes, seed=seed))
     return Training(cfg, device, model, policy, loader, optimizer, schedule, ema, step, whitened, mean, std, dtype,
                     channels_last, size)
+
+
+def build_optimization(cfg: Config, model: nn.Module, trained: nn.Module, train_labels: np.ndarray, n_classes: int,
+                       batches: int, device: torch.device, dtype: Optional[torch.dtype],
+                       inputs: Callable[[torch.Tensor], torch.Tensor], mixer: Optional[Callable] = None
+                       ) -> tuple[torch.optim.Optimizer, Schedule, Optional[nn.Module], TrainStep]:
+    """The recipe's optimisation of ``model`` whatever it trains on: the optimizer over its trainable weights, the
+    schedule (``batches`` a pass, ``train.accum_steps`` a step), the loss (``train_labels`` weigh its classes), the
+    weight average and the step that runs ``trained`` (``model`` or a part of it) on ``inputs(batch)``."""
+    optimizer = build_optimizer(cfg.train, model)  # frozen parameters get no gradient, so they never move
+    schedule = build_scheduler(cfg.train, optimizer, max(1, batches // max(1, cfg.train.accum_steps)))
+    loss_fn = build_loss(cfg.train, train_labels, n_classes).to(device)
+    ema = finetune.build_ema(cfg.train, model)
+    step = TrainStep(trained, optimizer, loss_fn, schedule, device, dtype, inputs, cfg.train.accum_steps, mixer, ema,
+                     averaged=model)
+    return optimizer, schedule, ema, step
 
 
 def refuse(cfg: Config, caller: str, keys: dict[str, str]) -> None:
     """Raise a ConfigError naming every ``section.key`` in ``keys`` that ``cfg`` sets away from its default:
     ``caller`` cannot honour it (``keys`` maps each to why), and a setting is never silently ignored."""
-    ours, default = to_dict(cfg), to_dict(Config())
-    found = [f"{key}={_get(ours, key)!r} ({why})" for key, why in keys.items() if _get(ours, key) != _get(default, key)]
+    found = [f"{key}={value!r} ({keys[key]})" for key, value in changed(cfg, keys).items()]
     if found:
         raise ConfigError(f"{caller} cannot honour {'; '.join(found)}: unset it for this command")
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
 

@@ -1,4 +1,4 @@
-"""One optimisation step on a uint8 batch, under autocast, with accumulation, mixing and EMA."""
+"""One optimisation step on a batch, under autocast, with accumulation, mixing and EMA."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -8,30 +8,33 @@ from torch import nn
 
 from pipeline import augment
 from pipeline.core.utils import autocast
-from pipeline.data.dataset import to_float
 from pipeline.training.schedulers import Schedule
 
 
 class TrainStep:
-    """One optimisation step on a uint8 batch: normalise, (mix), forward/backward under autocast, step.
+    """One optimisation step on a batch: prepare it (``inputs``: a uint8 batch normalised, or cached
+    activations moved to the device), (mix), forward/backward under autocast, step.
 
     Gradient accumulation: the optimizer steps every ``accum_steps`` calls; the returned loss is the
-    unscaled batch loss.
+    unscaled batch loss. ``model`` is what runs forward; the weight average follows ``averaged`` (the whole
+    network when ``model`` is a trained part of it).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                  schedule: Optional[Schedule], device: torch.device, dtype: Optional[torch.dtype],
-                 mean, std, channels_last: bool = True, accum_steps: int = 1,
-                 mixer: Optional[Callable] = None, ema: Optional[nn.Module] = None) -> None:
+                 inputs: Callable[[torch.Tensor], torch.Tensor], accum_steps: int = 1,
+                 mixer: Optional[Callable] = None, ema: Optional[nn.Module] = None,
+                 averaged: Optional[nn.Module] = None) -> None:
         self.model, self.optimizer, self.loss_fn, self.schedule = model, optimizer, loss_fn, schedule
         self.ema, self.updates = ema, 0  # weight average updated after every optimizer step
-        self.device, self.dtype, self.mean, self.std = device, dtype, mean, std
-        self.channels_last, self.accum_steps, self.mixer = channels_last, max(1, accum_steps), mixer
+        self.averaged = averaged if averaged is not None else model
+        self.device, self.dtype, self.inputs = device, dtype, inputs
+        self.accum_steps, self.mixer = max(1, accum_steps), mixer
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.calls = 0
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, size: Optional[int] = None) -> float:
-        x = to_float(images, self.mean, self.std, self.device, self.channels_last)
+        x = self.inputs(images)
         if size is not None and size != x.shape[-1]:
             x = augment.resize_batch(x, size)
         y = targets.to(self.device, non_blocking=True)
@@ -47,7 +50,7 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             self.updates += 1
             if self.ema is not None:
-                self.ema.update(self.model, step=self.updates)
+                self.ema.update(self.averaged, step=self.updates)
             if self.schedule is not None:
                 self.schedule.step_batch()
         return float(loss.detach())
