@@ -24,7 +24,8 @@
 * on CUDA also ``gpu_busy_pct`` (mean of ``torch.cuda.utilization()`` sampled while the training pipeline
   runs; needs pynvml) and ``gpu_peak_mem_mb`` (peak memory allocated by torch over the whole run).
 
-``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``).
+``train_img_s`` uses the configured ``data.loader`` (``dataloader`` or ``device``). A config whose training mode
+runs frozen passes (features, partial) measures those instead (:mod:`pipeline.bench_frozen`).
 
 Training and inference call the train stage's building blocks (:func:`~pipeline.training.recipe.build_training`,
 ``predict_tta``) rather than copies of them, so the figures are those of a real run. The timing
@@ -46,7 +47,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline import augment
+from pipeline import augment, bench_frozen
 from pipeline.cli import build_parser, stage_main
 from pipeline.core.config import Config, with_values
 from pipeline.core.jobs import training_slot
@@ -58,6 +59,7 @@ from pipeline.data.dataset import gather, to_float
 from pipeline.evaluation.tta import configured_views, predict_tta
 from pipeline.models.factory import create_model
 from pipeline.preprocess import decode_all
+from pipeline.training.modes import training_mode
 from pipeline.preprocess import run as preprocess
 from pipeline.rundir import RunDir, load_manifest, load_split
 from pipeline.training.precision import compute_settings
@@ -290,6 +292,8 @@ def run(cfg: Config, batches: int = 30, preprocess_images: int = 2000, rounds: i
     """
     with training_slot(cfg, "bench") as threads:
         torch.set_num_threads(threads)
+        if training_mode(cfg).cache_key(cfg) is not None and not batch_sizes:  # features, partial: frozen passes
+            return bench_frozen.run(cfg, rounds, seconds)
         if augment_only:
             return _measure_augment(cfg, Effort(batches, seconds and seconds / 2))
         if batch_sizes:

@@ -11,7 +11,8 @@ Stages talk only through these files, so every path is named here once. Each fil
 * infer: ``fold<k>/test.npy``, ``oof_tta.npy``, ``oof_views.npy`` (keyed on the weights they came from),
   ``test_probs.csv``, ``oof_tta.csv`` and ``cv_tta.json`` (TTA scores, ``infer.tta: auto``'s choice);
 * ensemble: ``ensemble.csv``, ``ensemble_oof.csv``, ``ensemble.json``;
-* bench: ``bench.json``, ``bench_augment.json``, ``bench_batches.json``; the augment preview: ``augment_preview.png``;
+* bench: ``bench.json``, ``bench_augment.json``, ``bench_batches.json``, ``bench_frozen.json``; the augment
+  preview: ``augment_preview.png``;
 * full with ``recipe: auto`` (:mod:`pipeline.plan.planner`): ``plan.json`` in the first member's folder (the
   family, each member's estimated and actual minutes and OOF score, the ensemble and the submission);
 * search: ``search/`` (:class:`SearchDir`: the study, its tables, figures and exported configs).
@@ -136,6 +137,7 @@ class RunDir:
     plan = property(lambda self: self.root / "plan.json")
     bench_augment = property(lambda self: self.root / "bench_augment.json")
     bench_batches = property(lambda self: self.root / "bench_batches.json")
+    bench_frozen = property(lambda self: self.root / "bench_frozen.json")
     augment_preview = property(lambda self: self.root / "augment_preview.png")
     search = property(lambda self: SearchDir(self.root / "search"))
 

@@ -250,6 +250,9 @@ class InferConfig:
     tta_metric: Literal["accuracy", "log_loss"] = "accuracy"
     batch_size: int = 512
     oof_tta: bool = True  # score the OOF predictions with the same TTA views
+    # the frozen passes of the features and partial modes (embeddings, cached activations): torch, onnxruntime
+    # (an exported graph), or auto: the faster of the two on this machine, timed once (pipeline.models.engines)
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pipeline.core.timing import Effort
 from pipeline.data.cache import cache_side
 from pipeline.eda.suggest import Facts
 from pipeline.evaluation.tta import configured_views
-from pipeline.training.features import train_views
+from pipeline.models.engines import FrozenPass
+from pipeline.training.features import frozen_key, train_views
 from pipeline.training.mode import Cost  # noqa: F401 - the planner's unit, re-exported
 from pipeline.training.modes import training_mode
 from pipeline.training.precision import compute_settings
@@ -95,6 +96,17 @@ class Estimator:
             data = bench.synthetic(self.facts.classes, cfg.infer.batch_size, cfg.data.image_size)
             return bench.tta_floor(cfg, data, self.device, *compute_settings(cfg, self.device), self.effort)
         return self.rate(("forward img", cfg.model.name, cfg.data.image_size, cfg.infer.batch_size), measure)
+
+    def frozen_rate(self, cfg: Config, part: str, build: Callable[[], torch.nn.Module]) -> float:
+        """Images/s of a frozen pass (``part`` of the backbone, ``build()`` makes it) at ``infer.batch_size``
+        through the engine the member will run (``infer.engine``; ``auto``: the faster, as the stages choose)."""
+        def measure() -> float:
+            dtype, channels_last = compute_settings(cfg, self.device)
+            x = torch.randn(cfg.infer.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=self.device)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            return FrozenPass(build(), cfg, frozen_key(cfg, part), self.device, dtype).planned_rate(x)
+        key = ("frozen img", cfg.model.name, cfg.data.image_size, part, cfg.infer.batch_size, cfg.infer.engine)
+        return self.rate(key, measure)
 
     def train_rate(self, cfg: Config) -> float:
         """Images/s of the train stage's recipe and loader on random images (the bench's training pipeline)."""

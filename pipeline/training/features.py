@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.registry import Registry
-from pipeline.core.utils import atomic_path, autocast
+from pipeline.core.utils import atomic_path
 from pipeline.data.dataset import center_crop, iter_batches, to_float
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
+from pipeline.models.engines import FrozenPass
 from pipeline.models.factory import create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
 from pipeline.rundir import RunDir, load_split
@@ -91,8 +92,7 @@ def is_crop(view: str) -> bool:
 
 def features_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
     """Where the embeddings of ``split`` under ``view`` live: the key names everything they depend on."""
-    key = (f"{split}-{cfg.model.name}-{weights_id(cfg.model)}-{cfg.data.image_size}px-{view.replace('+', '_')}-"
-           f"{manifest[split]['signature'][:12]}")
+    key = f"{split}-{frozen_key(cfg, view.replace('+', '_'))}-{manifest[split]['signature'][:12]}"
     return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
 
 
@@ -106,12 +106,19 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+def frozen_key(cfg: Config, part: str) -> str:
+    """What names a frozen pass of the backbone (``part``: ``pooled`` features or the front before ``last<k>``):
+    the backbone, its weights and the input size."""
+    return f"{cfg.model.name}-{weights_id(cfg.model)}-{cfg.data.image_size}px-{part}"
+
+
 @torch.no_grad()
 def embed_views(model: nn.Module, images: np.ndarray, views: list[str], cfg: Config, mean, std,
-                device: torch.device, desc: str, dtype: type = np.float32) -> list[np.ndarray]:
+                device: torch.device, desc: str, key: str, dtype: type = np.float32) -> list[np.ndarray]:
     """``model``'s output for every image under each view (TTA views of the centre ``data.image_size`` square,
-    or ``crop<k>`` views of the whole cached image), as ``dtype`` arrays in row order."""
-    compute = compute_settings(cfg, device)[0]
+    or ``crop<k>`` views of the whole cached image), as ``dtype`` arrays in row order; the pass runs through
+    ``infer.engine`` (:class:`pipeline.models.engines.FrozenPass`, its graph named by ``key``)."""
+    run = FrozenPass(model, cfg, key, device, compute_settings(cfg, device)[0])
     size, batch_size = cfg.data.image_size, cfg.infer.batch_size
     height, width = images.shape[1:3]
     boxes = {v: crop_boxes(len(images), v, height, width) for v in views if is_crop(v)}
@@ -129,8 +136,7 @@ def embed_views(model: nn.Module, images: np.ndarray, views: list[str], cfg: Con
                 x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
             else:
                 x = fns[view](centre)
-            with autocast(device, compute):
-                slot.append(model(x).float().cpu().numpy().astype(dtype))
+            slot.append(run(x).cpu().numpy().astype(dtype))
     return [np.concatenate(o) if o else np.zeros((0, 0), dtype) for o in out]
 
 
@@ -143,7 +149,8 @@ def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device
         start = time.perf_counter()
         model = backbone(cfg, device)
         mean, std = normalization(cfg.model, manifest)
-        arrays = embed_views(model, images, missing, cfg, mean, std, device, f"embed {split}")
+        arrays = embed_views(model, images, missing, cfg, mean, std, device, f"embed {split}",
+                             frozen_key(cfg, "pooled"))
         seconds = time.perf_counter() - start
         for view, array in zip(missing, arrays):
             paths[view].parent.mkdir(parents=True, exist_ok=True)
@@ -333,4 +340,5 @@ class FeaturesMode(TrainMode):
         k, rows = cfg.folds.n_splits, rates.facts.images * len(train_views(cfg))
         head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
         new = rates.new_images(cfg, before)
-        return Cost((new / rates.forward_rate(cfg) if new else 0.0) + k * (head + FOLD_OVERHEAD_S))
+        embed = new / rates.frozen_rate(cfg, "pooled", lambda: backbone(cfg, rates.device)) if new else 0.0
+        return Cost(embed + k * (head + FOLD_OVERHEAD_S))

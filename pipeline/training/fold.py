@@ -199,6 +199,7 @@ class FinetuneMode(TrainMode):
     """``train.mode: finetune``: every fold trains the whole network on images with the recipe
     (:func:`~pipeline.training.recipe.build_training`), resumable by epoch; the refit (``train.refit``) too."""
     name = "finetune"
+    unused = ("infer.engine",)  # it runs no frozen pass: its networks predict through PyTorch
     refused = {
         "train.tune_blocks": "the partial mode's cut: finetune trains every block",
         "train.crop_views": "cached crop views augment the frozen modes: finetune augments with augment.policy",

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from pipeline.core.config import AugmentConfig, Config, ConfigError, TrainConfig
+from pipeline.models.engines import onnxruntime_module
 from pipeline.training import features, fold, partial  # noqa: F401 - each module registers its mode
 from pipeline.training.mode import TRAIN_MODES, TrainMode
 from pipeline.training.recipe import refuse
@@ -31,6 +32,8 @@ def training_mode(cfg: Config) -> TrainMode:
     except KeyError as err:
         raise ConfigError(f"train.mode: {err.args[0]}") from None
     refuse(cfg, f"train.mode={mode.name}", mode.refused)
+    if mode.cache_key(cfg) is not None and cfg.infer.engine == "onnxruntime":
+        onnxruntime_module(required=True)  # its frozen passes need the package: say so before anything runs
     return mode
 
 

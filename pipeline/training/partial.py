@@ -98,11 +98,11 @@ def activations(cfg: Config, manifest: dict, split: str, views: list[str], devic
     missing = [v for v, p in zip(views, paths) if not p.is_file()]
     if missing:
         images, _ = load_split(cfg.run_dir, split, manifest)
-        front, _ = split_backbone(pretrained_model(cfg, len(manifest["classes"])), cfg.train.tune_blocks)
-        front = front.to(device).eval().requires_grad_(False)
+        front = frozen_front(cfg, len(manifest["classes"]), device)
         mean, std = normalization(cfg.model, manifest)
         start = time.perf_counter()
-        arrays = features.embed_views(front, images, missing, cfg, mean, std, device, f"cache {split}", np.float16)
+        arrays = features.embed_views(front, images, missing, cfg, mean, std, device, f"cache {split}",
+                                      features.frozen_key(cfg, f"last{cfg.train.tune_blocks}"), np.float16)
         seconds = time.perf_counter() - start
         for view, array in zip(missing, arrays):
             path = activations_path(cfg, manifest, split, view)
@@ -238,33 +238,30 @@ def predict_fold(cfg: Config, fold: int, manifest: dict, split: str, rows: np.nd
                    axis=0)
 
 
-def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float, float]:
-    """Images/s of ``train.mode: partial``'s parts on random tensors: the frozen front's forward at
-    ``infer.batch_size``, the back's forward + backward + AdamW step on a training batch of activations, and its
-    forward alone."""
-    dtype, channels_last = compute_settings(cfg, device)
+def frozen_front(cfg: Config, classes: int, device: torch.device) -> nn.Module:
+    """The pretrained backbone's frozen front (before its last ``train.tune_blocks`` blocks), in eval mode."""
+    front, _ = split_backbone(pretrained_model(cfg, classes), cfg.train.tune_blocks)
+    return front.to(device).eval().requires_grad_(False)
+
+
+def measure_back(cfg: Config, classes: int, device: torch.device, effort: Effort) -> tuple[float, float]:
+    """Images/s of ``train.mode: partial``'s tuned back on random activations: its forward + backward + AdamW
+    step on a training batch, and its forward alone."""
     model = create_model(cfg.model, classes).to(device).eval()
     front, back = split_backbone(model, cfg.train.tune_blocks)
-    x = torch.randn(cfg.infer.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    @torch.no_grad()
-    def forward_front() -> int:
-        with autocast(device, dtype):
-            front(x)
-        return len(x)
-
-    front_rate = timed(forward_front, 1, effort)
-    with torch.no_grad(), autocast(device, dtype):
-        acts = front(x).float()
-    acts = acts.repeat(math.ceil(cfg.train.batch_size / len(acts)), 1, 1, 1)[:cfg.train.batch_size]
+    x = torch.randn(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    with torch.no_grad():
+        acts = front(x).float().repeat(cfg.train.batch_size, 1, 1, 1)
     labels = torch.arange(len(acts), device=device) % classes
     optimizer = torch.optim.AdamW(back.parameters(), lr=1e-4)
+    dtype = compute_settings(cfg, device)[0]
 
     def step() -> int:
         back.train()
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(back(acts), labels).backward()
+        with autocast(device, dtype):
+            loss = torch.nn.functional.cross_entropy(back(acts), labels)
+        loss.backward()
         optimizer.step()
         return len(acts)
 
@@ -274,7 +271,7 @@ def measure_partial(cfg: Config, classes: int, device: torch.device, effort: Eff
         back(acts)
         return len(acts)
 
-    return front_rate, timed(step, 1, effort), timed(forward_back, 1, effort)
+    return timed(step, 1, effort), timed(forward_back, 1, effort)
 
 
 # what the back trains on is cached activations, not images: image augmentation and mixing cannot reach them
@@ -313,10 +310,10 @@ class PartialMode(TrainMode):
         and the held-out rows and test set under every TTA view."""
         n, t, k = rates.facts.images, rates.facts.test_images, cfg.folds.n_splits
         train, test = features.train_views(cfg), configured_views(cfg.infer)
-        key = ("partial img (front / back step / back forward)", cfg.model.name, cfg.data.image_size,
-               cfg.train.tune_blocks, cfg.train.batch_size, cfg.infer.batch_size)
-        front, step, back = rates.measured(key, lambda: measure_partial(cfg, rates.facts.classes, rates.device,
-                                                                        rates.effort))
+        cut = f"last{cfg.train.tune_blocks}"
+        front = rates.frozen_rate(cfg, cut, lambda: frozen_front(cfg, rates.facts.classes, rates.device))
+        key = ("partial back img (step / forward)", cfg.model.name, cfg.data.image_size, cut, cfg.train.batch_size)
+        step, back = rates.measured(key, lambda: measure_back(cfg, rates.facts.classes, rates.device, rates.effort))
         probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
         fixed = rates.new_images(cfg, before) / front + probe + (n + k * t) * len(test) / back + k * FOLD_OVERHEAD_S
         return Cost(fixed, (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k))
