@@ -96,3 +96,15 @@ def test_folds_predict_alike_whichever_engine_made_the_cache(tmp_path, competiti
         assert load_split(cfg.run_dir, "test", manifest)[0] is not None and (cfg.run_dir / "test_probs.csv").is_file()
     assert np.abs(oof["torch"] - oof["onnxruntime"]).max() < 0.02
     assert (oof["torch"].argmax(1) == oof["onnxruntime"].argmax(1)).mean() >= 0.95
+
+
+def test_the_bench_of_a_frozen_mode_times_each_engine_against_a_matrix_product(tmp_path, competition, tiny_weights):
+    from pipeline import bench
+
+    cfg = _cfg(tmp_path, competition, tiny_weights, "train.precision=bf16")
+    result = bench.run(cfg, rounds=1, seconds=4)
+    assert set(result["engines"]) == {"torch_bf16", "torch_fp32", "onnxruntime_fp32"}
+    assert result["matmul_gflop_s"] > 0 and result["pipeline_img_s"] > 0 and result["gflop_per_image"] > 0
+    for engine in result["engines"].values():
+        assert set(engine["img_s"]) == {"4", "8", "16", "32"} and engine["best_img_s"] == max(engine["img_s"].values())
+    assert json.loads((cfg.run_dir / "bench_frozen.json").read_text())["key"].endswith("-pooled")
