@@ -7,8 +7,10 @@ the image cache's signature, so a second run (or another head) reuses them and a
 them. A head per fold is then fitted on the other folds' embeddings in seconds: ``train.head: logreg``
 (scikit-learn's LogisticRegression on standardised features, ``train.head_c``) folded into one ``nn.Linear``,
 or ``mlp`` (a small torch MLP, ``train.head_hidden``, ``train.head_steps``), saved like any checkpoint
-(``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work unchanged. Training rows are embedded under every TTA view and all of them train the head (flips as free
-augmentation); the OOF uses the identity view, ``infer`` averages the views as for a fine-tuned model.
+(``fold<k>/best.safetensors``), so OOF, CV, TTA, ensembling and submission work unchanged. Training rows are
+embedded under every TTA view and all of them train the head (flips as free augmentation); the OOF uses the
+identity view, ``infer`` averages the views as for a fine-tuned model. The backbone runs through ``infer.engine``
+(:mod:`pipeline.models.engines`); :class:`FeaturesMode` registers the mode and what it refuses.
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ and a new classifier (from a linear probe with ``train.head_init: linear_probe``
 activations of the other folds through the recipe's optimisation (optimizer, schedule, loss, EMA, the training
 step with its precision and ``train.accum_steps``; :func:`pipeline.training.recipe.build_optimization`), batch
 norm frozen with ``train.bn: frozen``, the kept epoch chosen and stopped early as in a full fine-tune. Image
-augmentation and mixing cannot reach cached activations: :class:`PartialMode` refuses them. One epoch is one pass over the training rows, each under one of the cached training views
-(identity, the TTA views and ``train.crop_views`` random resized crops) drawn at random: more views are more
-augmentation at no cost per epoch. A fold saves the whole network (front + tuned back) like any checkpoint,
+augmentation and mixing cannot reach cached activations: :class:`PartialMode` refuses them. One epoch is one
+pass over the training rows, each under one of the cached training views (identity, the TTA views and
+``train.crop_views`` random resized crops) drawn at random: more views are more augmentation at no cost per
+epoch. A fold saves the whole network (front + tuned back) like any checkpoint,
 so it also predicts from images; infer predicts from the cached test activations instead.
 """
 from __future__ import annotations
