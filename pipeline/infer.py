@@ -26,7 +26,7 @@ from pipeline.core.config import Config
 from pipeline.core.jobs import training_slot
 from pipeline.core.utils import atomic_path, read_json, resolve_device, write_csv, write_json
 from pipeline.evaluation.metrics import cv_report
-from pipeline.evaluation.tta import predict_tta, select_views
+from pipeline.evaluation.tta import select_views
 from pipeline.models.weights import normalization
 from pipeline.provenance import collect_oof, counted_folds, fold_done
 from pipeline.rundir import RunDir, file_sha1, load_manifest, load_split, read_folds

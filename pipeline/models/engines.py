@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.core.config import Config, ConfigError
+from pipeline.core.timing import Effort, timed
 from pipeline.core.utils import atomic_path, autocast, device_name, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,8 @@ def ort_run(ort: Any, path: Path, threads: int) -> Run:
 
 
 def rate(run: Run, x: torch.Tensor, seconds: float) -> float:
-    """Images/s of ``run`` on ``x`` (one warm-up call, then calls for ``seconds``)."""
-    run(x)
-    start, n = time.perf_counter(), 0
-    while n == 0 or time.perf_counter() - start < seconds:
-        run(x)
-        n += len(x)
-    return n / (time.perf_counter() - start)
+    """Images/s of ``run`` on ``x`` (one warm-up call, then calls for about ``seconds``: the bench's timing)."""
+    return timed(lambda: len(run(x)), 1, Effort(batches=10**6, seconds=seconds))
 
 
 class FrozenPass:

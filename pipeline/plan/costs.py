@@ -55,24 +55,22 @@ class Estimator:
     def work(self, cfg: Config) -> set[tuple]:
         """What a member leaves cached for later ones: decoded images and, per view, embeddings or activations."""
         side = cache_side(cfg.data.image_size, cfg.data.crop_pct)
-        keys = {("decode", side, cfg.data.resize)}
-        if training_mode(cfg).cache_key(cfg) is not None:
-            train, test = member_views(cfg)
-            keys |= {self.view_key(cfg, split, v) for split, views in (("train", train), ("test", test)) for v in views}
-        return keys
+        return {("decode", side, cfg.data.resize)} | set(self.cached_passes(cfg))
 
     @staticmethod
-    def view_key(cfg: Config, split: str, view: str) -> tuple:
-        """A cached pass of the member's mode (its :meth:`~pipeline.training.mode.TrainMode.cache_key`) over one
-        split under one view."""
-        return (*training_mode(cfg).cache_key(cfg), split, view)
+    def cached_passes(cfg: Config) -> dict[tuple, str]:
+        """The member's cached passes (its mode's :meth:`~pipeline.training.mode.TrainMode.cache_key`, a split and a
+        view), each with its split; none for a mode that caches nothing."""
+        key = training_mode(cfg).cache_key(cfg)
+        if key is None:
+            return {}
+        train, test = member_views(cfg)
+        return {(*key, split, v): split for split, views in (("train", train), ("test", test)) for v in views}
 
     def new_images(self, cfg: Config, before: set[tuple]) -> float:
         """Images × views a features or partial member still has to embed or cache."""
-        train, test = member_views(cfg)
         count = {"train": self.facts.images, "test": self.facts.test_images}
-        return float(sum(count[split] for split, views in (("train", train), ("test", test)) for v in views
-                         if self.view_key(cfg, split, v) not in before))
+        return float(sum(count[split] for key, split in self.cached_passes(cfg).items() if key not in before))
 
     def rate(self, key: tuple, measure: Callable[[], float]) -> float:
         """A throughput, measured once per key (:meth:`measured`)."""

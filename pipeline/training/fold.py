@@ -26,7 +26,7 @@ from pipeline.rundir import RunDir, load_split
 from pipeline.training.checkpoints import load_state, load_weights, save_checkpoint, save_state
 from pipeline.training.losses import build_loss
 from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
-    epochs_for_min_steps, stretch, with_min_steps
+    stretch, with_min_steps
 from pipeline.training.precision import compute_settings
 from pipeline.training.recipe import build_training
 from pipeline.training.record import FoldRecord, Monitor, log_epoch
@@ -48,8 +48,8 @@ class FoldRun:
         self.record = FoldRecord(cfg, fold)  # what the fold is trained with: recorded in every checkpoint
         self.dir, self.name = self.record.dir, self.record.dir.name
         seed = cfg.seed + (fold if fold is not None else cfg.folds.n_splits)
-        self.epochs = epochs_for_min_steps(cfg, len(self.train_rows))
-        recipe = with_min_steps(cfg, len(self.train_rows))
+        recipe = with_min_steps(cfg, len(self.train_rows))  # train.min_steps may add epochs
+        self.epochs = recipe.train.epochs
         self.training = build_training(recipe, data.images, self.labels, self.train_rows, data.manifest, data.device,
                                        seed, data.targets)
         self.eval_loss = build_loss(cfg.train, self.labels[self.train_rows], len(self.classes))

@@ -37,12 +37,12 @@ from pipeline.core.utils import atomic_path, autocast, configure_backends, seed_
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import configured_views
 from pipeline.models.factory import create_model
-from pipeline.models.weights import is_pretrained, normalization, weights_id
+from pipeline.models.weights import is_pretrained, normalization
 from pipeline.rundir import RunDir, load_split
 from pipeline.training import features
 from pipeline.training.checkpoints import load_weights
 from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
-    cached_pass_refusals, epochs_for_min_steps, stretch, with_min_steps
+    cached_pass_refusals, stretch, with_min_steps
 from pipeline.training.precision import compute_settings
 from pipeline.training.recipe import build_optimization
 from pipeline.training.record import FoldRecord, Monitor, log_epoch
@@ -81,8 +81,8 @@ def pooled(back: nn.Module) -> nn.Module:
 
 def activations_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
     """Where the front's output for ``split`` under ``view`` lives; the key names everything it depends on."""
-    key = (f"{split}-{cfg.model.name}-{weights_id(cfg.model)}-{cfg.data.image_size}px-last{cfg.train.tune_blocks}-"
-           f"{view.replace('+', '_')}-{manifest[split]['signature'][:12]}")
+    front = features.frozen_key(cfg, f"last{cfg.train.tune_blocks}")
+    key = f"{split}-{front}-{view.replace('+', '_')}-{manifest[split]['signature'][:12]}"
     return Path(cfg.data.cache_dir) / "activations" / f"{key}.npy"
 
 

@@ -72,8 +72,7 @@ class FoldRecord:
 
     def meta(self, epoch: int, classes: list[str], metrics: dict, **extra) -> dict:
         """The weights' sidecar: the same keys for every mode, then the mode's own (``extra``)."""
-        metrics = {k: None if v != v else v for k, v in metrics.items()}  # the refit's NaN scores: JSON null
-        return {"fold": self.fold, "epoch": epoch, "classes": classes, "metrics": metrics,
+        return {"fold": self.fold, "epoch": epoch, "classes": classes, "metrics": _json(metrics),
                 "mode": self.cfg.train.mode, "model": self.cfg.model.name, "image_size": self.cfg.data.image_size,
                 **extra, "config": to_dict(without_secrets(self.cfg))}
 
@@ -85,8 +84,7 @@ class FoldRecord:
 
     def finish(self, best_epoch: int, epochs: int, metrics: dict, parameters: int) -> dict:
         """``result.json``, written last: the fold is done (:data:`RESULT_KEYS` and the provenance)."""
-        metrics = {k: None if v != v else v for k, v in metrics.items()}
-        result = dict(zip(RESULT_KEYS, (self.fold, self.cfg.train.mode, best_epoch, epochs, metrics,
+        result = dict(zip(RESULT_KEYS, (self.fold, self.cfg.train.mode, best_epoch, epochs, _json(metrics),
                                         round(time.perf_counter() - self.start, 2), int(parameters))))
         write_json(self.dir.result, {**result, **self.provenance})
         return result
@@ -98,6 +96,11 @@ def log_epoch(name: str, epoch: int, epochs: int, train_loss: float, metrics: di
     log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f acc %.4f f1 %.4f%s %.1fs%s", name, epoch, epochs,
              train_loss, metrics["loss"], metrics["accuracy"], metrics["macro_f1"],
              "" if lr is None else f" lr {lr:.3g}", seconds, " *" if improved else "")
+
+
+def _json(metrics: dict) -> dict:
+    """Scores as JSON keeps them: the refit's NaN (nothing held out) as null."""
+    return {k: None if v != v else v for k, v in metrics.items()}
 
 
 def damage(folder: ModelDir) -> Optional[Path]:
