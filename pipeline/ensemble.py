@@ -225,18 +225,27 @@ def with_refit(member: dict, refit: bool, cfg: EnsembleConfig) -> dict:
     """Add the member's refit model (``refit/test.npy``) to its fold models as ``ensemble.refit`` says: "with"
     (``refit_weight`` of the member's share, the folds the rest) or "instead"; ``shares`` holds each model's share."""
     folds = member["folds"]
-    member["shares"], member["refit"] = np.full(len(folds), 1 / len(folds)), None
+    member["shares"], member["refit"] = model_shares(len(folds), False, cfg), None
     if not refit:
         return member
     path = RunDir(member["dir"]).model(None).predictions("test")
     if not path.is_file():
         raise FileNotFoundError(f"ensemble member {member['dir']} was trained with train.refit but has no {path}: "
                                 "run its infer stage")
-    w = 1.0 if cfg.refit == "instead" else cfg.refit_weight
     member["folds"] = ([] if cfg.refit == "instead" else folds) + [np.load(path)]
-    member["shares"] = np.append([] if cfg.refit == "instead" else np.full(len(folds), (1 - w) / len(folds)), w)
-    member["refit"] = "instead of the folds" if cfg.refit == "instead" else f"with the folds, weight {w:g}"
+    member["shares"] = model_shares(len(folds), True, cfg)
+    weight = f"with the folds, weight {cfg.refit_weight:g}"
+    member["refit"] = "instead of the folds" if cfg.refit == "instead" else weight
     return member
+
+
+def model_shares(n_folds: int, refit: bool, cfg: EnsembleConfig) -> np.ndarray:
+    """Each model's share of its member: the ``n_folds`` fold models equally, then, with a refit model, its share
+    as ``ensemble.refit`` says (``instead``: the refit model alone, the folds dropped)."""
+    if not refit:
+        return np.full(n_folds, 1 / n_folds)
+    w = 1.0 if cfg.refit == "instead" else cfg.refit_weight
+    return np.append([] if cfg.refit == "instead" else np.full(n_folds, (1 - w) / n_folds), w)
 
 
 def load_member(run_dir: Path, classes: Optional[list[str]]) -> dict:
@@ -365,7 +374,8 @@ def run(cfg: Config) -> pd.DataFrame:
         ensembler.fit(oof["probs"], oof["labels"], oof["folds"])
     member_folds = [_aligned(m, ids) for m in members]
     test = ensembler.predict_folds(member_folds, [m["shares"] for m in members])
-    report = {"method": cfg.ensemble.method, "members": [str(m["dir"]) for m in members],
+    report = {"method": cfg.ensemble.method, "settings": dataclasses.asdict(cfg.ensemble),
+              "members": [str(m["dir"]) for m in members],
               "models": sum(len(f) for f in member_folds), "weights": cfg.ensemble.weights,
               "member_weights": dict(zip([m["name"] for m in members], ensembler.member_weights())), "oof": None}
     refits = {m["name"]: m["refit"] for m in members if m["refit"]}
