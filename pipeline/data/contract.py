@@ -326,6 +326,15 @@ def _load_test(root: Path, cfg: DataConfig, problems: list[str]) -> tuple[pd.Dat
     return test, list(sample.columns)
 
 
+def load_test(root: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """A test folder read as the preprocess stage reads a competition's: (id, path) rows in the order of
+    ``root/<sample_submission>``, images in ``root/<test_dir>``; the submission's columns and every problem found
+    (ids without an image, images the sample does not list). What a new test set is predicted from."""
+    problems: list[str] = []
+    test, columns = _load_test(root, cfg, problems)
+    return test, columns, problems
+
+
 def _load_imagefolder(root: Path, cfg: DataConfig) -> Competition:
     problems: list[str] = []
     train_dir = root / cfg.train_dir
