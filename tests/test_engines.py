@@ -95,7 +95,9 @@ def test_folds_predict_alike_whichever_engine_made_the_cache(tmp_path, competiti
         oof[engine] = np.concatenate([np.load(cfg.run_dir / f"fold{k}" / "oof.npy") for k in range(3)])
         assert load_split(cfg.run_dir, "test", manifest)[0] is not None and (cfg.run_dir / "test_probs.csv").is_file()
     assert np.abs(oof["torch"] - oof["onnxruntime"]).max() < 0.02
-    assert (oof["torch"].argmax(1) == oof["onnxruntime"].argmax(1)).mean() >= 0.95
+    top2 = np.sort(oof["torch"], axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.04  # rows whose class no difference within the tolerance can flip
+    assert (oof["torch"].argmax(1) == oof["onnxruntime"].argmax(1))[clear].all()
 
 
 def test_the_bench_of_a_frozen_mode_times_each_engine_against_a_matrix_product(tmp_path, competition, tiny_weights):
@@ -108,3 +110,31 @@ def test_the_bench_of_a_frozen_mode_times_each_engine_against_a_matrix_product(t
     for engine in result["engines"].values():
         assert set(engine["img_s"]) == {"4", "8", "16", "32"} and engine["best_img_s"] == max(engine["img_s"].values())
     assert json.loads((cfg.run_dir / "bench_frozen.json").read_text())["key"].endswith("-pooled")
+
+
+def test_a_finetuned_network_predicts_alike_through_either_engine_and_auto_exports_only_what_wins(tmp_path,
+                                                                                                   competition):
+    probs = {}
+    for engine in ("torch", "onnxruntime"):
+        cfg = make_cfg(tmp_path / engine, competition, "train.epochs=1", f"infer.engine={engine}",
+                       "infer.tta=[identity,hflip]", "infer.batch_size=8")
+        chain(cfg)
+        probs[engine] = np.loadtxt(cfg.run_dir / "test_probs.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    assert np.abs(probs["torch"] - probs["onnxruntime"]).max() < 1e-3
+    graphs = sorted((tmp_path / "onnxruntime" / "cache" / "graphs").glob("*.onnx"))
+    assert len(graphs) == 3  # one per fold, named by its kept weights
+    # auto, with PyTorch recorded as the faster engine for this network: nothing is exported
+    cfg = make_cfg(tmp_path / "onnxruntime", competition, "train.epochs=1", "infer.tta=[identity,hflip]",
+                   "infer.batch_size=8")
+    manifest = load_manifest(cfg.run_dir)
+    predict = infer.fold_predictor(cfg, 0, manifest, torch.device("cpu"))
+    x = torch.zeros(manifest["test"]["n"], 3, cfg.data.image_size, cfg.data.image_size)  # one batch: all 6
+    net = FrozenPass(torch.nn.Identity(), cfg, "unused", torch.device("cpu"), None,
+                     choice_key=graphs[0].stem.rsplit("-", 1)[0] + "-network")
+    record = net.choice_key
+    path = graph_path(cfg, record).with_suffix(".json")
+    path.write_text(json.dumps({"rates": {net.setting(x): {"torch": 2.0, "onnxruntime": 1.0}}}))
+    for graph in graphs:
+        graph.unlink()
+    predict("test", np.arange(manifest["test"]["n"]), ["identity"])
+    assert not list((tmp_path / "onnxruntime" / "cache" / "graphs").glob("*.onnx"))

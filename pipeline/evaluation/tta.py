@@ -81,17 +81,20 @@ def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray, mean,
 
 
 @torch.no_grad()
-def predict_tta(model, images, rows, names: list[str], mean, std, device: torch.device, dtype=None,
-                channels_last: bool = True, batch_size: int = 512, size: Optional[int] = None) -> torch.Tensor:
+def predict_tta(model: Callable[[torch.Tensor], torch.Tensor], images, rows, names: list[str], mean, std,
+                device: torch.device, dtype=None, channels_last: bool = True, batch_size: int = 512,
+                size: Optional[int] = None) -> torch.Tensor:
     """Mean softmax over the TTA views ``names`` for ``rows`` of a uint8 N×H×W×3 cache (float32, CPU).
 
     Each batch is read (its centre ``size`` square when the cache holds a margin) and normalised once, then
-    goes through every view, so extra views cost only their forward passes.
+    goes through every view, so extra views cost only their forward passes. ``model`` is a network (put in
+    eval mode) or any pass over it (an engine's, :class:`pipeline.models.engines.FrozenPass`).
     """
     if not names:
         raise ValueError("infer.tta needs at least one view (e.g. [identity])")
     views = [get_view(n) for n in names]
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     out = []
     for batch in iter_batches(images, np.asarray(rows), batch_size, size):
         x = to_float(batch, mean, std, device, channels_last)

@@ -94,8 +94,11 @@ class FrozenPass:
     """A frozen module's forward pass through the configured engine, chosen on the first batch it sees."""
 
     def __init__(self, module: nn.Module, cfg: Config, key: str, device: torch.device,
-                 dtype: Optional[torch.dtype]) -> None:
+                 dtype: Optional[torch.dtype], choice_key: Optional[str] = None) -> None:
+        """``key`` names the graph (the module's weights); ``choice_key`` the record of the engines' rates, shared
+        by modules that differ only in their weights (default: ``key``), so only the first one is timed."""
         self.module, self.cfg, self.key, self.device, self.dtype = module, cfg, key, device, dtype
+        self.choice_key = choice_key or key
         self.run: Optional[Run] = None
         self.engine = ""
 
@@ -105,7 +108,11 @@ class FrozenPass:
         return self.run(x)
 
     def choose(self, x: torch.Tensor) -> tuple[str, Run]:
-        """(engine, run) for ``infer.engine`` on this machine, the graph exported and checked on ``x``."""
+        """(engine, run) for ``infer.engine`` on this machine, the graph exported and checked on ``x`` (not even
+        exported when ``auto`` already timed this setting and PyTorch won)."""
+        known = self.known_rates(x)
+        if self.cfg.infer.engine == "auto" and set(known) == set(ENGINES) and max(known, key=known.get) == "torch":
+            return "torch", torch_run(self.module, self.device, self.dtype)
         runs = self.runs(x)
         if "onnxruntime" in runs and not self.same_as_torch(runs["onnxruntime"], x):
             del runs["onnxruntime"]
@@ -142,6 +149,9 @@ class FrozenPass:
                 if attempt:
                     log.warning("%s: no ONNX graph (%s: %s): PyTorch serves this pass", self.key,
                                 type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                elif path.is_file():  # the cached graph does not load: damaged, exported again
+                    log.warning("%s is damaged (%s: %s): exporting it again", path, type(err).__name__,
+                                str(err).splitlines()[0][:200] if str(err) else "")
         return None
 
     def same_as_torch(self, run: Run, x: torch.Tensor) -> bool:
@@ -163,18 +173,27 @@ class FrozenPass:
         """Images/s of each allowed engine on a batch like ``x``, timed once per machine, threads, batch and
         precision (recorded beside the graph, so ``auto`` chooses once; what the planner charges)."""
         runs = runs if runs is not None else self.runs(x)
-        path = graph_path(self.cfg, self.key).with_suffix(".json")
+        path = graph_path(self.cfg, self.choice_key).with_suffix(".json")
         record = _record(path)
-        setting = f"{device_name(self.device)} | {torch.get_num_threads()} threads | batch {len(x)} | {self.dtype}"
-        known = record.setdefault("rates", {}).get(setting, {})
+        known = record.setdefault("rates", {}).get(self.setting(x), {})
         if set(runs) - set(known):
             known = dict.fromkeys(runs, 0.0)
             for _ in range(CHOICE_ROUNDS):  # interleaved, best of each: a passing load biases neither engine
                 for name, run in runs.items():
                     known[name] = max(known[name], round(rate(run, x, CHOICE_SECONDS / CHOICE_ROUNDS), 1))
-            record["rates"][setting] = known
+            record["rates"][self.setting(x)] = known
             write_json(path, record)
         return {name: known[name] for name in runs}
+
+    def setting(self, x: torch.Tensor) -> str:
+        """What a recorded rate holds for: the machine, threads, batch and precision."""
+        return f"{device_name(self.device)} | {torch.get_num_threads()} threads | batch {len(x)} | {self.dtype}"
+
+    def known_rates(self, x: torch.Tensor) -> dict[str, float]:
+        """The rates recorded for a batch like ``x`` in this setting (empty when not timed yet)."""
+        rates = _record(graph_path(self.cfg, self.choice_key)).get("rates", {})
+        known = rates.get(self.setting(x), {}) if isinstance(rates, dict) else {}
+        return known if isinstance(known, dict) else {}
 
     def planned_rate(self, x: torch.Tensor) -> float:
         """The images/s this pass will run at: the configured engine's, or ``auto``'s choice."""

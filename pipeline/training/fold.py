@@ -18,11 +18,12 @@ from pipeline.core.config import Config
 from pipeline.core.utils import read_json
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import configured_views, predict_tta
+from pipeline.models.engines import FrozenPass
 from pipeline.models.factory import count_parameters, create_model
 from pipeline.models.weights import normalization
 from pipeline.provenance import data_change, same_training
 from pipeline.report.figures import confusion_figure, figure_array
-from pipeline.rundir import RunDir, load_split
+from pipeline.rundir import RunDir, file_sha1, load_split
 from pipeline.training.checkpoints import load_state, load_weights, save_checkpoint, save_state
 from pipeline.training.losses import build_loss
 from pipeline.training.mode import FOLD_OVERHEAD_S, TRAIN_MODES, Cost, FoldData, Predict, Rates, TrainMode, \
@@ -215,10 +216,12 @@ class FinetuneMode(TrainMode):
         model = load_fold_model(cfg, fold, len(manifest["classes"]), device)
         mean, std = normalization(cfg.model, manifest)
         dtype, channels_last = compute_settings(cfg, device)
+        key, choice_key = network_keys(cfg, fold, len(manifest["classes"]))
+        net = FrozenPass(model, cfg, key, device, dtype, choice_key=choice_key)
 
         def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:
             images, _ = load_split(cfg.run_dir, split, manifest)
-            return predict_tta(model, images, rows, views, mean=mean, std=std, device=device,
+            return predict_tta(net, images, rows, views, mean=mean, std=std, device=device,
                                channels_last=channels_last, dtype=dtype, batch_size=cfg.infer.batch_size,
                                size=cfg.data.image_size).numpy()
 
@@ -232,6 +235,14 @@ class FinetuneMode(TrainMode):
         views = len(configured_views(cfg.infer))
         per_epoch = (n * (k - 1) / train + n / forward) * stretch(cfg, n * (k - 1) / k)
         return Cost((n + k * t) * views / forward + k * FOLD_OVERHEAD_S, per_epoch)
+
+
+def network_keys(cfg: Config, fold: Optional[int], num_classes: int) -> tuple[str, str]:
+    """(graph key, choice key) of a fold's network for :class:`FrozenPass`: the graph is named by the kept
+    weights' content, the engines' timing by the architecture, so ``auto`` times the first fold only."""
+    digest = file_sha1(RunDir.of(cfg).model(fold).weights("best"))[:16]
+    network = f"{cfg.model.name}-{num_classes}cls-{cfg.data.image_size}px"
+    return f"{network}-{digest}", f"{network}-network"
 
 
 def load_fold_model(cfg: Config, fold: Optional[int], num_classes: int, device: torch.device) -> nn.Module:
