@@ -8,6 +8,8 @@
 #   ./run.sh <stage> [CONFIG] [--set ...]                   one stage: eda preprocess folds train infer ensemble results submit
 #   ./run.sh search [CONFIG] [--set ...]                    preprocess, then the model/hyperparameter search
 #   ./run.sh compare RUN RUN[,SEED_RUN...] [--plain]        is the CV gap real? paired bootstrap and McNemar on OOF rows
+#   ./run.sh predict RUN_DIR DATA --out FILE [...]        a finished run (or export) predicts new images, offline
+#   ./run.sh export RUN_DIR --out DIR                       the run's models as ONNX graphs, checked against PyTorch
 #   ./run.sh help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,7 +19,7 @@ VENV=${VENV:-.venv}   # another virtual environment: VENV=/path/to/venv ./run.sh
 PY="$VENV/bin/python"
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   echo "stages: $STAGES (also: bench, augment --preview, data.demo)"
 }
 
@@ -60,9 +62,9 @@ case "$cmd" in
     stage_args "$@"
     "$PY" -m pipeline.preprocess "${ARGS[@]}"
     exec "$PY" -m pipeline.search "${ARGS[@]}" ;;
-  compare)
+  compare|predict|export)
     setup
-    exec "$PY" -m pipeline.compare "$@" ;;
+    exec "$PY" -m "pipeline.$cmd" "$@" ;;
   eda|preprocess|folds|train|infer|ensemble|results|submit|bench|augment)
     setup
     stage_args "$@"
