@@ -32,8 +32,8 @@ from pipeline.core.timing import Clock, parse_duration
 from pipeline.core.utils import read_json, setup_logging
 from pipeline.data.demo import build as build_demo
 from pipeline.eda import suggest
-from pipeline.plan import planner
-from pipeline.rundir import check_data, suggested_experiment
+from pipeline.plan import ledger, planner
+from pipeline.rundir import RunBusy, check_data, run_lock, suggested_experiment
 from pipeline.training import modes
 
 log = logging.getLogger(__name__)
@@ -137,54 +137,54 @@ def own_folder(cfg: Config, overrides: list[str]) -> Config:
 
 def run_auto(cfg: Config, overrides: list[str], budget_s: Optional[float], clock: Clock = time.monotonic,
              estimate: Optional[planner.Estimate] = None) -> Optional[Path]:
-    """``recipe: auto``: the EDA, the plan (``plan.json``, before anything trains), its members while the budget
-    lasts, then the ensemble, results and submission of the members that finished. ``clock`` and ``estimate``
-    replace the wall clock and the measured estimates. The submission's path, or None when a stage failed."""
+    """``recipe: auto``: the EDA, the plan (``plan.json``, before anything trains; an earlier invocation's carried
+    on), its members while the budget lasts, then the ensemble, results and submission of the members that
+    finished, all under the first member's run-folder lock. ``clock`` and ``estimate`` replace the wall clock and
+    the measured estimates. The submission's path, or None when a stage failed."""
     start = clock()
-    eda = run_steps([("eda", cfg)])
-    if eda is None:
-        return None
-    facts = suggest.facts(read_json(eda.json))
-    family, why = suggest.family(facts)
-    base = planner.base_config(family, cfg, overrides)
-    plan = planner.planned(family, why, base, facts, budget_s, lambda: clock() - start, estimate)
-    for member in plan.configs:  # a setting a member's mode cannot honour: refused before anything trains
-        modes.training_mode(member)
-    done = run_members(plan, clock, start)
-    return run_final(plan, done, clock, start) if done else None
+    with run_lock(cfg.run_dir, "full"):
+        eda = run_steps([("eda", cfg)])
+        if eda is None:
+            return None
+        report = read_json(eda.json)
+        facts = suggest.facts(report)
+        family, why = suggest.family(facts)
+        base, applied = planner.protections(report, planner.base_config(family, cfg, overrides),
+                                            ledger.user_keys(overrides))
+        plan = planner.planned(family, why, base, facts, budget_s, lambda: clock() - start, estimate, overrides)
+        plan.record["cv"] = applied
+        plan.save()
+        for member in plan.configs:  # a setting a member's mode cannot honour: refused before anything trains
+            modes.training_mode(member)
+        done = run_members(plan, clock)
+        return run_final(plan, done) if done else None
 
 
-def run_members(plan: planner.Plan, clock: Clock, start: float) -> list[Config]:
-    """Every planned member's stages in turn while the plan lets it run; the members that finished (none when
-    the first failed: there is nothing to submit)."""
-    done: list[Config] = []
-    for i, cfg in enumerate(plan.configs):
-        if plan.steps[i]["status"] != "planned":
-            continue
-        reason = planner.skip_reason(plan, i, clock() - start) if i != plan.lead else None
+def run_members(plan: planner.Plan, clock: Clock) -> list[Config]:
+    """Every planned member's stages in turn while the budget lets it run, the rest re-fitted after each; the
+    members that finished, the first member's first (none when it failed: there is nothing to submit)."""
+    while (i := planner.next_step(plan)) is not None:
+        reason = planner.skip_reason(plan, i) if i != plan.lead else None
         planner.start_step(plan, i, reason)
         if reason:
             continue
         begin = clock()
-        ok = run_steps([(stage, cfg) for stage in MEMBER_STAGES]) is not None
-        planner.finish_step(plan, i, clock() - begin, ok, clock() - start)
-        if ok:
-            done.append(cfg)
-        elif i == plan.lead:
+        ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
+        planner.finish_step(plan, i, clock() - begin, ok)
+        if not ok and i == plan.lead:
             return []
-        if i == plan.lead:
-            planner.adapt(plan, clock() - start)
-    return done
+        planner.refit(plan)
+    return planner.finished(plan)
 
 
-def run_final(plan: planner.Plan, done: list[Config], clock: Clock, start: float) -> Optional[Path]:
+def run_final(plan: planner.Plan, done: list[Config]) -> Optional[Path]:
     """The ensemble of the finished members in the first one's folder, its results page and the submission."""
     final = planner.final_config(done[0], done[1:])
     if run_steps([("ensemble", final)]) is None:
         return None
     planner.finish_ensemble(plan, final)
     path = run_steps([(stage, final) for stage in ("results", "submit")])
-    planner.finish_run(plan, path, clock() - start)
+    planner.finish_run(plan, path)
     log.info("%s", planner.table(plan.record))
     return path
 
@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         auto, steps, budget_s = prepare(args)
         path = run_auto(auto, args.overrides, budget_s) if auto is not None else run_steps(steps)
-    except ConfigError as err:  # a plan's member config that cannot load: one line, like any config error
+    except (ConfigError, RunBusy) as err:  # a member config that cannot load, a busy folder: one line
         print(f"error: {err}", file=sys.stderr)
         return 1
     if path is None:

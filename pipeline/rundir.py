@@ -198,19 +198,33 @@ class RunBusy(RuntimeError):
     """Another process holds the run folder."""
 
 
+_HELD: dict[str, int] = {}  # the run folders this process holds, and how many times over
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path, what: str) -> Iterator[None]:
-    """Hold the run folder's ``.lock`` while ``what`` runs; raise :class:`RunBusy` naming the holder if taken."""
+    """Hold the run folder's ``.lock`` while ``what`` runs; raise :class:`RunBusy` naming the holder if taken.
+    Re-entrant within a process: ``full`` holds its folder from planning to submission while its stages run."""
     path = RunDir(run_dir).lock
+    held_here = os.path.realpath(path)
+    if held_here in _HELD:
+        _HELD[held_here] += 1
+        try:
+            yield
+        finally:
+            _HELD[held_here] -= 1
+        return
     fd = try_lock(path, {"pid": os.getpid(), "stage": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
     if fd is None:
         held = holder(path)
         raise RunBusy(f"{run_dir} is in use by another pipeline process (pid {held.get('pid', '?')}, "
                       f"{held.get('stage', '?')} since {held.get('since', '?')}): wait for it to finish, or give "
                       "this run its own folder with --set experiment=NAME")
+    _HELD[held_here] = 1
     try:
         yield
     finally:
+        del _HELD[held_here]
         os.close(fd)
 
 

@@ -128,9 +128,10 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     assert [s["status"] for s in small.steps] == ["planned", "dropped", "dropped"] and small.lead == 0
     assert small.configs[0].train.epochs == int((left - 2) // 0.25) == 28  # the compact CNN for as long as fits
 
-    over = given({"base": 5, "long": 1, "seed2": 1})
-    tight = planner.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
-    assert [s["status"] for s in tight.steps] == ["planned", "dropped", "dropped"]  # the first runs regardless
+    over = given({"base": 5, "long": 1, "seed2": 1})  # 5 min + 30 s of final stages: 5.7 min with the reserve
+    with pytest.raises(ConfigError, match=r"--budget 1m is too small here: the first member \(base\) needs about "
+                                          r"5.0 min .*give --budget 6m or more"):
+        planner.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
 
     unbudgeted = planner.make_plan("small", "why", cfg, small_facts(), None, no_time, None)
     assert [s["status"] for s in unbudgeted.steps] == ["planned", "dropped", "dropped"]
@@ -156,7 +157,8 @@ def test_after_the_first_member_the_rest_is_refitted_and_reordered_by_its_score(
     assert [s["member"] for s in made.steps] == ["lp", "partial", "lite2", "crops", "partial-seed2"]
     assert made.configs[1].train.epochs == 2 and made.steps[1]["estimated_min"] == pytest.approx(5)  # 1 + 2 x 2
     made.steps[0].update(status="done", oof={"accuracy": first_oof, "log_loss": 0.5})
-    planner.adapt(made, elapsed_s=10 * 60)  # the first member took 10 min, not 2: 10 - 0.9 (reserve) left
+    made.elapsed = lambda: 10 * 60  # the first member took 10 min, not 2: 10 - 0.9 (reserve) left
+    planner.refit(made)
     order = [s["member"] for s in made.steps]
     if first_oof >= planner.EASY_OOF:  # near ImageNet: the larger frozen backbone before fine-tuning
         assert order == ["lp", "lite2", "crops", "partial", "partial-seed2"]
@@ -170,7 +172,8 @@ def test_after_the_first_member_the_rest_is_refitted_and_reordered_by_its_score(
     assert read_json(made.path)["steps"] == made.steps  # saved as adapted
 
     made.steps[0]["oof"]["accuracy"] = 0.5
-    planner.adapt(made, elapsed_s=15 * 60)  # 3.9 min left: partial fits with one epoch only
+    made.elapsed = lambda: 15 * 60  # 3.9 min left: partial fits with one epoch only
+    planner.refit(made)
     assert made.configs[1].train.epochs == 1 and made.steps[1]["status"] == "planned"
     assert [s["status"] for s in made.steps[2:]] == ["dropped"] * 3
 
@@ -199,29 +202,27 @@ def test_the_plan_is_written_before_training_and_one_member_runs_without_a_budge
     assert 'id="plan"' in (tmp_path / "reports" / "demo" / "results" / "index.html").read_text()
 
 
-class HalfHours:
-    """A clock on which every reading finds half an hour gone."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1800.0
-        return self.now
-
-
-def test_an_overrunning_member_stops_further_ones_and_the_submission_is_written(tmp_path, monkeypatch):
-    root = make_competition(tmp_path / "comp", n_per_class=8)
-    # the small family with a first member that never makes way, so that it runs and overruns
+def only_the_first(monkeypatch) -> None:
+    """The small family with a first member that never makes way and trains its configured epochs."""
     monkeypatch.setitem(planner.FAMILIES, "small", [
         replace(m, yields=False, epochs=None if m.name == "base" else m.epochs) for m in planner.FAMILIES["small"]])
+
+
+def test_a_spent_budget_runs_no_further_member_and_the_submission_is_written(tmp_path, monkeypatch):
+    root = make_competition(tmp_path / "comp", n_per_class=8)
+    only_the_first(monkeypatch)
     sets = config_overrides(tmp_path, root)
     cfg = load_config(DEFAULT_CONFIG, sets)
-    path = full.run_auto(cfg, sets, 6 * 3600, clock=HalfHours(), estimate=given({"base": 1, "long": 1, "seed2": 1}))
+    trained = RunDir.of(cfg).model(0).weights("best")
+
+    def clock() -> float:  # the first member's training takes the hour
+        return 3600.0 if trained.is_file() else 0.0
+
+    path = full.run_auto(cfg, sets, 3600, clock=clock, estimate=given({"base": 1, "long": 1, "seed2": 1}))
     assert path is not None and path.is_file()
     record = read_json(RunDir.of(cfg).plan)
-    assert [s["status"] for s in record["steps"]] == ["done", "skipped", "skipped"]
-    assert "base took" in record["steps"][1]["note"] and record["stopped"].startswith("base took")
+    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped"]
+    assert "min left" in record["steps"][1]["note"] and record["stopped"] == "the budget is spent"
     assert record["ensemble"]["oof"] is not None and record["submission"] == str(path)
     assert not (tmp_path / "runs" / "demo-long").exists()
 
