@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
@@ -213,3 +214,64 @@ def test_data_input_keys_are_checked():
     assert load_config(None, ["data.max_pixels=null"]).data.max_pixels is None
     with pytest.raises(ConfigError, match="data.max_pixels: must be positive"):
         load_config(None, ["data.max_pixels=0"])
+
+
+# --------------------------------------------------------------------------- ranges of sizes, counts and fractions
+
+
+def _numeric(tp) -> bool:
+    """Whether a type hint holds numbers: int or float, a list of them (nested too), or a union with one."""
+    if tp in (int, float):
+        return True
+    return any(_numeric(arg) for arg in typing.get_args(tp) if arg is not type(None))
+
+
+def _depth(tp) -> int:
+    """How deep the lists of a type hint nest (0: a plain number)."""
+    if typing.get_origin(tp) in (list, tuple):
+        return 1 + _depth(typing.get_args(tp)[0])
+    return max((_depth(a) for a in typing.get_args(tp) if typing.get_origin(a) in (list, tuple)), default=0)
+
+
+def _number_keys(cls=Config, prefix: str = ""):
+    """(dotted key, section class, field name, list depth) of every number key of the config, sections within."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _number_keys(hints[f.name], f"{key}.")
+        elif _numeric(hints[f.name]):
+            yield key, cls, f.name, _depth(hints[f.name])
+
+
+def test_every_size_count_and_fraction_key_has_a_range():
+    keys = list(_number_keys())
+    assert len(keys) >= 85 and {"infer.batch_size", "search.arch.channels", "seed"} <= {k for k, *_ in keys}
+    assert [key for key, cls, name, _ in keys if name not in cls.LIMITS] == []
+
+
+def _outside(limit):
+    """A value just outside ``limit``."""
+    if limit.low is not None:
+        return limit.low if limit.low_open else limit.low - 1
+    return limit.high + 1
+
+
+@pytest.mark.parametrize("key, cls, name, depth", [pytest.param(*k, id=k[0]) for k in _number_keys()])
+def test_a_value_out_of_range_is_refused_at_load_naming_the_key(key, cls, name, depth):
+    value = _outside(cls.LIMITS[name])
+    for _ in range(depth):
+        value = [value]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={value}"])
+    assert f"{key}: " in str(err.value) and f"must be {cls.LIMITS[name]}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_zero_inference_batch_is_a_one_line_error_before_anything_runs(tmp_path, capsys):
+    from pipeline import train
+
+    assert train.main(["--set", f"runs_dir={tmp_path}", "--set", "infer.batch_size=0"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: configs/default.yaml: infer.batch_size: must be positive, got 0\n"
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made

@@ -14,13 +14,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from pipeline.core.sections import (ArchSpaceConfig, AugmentConfig, ConfigError, DataConfig, EdaConfig,
-                                    EnsembleConfig, FoldsConfig, InferConfig, ModelConfig, SearchConfig,
-                                    SubmitConfig, TrainConfig)
+from pipeline.core.sections import (NON_NEGATIVE, ArchSpaceConfig, AugmentConfig, ConfigError, DataConfig, EdaConfig,
+                                    EnsembleConfig, FoldsConfig, InferConfig, Limit, ModelConfig, SearchConfig,
+                                    SubmitConfig, TrainConfig, check_limits)
 
 __all__ = ["ConfigError", "DataConfig", "FoldsConfig", "ModelConfig", "AugmentConfig", "TrainConfig",
            "InferConfig", "EnsembleConfig", "SubmitConfig", "EdaConfig", "ArchSpaceConfig", "SearchConfig",
@@ -30,6 +30,8 @@ __all__ = ["ConfigError", "DataConfig", "FoldsConfig", "ModelConfig", "AugmentCo
 
 @dataclass(frozen=True)
 class Config:
+    SECTION: ClassVar[str] = ""  # the top level: its keys are named without a section
+    LIMITS: ClassVar[dict[str, Limit]] = {"seed": NON_NEGATIVE}
     experiment: str = "demo"
     seed: int = 42
     runs_dir: str = "runs"
@@ -48,6 +50,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
+        check_limits(self)
         if self.augment.flip == "alternate" and self.data.loader != "device":
             raise ConfigError("augment.flip: alternate is only supported by data.loader: device "
                               f"(got data.loader: {self.data.loader})")

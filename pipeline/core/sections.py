@@ -5,8 +5,10 @@ YAML into it."""
 from __future__ import annotations
 
 import codecs
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -14,7 +16,64 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Limit:
+    """The range a number key (or every number of a list key) must lie in, checked when its section is made, so a
+    size, count or fraction out of range is refused at config load instead of failing mid-run."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself is out
+    high_open: bool = False  # high itself is out
+
+    def holds(self, x: float) -> bool:
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return "positive" if self.low == 0 and self.low_open else f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Limit(0, low_open=True)  # sizes, counts that must be at least 1, rates, strengths
+NON_NEGATIVE = Limit(0)  # counts where 0 means none or off, seeds
+FRACTION = Limit(0, 1)  # probabilities and weights in [0, 1]
+
+
+def _numbers(value: Any) -> list:
+    """The numbers in ``value``: itself, or every number in a (nested) list; strings, bools and None are skipped."""
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in _numbers(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _nullable(cls: type) -> frozenset:
+    """The fields of ``cls`` that may be null."""
+    return frozenset(name for name, tp in typing.get_type_hints(cls).items()
+                     if type(None) in typing.get_args(tp))
+
+
+def check_limits(section: Any) -> None:
+    """Refuse a value outside its :class:`Limit` (the section's ``LIMITS``), naming the key, its range and the
+    value; every section calls this first in its ``__post_init__``."""
+    prefix = f"{section.SECTION}." if section.SECTION else ""
+    for name, limit in section.LIMITS.items():
+        value = getattr(section, name)
+        bad = [x for x in _numbers(value) if not limit.holds(x)]
+        if bad:
+            each = "every value " if isinstance(value, (list, tuple)) else ""
+            null = " or null" if name in _nullable(type(section)) else ""
+            raise ConfigError(f"{prefix}{name}: {each}must be {limit}{null}, got {value!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
+    SECTION: ClassVar[str] = "data"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "image_size": POSITIVE, "crop_pct": Limit(0, 1, low_open=True), "subset": POSITIVE,
+        "subset_seed": NON_NEGATIVE, "num_workers": NON_NEGATIVE, "device_memory_fraction": Limit(0, 1, low_open=True),
+        "max_pixels": POSITIVE}
     root: str = "data/demo"  # the competition folder; any config can be pointed elsewhere with --set data.root=
     train_csv: str = "train.csv"
     id_col: str = "id"
@@ -54,29 +113,33 @@ class DataConfig:
     allow_formula_cells: bool = False
 
     def __post_init__(self) -> None:
+        check_limits(self)
         try:
             codecs.lookup(self.csv_encoding)
         except LookupError:
             raise ConfigError(f"data.csv_encoding: unknown encoding {self.csv_encoding!r} (e.g. utf-8, latin-1, "
                               "cp1252)") from None
-        if self.max_pixels is not None and self.max_pixels <= 0:
-            raise ConfigError(f"data.max_pixels: must be positive or null, got {self.max_pixels}")
-        if not 0 < self.device_memory_fraction <= 1:
-            raise ConfigError(f"data.device_memory_fraction: must be in (0, 1], got {self.device_memory_fraction}")
-        if not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"data.crop_pct: must be in (0, 1], got {self.crop_pct}")
+
 
 @dataclass(frozen=True)
 class FoldsConfig:
+    SECTION: ClassVar[str] = "folds"
+    LIMITS: ClassVar[dict[str, Limit]] = {"n_splits": Limit(2), "seed": NON_NEGATIVE}
     n_splits: int = 5
     seed: int = 42
     # keep the EDA's exact/near-duplicate groups (reports/<experiment>/eda/duplicate_groups.csv) inside one
     # fold, so copies of an image never score each other; merged with data.group_col groups when both are set
     group_duplicates: bool = False
 
+    def __post_init__(self) -> None:
+        check_limits(self)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
+    SECTION: ClassVar[str] = "model"
+    LIMITS: ClassVar[dict[str, Limit]] = {"drop_rate": Limit(0, 1, high_open=True), "whiten_eps": NON_NEGATIVE,
+                                         "whiten_bias_epochs": NON_NEGATIVE, "bn_momentum": FRACTION}
     name: str = "resnet18"  # a registered compact model or any timm model name
     # ImageNet weights: shipped with a pip package for efficientnet_lite0 / tf_efficientnet_lite0 (offline),
     # else timm's download (Hugging Face cache)
@@ -102,17 +165,18 @@ class ModelConfig:
     bn_momentum: Optional[float] = None
 
     def __post_init__(self) -> None:
+        check_limits(self)
         if self.spec is not None and self.name != "spec":
             object.__setattr__(self, "name", "spec")
-        if self.whiten_eps < 0 or (self.whiten_bias_epochs or 0) < 0:
-            raise ConfigError(f"model.whiten_eps and whiten_bias_epochs: must be >= 0, got {self.whiten_eps} and "
-                              f"{self.whiten_bias_epochs}")
-        if self.bn_momentum is not None and not 0 <= self.bn_momentum <= 1:
-            raise ConfigError(f"model.bn_momentum: must be in [0, 1] (torch convention), got {self.bn_momentum}")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    SECTION: ClassVar[str] = "augment"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "n_select": NON_NEGATIVE, "level": NON_NEGATIVE, "n_level": POSITIVE, "mixup_alpha": NON_NEGATIVE,
+        "cutmix_alpha": NON_NEGATIVE, "mix_prob": FRACTION, "switch_prob": FRACTION, "sizes": POSITIVE,
+        "size_epochs": NON_NEGATIVE}
     policy: str = "basic"  # see pipeline.augment.POLICIES
     # RandAugment (Cubuk et al.): n_select ops per image, magnitude = level / n_level
     n_select: int = 2
@@ -135,13 +199,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         """Reject values no policy can use, naming the key (op names are checked by the policy)."""
+        check_limits(self)
         checks = [
-            (self.n_level > 0, f"augment.n_level: must be positive, got {self.n_level}"),
-            (0 <= self.level <= self.n_level, f"augment.level: must be in [0, n_level={self.n_level}], got {self.level}"),
-            (self.n_select >= 0, f"augment.n_select: must be >= 0, got {self.n_select}"),
-            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "augment.mixup_alpha/cutmix_alpha: must be >= 0"),
-            (0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1, "augment.mix_prob/switch_prob: must be in [0, 1]"),
-            (not self.sizes or all(s > 0 for s in self.sizes), f"augment.sizes: must be positive, got {self.sizes}"),
+            (self.level <= self.n_level, f"augment.level: must be in [0, n_level={self.n_level}], got {self.level}"),
             (not self.size_epochs or (self.sizes is not None and len(self.size_epochs) == len(self.sizes)),
              f"augment.size_epochs: needs one start epoch per entry of augment.sizes ({self.sizes})"),
             (not self.size_epochs or list(self.size_epochs) == sorted(self.size_epochs),
@@ -154,6 +214,17 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    SECTION: ClassVar[str] = "train"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "epochs": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
+        "label_smoothing": Limit(0, 1, high_open=True), "focal_gamma": NON_NEGATIVE, "class_weights": NON_NEGATIVE,
+        "warmup_epochs": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "plateau_patience": NON_NEGATIVE,
+        "plateau_factor": Limit(0, 1, low_open=True, high_open=True), "accum_steps": POSITIVE,
+        "early_stopping": NON_NEGATIVE, "threads": NON_NEGATIVE, "folds": NON_NEGATIVE, "tune_blocks": POSITIVE,
+        "crop_views": NON_NEGATIVE, "min_steps": NON_NEGATIVE, "freeze_epochs": NON_NEGATIVE,
+        "backbone_lr_mult": NON_NEGATIVE, "ema_decay": Limit(0, 1, high_open=True), "lookahead_k": NON_NEGATIVE,
+        "lookahead_alpha": Limit(0, 1, low_open=True), "head_c": POSITIVE, "head_hidden": POSITIVE,
+        "head_steps": POSITIVE, "distill_alpha": FRACTION, "distill_temperature": POSITIVE}
     epochs: int = 10
     batch_size: int = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -226,23 +297,16 @@ class TrainConfig:
     distill_temperature: float = 1.0  # > 1 softens the teacher's probabilities
 
     def __post_init__(self) -> None:
-        if self.tune_blocks < 1 or self.crop_views < 0 or self.min_steps < 0:
-            raise ConfigError(f"train.tune_blocks must be >= 1, train.crop_views and train.min_steps >= 0, got "
-                              f"{self.tune_blocks}, {self.crop_views} and {self.min_steps}")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ConfigError(f"train.distill_alpha: must be in [0, 1], got {self.distill_alpha}")
-        if self.distill_temperature <= 0:
-            raise ConfigError(f"train.distill_temperature: must be positive, got {self.distill_temperature}")
+        check_limits(self)
         if self.refit and self.scheduler == "plateau":
             raise ConfigError("train.refit: trains a model without held-out rows, so it needs a schedule fixed in "
                               "advance (not plateau)")
-        if self.lookahead_k < 0 or not 0 < self.lookahead_alpha <= 1:
-            raise ConfigError(f"train.lookahead_k must be >= 0 and train.lookahead_alpha in (0, 1], got "
-                              f"{self.lookahead_k} and {self.lookahead_alpha}")
 
 
 @dataclass(frozen=True)
 class InferConfig:
+    SECTION: ClassVar[str] = "infer"
+    LIMITS: ClassVar[dict[str, Limit]] = {"batch_size": POSITIVE}
     # the TTA views, or "auto": from tta_candidates, greedily keep the views that improve the OOF tta_metric
     tta: Union[Literal["auto"], list[str]] = field(default_factory=lambda: ["identity", "hflip"])
     tta_candidates: list[str] = field(default_factory=lambda: [
@@ -254,9 +318,15 @@ class InferConfig:
     # (an exported graph), or auto: the faster of the two on this machine, timed once (pipeline.models.engines)
     engine: Literal["auto", "torch", "onnxruntime"] = "auto"
 
+    def __post_init__(self) -> None:
+        check_limits(self)
+
 
 @dataclass(frozen=True)
 class EnsembleConfig:
+    SECTION: ClassVar[str] = "ensemble"
+    LIMITS: ClassVar[dict[str, Limit]] = {"weights": NON_NEGATIVE, "hill_climb_steps": NON_NEGATIVE, "stack_cs": POSITIVE,
+                                         "refit_weight": FRACTION}
     members: list[str] = field(default_factory=list)  # other experiments' run folders; this run is always in
     # an ensemble config: its member experiments' config files (paths from the working directory). `./run.sh full
     # THIS.yaml` runs each member's stages, then this run's ensemble of them; this run is then not a member itself
@@ -276,25 +346,37 @@ class EnsembleConfig:
     refit_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0 <= self.refit_weight <= 1:
-            raise ConfigError(f"ensemble.refit_weight: must be in [0, 1], got {self.refit_weight}")
+        check_limits(self)
+        if self.weights is not None and not sum(self.weights) > 0:
+            raise ConfigError(f"ensemble.weights: at least one must be positive, got {self.weights}")
 
 
 @dataclass(frozen=True)
 class SubmitConfig:
+    SECTION: ClassVar[str] = "submit"
+    LIMITS: ClassVar[dict[str, Limit]] = {}
     dir: str = "submissions"
     # labels: the label column holds the predicted class; probs: one probability column per class. "auto"
     # follows the sample submission: probs when its columns (after the id) are the classes, else labels
     format: Literal["auto", "labels", "probs"] = "auto"
 
+    def __post_init__(self) -> None:
+        check_limits(self)
+
 
 @dataclass(frozen=True)
 class EdaConfig:
+    SECTION: ClassVar[str] = "eda"
+    LIMITS: ClassVar[dict[str, Limit]] = {"near_dup_threshold": Limit(0, 64), "near_dup_min_corr": Limit(-1, 1),
+                                         "samples_per_class": POSITIVE, "max_classes_in_grid": POSITIVE}
     out_dir: str = "reports"
     near_dup_threshold: int = 4  # max Hamming distance between perceptual hashes (64 bits)
     near_dup_min_corr: float = 0.85  # …and min correlation of 16×16 grey thumbnails (drops pHash look-alikes)
     samples_per_class: int = 8
     max_classes_in_grid: int = 20
+
+    def __post_init__(self) -> None:
+        check_limits(self)
 
 
 def _slot_channels() -> list[list[int]]:
@@ -305,6 +387,10 @@ def _slot_channels() -> list[list[int]]:
 @dataclass(frozen=True)
 class ArchSpaceConfig:
     """The architecture space of the search: 7 block slots and a fixed head (pipeline/models/arch.py)."""
+    SECTION: ClassVar[str] = "search.arch"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "channels": POSITIVE, "repeats": POSITIVE, "kernels": POSITIVE, "expansions": POSITIVE,
+        "width_multipliers": POSITIVE, "depth_multipliers": POSITIVE, "max_downsample": POSITIVE}
     enabled: bool = True  # false: keep model.* as configured (plain hyperparameter search)
     types: list[str] = field(default_factory=lambda: ["Conv", "DWConv", "InvertedResidualv2",
                                                        "InvertedResidualv3", "ConvPool", "Pass"])  # Pass never in slot 1
@@ -319,14 +405,23 @@ class ArchSpaceConfig:
     max_downsample: Optional[int] = None  # cap on the product of strides; None: image side // 4
 
     def __post_init__(self) -> None:
-        if not self.channels or len(self.repeats) != 2 or not set(self.types) - {"Pass"}:
-            raise ConfigError("search.arch: needs channel lists (one per slot), repeats [low, high] and a "
-                              "type other than Pass")
+        check_limits(self)
+        if not self.channels or len(self.repeats) != 2 or self.repeats[0] > self.repeats[1] \
+                or not set(self.types) - {"Pass"}:
+            raise ConfigError("search.arch: needs channel lists (one per slot), repeats [low, high] with low <= high "
+                              "and a type other than Pass")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """The search stage (pipeline/search/): an Optuna study over architectures and any config key."""
+    SECTION: ClassVar[str] = "search"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "n_trials": POSITIVE, "timeout": POSITIVE, "trial_timeout": POSITIVE, "seed": NON_NEGATIVE,
+        "worker": NON_NEGATIVE, "subsample": POSITIVE, "holdout": Limit(0, 1, low_open=True, high_open=True),
+        "epochs": POSITIVE, "prune_dominated": NON_NEGATIVE, "population_size": Limit(2),
+        "startup_trials": NON_NEGATIVE, "heartbeat": NON_NEGATIVE, "best_within": NON_NEGATIVE,
+        "best_floor": FRACTION, "best_budgets": POSITIVE, "rerank_top": NON_NEGATIVE, "rerank_subsample": POSITIVE}
     n_trials: Optional[int] = 40  # finished trials the study stops at (all workers together); None: no cap
     timeout: Optional[float] = None  # seconds this worker searches (the study time limit)
     trial_timeout: Optional[float] = None  # seconds a trial trains; then it stops and is scored as it is
@@ -365,7 +460,4 @@ class SearchConfig:
     record_latency: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.holdout < 1 or self.epochs < 1:
-            raise ConfigError("search.holdout must be in (0, 1) and search.epochs >= 1")
-        if self.rerank_top < 0:
-            raise ConfigError(f"search.rerank_top must be >= 0, got {self.rerank_top}")
+        check_limits(self)
