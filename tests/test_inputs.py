@@ -93,6 +93,28 @@ def test_labels_in_two_unicode_forms_are_problems(tmp_path, competition):
                for p in problems), problems
 
 
+def test_a_continuous_label_column_is_one_problem_not_one_per_value(tmp_path, competition, capsys):
+    train = pd.read_csv(competition / "train.csv", dtype=str)
+    train["label"] = [f"{v:.4f}" for v in np.random.default_rng(0).uniform(0, 10, len(train))]  # a regression target
+    train.to_csv(competition / "train.csv", index=False)
+    assert preprocess.main(stage_argv(tmp_path, competition)) == 1
+    err = capsys.readouterr().err
+    err = err[err.index("error: "):]  # after the image check's progress bar
+    assert err.startswith("error: 1 data problem(s):") and err.count("\n") == 2, err
+    assert f"the label column 'label' looks continuous: {len(train)} distinct numbers" in err
+    assert "bin a regression target into classes first" in err and "class '" not in err
+
+
+def test_numbered_classes_and_a_rare_decimal_class_are_not_continuous(tmp_path, competition):
+    relabel(competition, {"blob": "1", "hstripes": "2", "vstripes": "2.5"})  # classes that are numbers
+    assert structural_problems(load_competition(make_cfg(tmp_path, competition).data), 3) == []
+    train = relabel(competition, {"2.5": "0.5"})
+    train.loc[0, "label"] = "7.25"  # one rare value among numbered classes: named as a small class, as before
+    train.to_csv(competition / "train.csv", index=False)
+    problems = structural_problems(load_competition(make_cfg(tmp_path, competition).data), 3)
+    assert problems == ["class '7.25' has 1 image(s), fewer than folds.n_splits=3"]
+
+
 # --------------------------------------------------------------------------- formula-like cells
 
 

@@ -417,12 +417,30 @@ def structural_problems(comp: Competition, n_splits: int, submit_format: Optiona
         except ValueError as err:
             problems.append(f"{comp.sample_csv}: {err}" if comp.sample_csv else str(err))
     counts = comp.train["label"].value_counts()
+    continuous = continuous_labels(counts, n_splits, comp.label_col)
+    if continuous:  # one line for the column, not one per value
+        return problems + [continuous]
     for label, count in counts.items():
         if count < n_splits:
             problems.append(f"class {label!r} has {count} image(s), fewer than folds.n_splits={n_splits}")
     if len(counts) < 2:
         problems.append(f"train has {len(counts)} class(es); classification needs at least 2")
     return problems
+
+
+def continuous_labels(counts: pd.Series, n_splits: int, label_col: str) -> Optional[str]:
+    """The problem of a label column that holds a measurement rather than classes (every label a number, some
+    with a fraction, most of them on fewer rows than folds), or None. ``counts``: rows per label."""
+    numbers = pd.to_numeric(pd.Series(counts.index, dtype=object), errors="coerce")
+    if counts.empty or numbers.isna().any() or (numbers == numbers.round()).all():
+        return None
+    small = int((counts < n_splits).sum())
+    if small * 2 <= len(counts):
+        return None
+    examples = ", ".join(repr(v) for v in counts.index[:3])
+    return (f"the label column {label_col!r} looks continuous: {len(counts)} distinct numbers ({examples}, …), "
+            f"{small} of them on fewer than folds.n_splits={n_splits} rows. This pipeline classifies: bin a "
+            "regression target into classes first, or point data.label_col at the class column")
 
 
 def image_sources(comp: Competition, split: str, cfg: DataConfig) -> list[str]:
