@@ -1,4 +1,5 @@
-"""Damaged files in a run folder: a clear error naming the file and what to re-run, or a rebuild."""
+"""Damaged files in a run folder and in the caches: a clear error naming the file and what to re-run, or a rebuild
+naming the file."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 
 from pipeline import folds, infer, preprocess, train
 
-from conftest import stage_argv, trained_run
+from conftest import make_cfg, stage_argv, trained_run
 
 OVERRIDES = ("experiment=damaged", "train.lr=0.01", "train.optimizer=adamw", "infer.tta=[identity]")
 
@@ -102,3 +103,52 @@ def test_edited_manifest(run, capsys, caplog):
     assert json.loads(path.read_text())["classes"] == original["classes"]
     assert train.main(argv) == 0 and infer.main(argv) == 0
     np.testing.assert_allclose(np.load(cfg.run_dir / "fold0" / "test.npy").sum(1), 1, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- damaged caches of the frozen passes
+
+
+def frozen_argv(tmp_path, root, weights, mode: str, *more: str) -> list[str]:
+    return stage_argv(tmp_path, root, f"train.mode={mode}", "model.name=test_efficientnet", f"model.weights={weights}",
+                      "infer.tta=[identity,hflip]", "infer.engine=torch", "infer.batch_size=8", *more)
+
+
+@pytest.mark.parametrize("mode, folder", [("partial", "activations"), ("features", "features")])
+def test_a_damaged_cached_pass_is_named_and_computed_again(tmp_path, competition, tiny_weights, caplog, mode,
+                                                           folder):
+    own = ["train.tune_blocks=2", "train.optimizer=adamw", "train.lr=0.01"] if mode == "partial" else []
+    argv = frozen_argv(tmp_path, competition, tiny_weights, mode, *own)
+    for stage in (preprocess, folds, train):
+        assert stage.main(argv) == 0
+    [damaged] = (tmp_path / "cache" / folder).glob("train-*identity*.npy")
+    [other] = (tmp_path / "cache" / folder).glob("train-*hflip*.npy")
+    kept, other_time = np.load(damaged), other.stat().st_mtime_ns
+    truncate(damaged)
+    again = argv + ["--set", "train.epochs=2" if mode == "partial" else "train.head_c=2.0"]  # another schedule
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert train.main(again) == 0
+    assert f"{damaged} is damaged (" in caplog.text and "computing it again" in caplog.text
+    np.testing.assert_array_equal(np.load(damaged), kept)  # made again, the same
+    assert other.stat().st_mtime_ns == other_time  # the undamaged view is reused
+    assert infer.main(again) == 0
+
+
+def test_a_damaged_cached_graph_is_named_and_exported_again(tmp_path, competition, tiny_weights, caplog):
+    import torch
+
+    from pipeline.models.engines import graph_path
+    from pipeline.training import features
+
+    cfg = make_cfg(tmp_path, competition, "train.mode=features", "model.name=test_efficientnet",
+                   f"model.weights={tiny_weights}", "infer.engine=onnxruntime", "infer.batch_size=8")
+    manifest = preprocess.run(cfg)
+    first = features.embeddings(cfg, manifest, "train", ["identity"], torch.device("cpu"))["identity"]
+    graph = graph_path(cfg, features.frozen_key(cfg, "pooled"))
+    truncate(graph)
+    for path in (tmp_path / "cache" / "features").glob("*.npy"):
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        again = features.embeddings(cfg, manifest, "train", ["identity"], torch.device("cpu"))["identity"]
+    assert f"{graph} is damaged (" in caplog.text and "exporting it again" in caplog.text
+    assert "PyTorch serves this pass" not in caplog.text  # the graph made again serves it
+    np.testing.assert_allclose(again, first, atol=1e-5)

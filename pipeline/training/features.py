@@ -142,10 +142,28 @@ def embed_views(model: nn.Module, images: np.ndarray, views: list[str], cfg: Con
     return [np.concatenate(o) if o else np.zeros((0, 0), dtype) for o in out]
 
 
+def read_cached(path: Path, rows: int) -> Optional[np.ndarray]:
+    """The cached pass at ``path`` (embeddings or activations, one row per image), or None when it is missing or
+    damaged (truncated, garbled, another row count): a warning names the file, which the caller computes again."""
+    if not path.is_file():
+        return None
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        log.warning("%s is damaged (%s): computing it again", path, " ".join(str(err).split()))
+        return None
+    if array.ndim == 0 or len(array) != rows:
+        log.warning("%s holds %s, not %d rows: computing it again", path, array.shape, rows)
+        return None
+    return array
+
+
 def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
-    """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached."""
+    """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached (again
+    when a cached file is damaged)."""
     paths = {v: features_path(cfg, manifest, split, v) for v in views}
-    missing = [v for v, p in paths.items() if not p.is_file()]
+    cached = {v: read_cached(p, manifest[split]["n"]) for v, p in paths.items()}
+    missing = [v for v, array in cached.items() if array is None]
     if missing:
         images, _ = load_split(cfg.run_dir, split, manifest)
         start = time.perf_counter()
@@ -155,15 +173,16 @@ def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device
                              frozen_key(cfg, "pooled"))
         seconds = time.perf_counter() - start
         for view, array in zip(missing, arrays):
+            cached[view] = array.astype(np.float32)
             paths[view].parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(paths[view]) as tmp:
-                np.save(tmp, array.astype(np.float32))
+                np.save(tmp, cached[view])
         log.info("features: %s %d images × %d view(s) %s embedded in %.1fs (%.1f img/s), %d dims", split,
                  len(images), len(missing), missing, seconds, len(images) * len(missing) / max(seconds, 1e-9),
                  arrays[0].shape[1])
     if len(missing) < len(views):
         log.info("features: %s cached for %s", split, [v for v in views if v not in missing])
-    return {v: np.load(p) for v, p in paths.items()}
+    return cached
 
 
 # --------------------------------------------------------------------------- heads

@@ -95,9 +95,10 @@ def pretrained_model(cfg: Config, num_classes: int) -> nn.Module:
 
 def activations(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> np.ndarray:
     """V×N×C×H×W float16: the frozen front's output for every image of ``split`` under each of ``views``,
-    computed once per view and cached."""
+    computed once per view and cached (again when a cached file is damaged)."""
     paths = [activations_path(cfg, manifest, split, v) for v in views]
-    missing = [v for v, p in zip(views, paths) if not p.is_file()]
+    cached = {v: features.read_cached(p, manifest[split]["n"]) for v, p in zip(views, paths)}
+    missing = [v for v, array in cached.items() if array is None]
     if missing:
         images, _ = load_split(cfg.run_dir, split, manifest)
         front = frozen_front(cfg, len(manifest["classes"]), device)
@@ -107,6 +108,7 @@ def activations(cfg: Config, manifest: dict, split: str, views: list[str], devic
                                       features.frozen_key(cfg, f"last{cfg.train.tune_blocks}"), np.float16)
         seconds = time.perf_counter() - start
         for view, array in zip(missing, arrays):
+            cached[view] = array
             path = activations_path(cfg, manifest, split, view)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
@@ -114,7 +116,7 @@ def activations(cfg: Config, manifest: dict, split: str, views: list[str], devic
         log.info("partial: %s %d images × %d view(s) %s through the frozen front in %.1fs (%.1f img/s), "
                  "activations %s", split, len(images), len(missing), missing, seconds,
                  len(images) * len(missing) / max(seconds, 1e-9), tuple(arrays[0].shape[1:]))
-    return np.stack([np.load(p) for p in paths])
+    return np.stack([cached[v] for v in views])
 
 
 @torch.no_grad()
