@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -11,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import rundir
 from pipeline.core.config import Config, ConfigError, load_config
-from pipeline.core.utils import setup_logging
+from pipeline.core.utils import disk_full, setup_logging
 from pipeline.data.contract import DataError
 
 log = logging.getLogger("pipeline")
@@ -58,12 +60,58 @@ def run_stage(run: Callable[[Config], Any], cfg: Config, exclusive: bool = True)
     try:
         with logging_redirect_tqdm(), rundir.claim(cfg, run.__module__.rsplit(".", 1)[-1], exclusive):
             return 0, run(cfg)
-    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError, RuntimeError) as err:
-        return _failed(run, err), None
+    except (ConfigError, DataError, KeyError, OSError, ValueError, RuntimeError) as err:
+        return _failed(run, err, cfg), None
 
 
-def _failed(run: Callable[[Config], Any], err: Exception) -> int:
-    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+def _failed(run: Callable[[Config], Any], err: Exception, cfg: Optional[Config] = None) -> int:
+    message = error_message(err, cfg)
     log.error("%s failed: %s", run.__module__, message)
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+# what an operating-system error means for a folder the run writes, and what to do about it ({key}: its setting)
+_OS_ERRORS = {
+    errno.ENOSPC: "free space there, or point {key} at another disk",
+    errno.EDQUOT: "free space there, or point {key} at another disk",
+    errno.EROFS: "point {key} at a folder you can write",
+    errno.EACCES: "point {key} at a folder you can write",
+    errno.EPERM: "point {key} at a folder you can write",
+    errno.EEXIST: "a file is in the way of a folder: move it, or point {key} elsewhere",
+    errno.ENOTDIR: "a file is in the way of a folder: move it, or point {key} elsewhere",
+}
+
+
+def error_message(err: BaseException, cfg: Optional[Config] = None) -> str:
+    """One line for an expected error: the message, or for an operating-system error (a full disk, a read-only
+    or misplaced folder) the path, what happened, and the setting that names the place (with ``cfg``)."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if not isinstance(err, OSError) or err.errno is None:
+        return str(err)
+    path = err.filename
+    if path is None and cfg is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        # a library's own writer (TensorBoard's) names no file: the run's place whose disk is full
+        path = next((folder for folder in places(cfg).values() if disk_full(folder)), None)
+    where = f"{path}: " if path is not None else ""
+    advice = _OS_ERRORS.get(err.errno)
+    if advice is None:
+        return f"{where}{err.strerror}"
+    key = place_key(cfg, path) if cfg is not None and path is not None else None
+    return f"cannot write {where}{err.strerror} ({advice.format(key=key or 'the setting that names it')})"
+
+
+def places(cfg: Config) -> dict[str, str]:
+    """The folders a run writes, by the setting naming each (the run's own folder for ``runs_dir``)."""
+    return {"runs_dir": str(cfg.run_dir), "data.cache_dir": cfg.data.cache_dir, "submit.dir": cfg.submit.dir,
+            "eda.out_dir": cfg.eda.out_dir}
+
+
+def place_key(cfg: Config, path: str) -> Optional[str]:
+    """The setting naming the folder that holds ``path`` (:func:`places`; the innermost when they nest), or
+    None."""
+    target = os.path.abspath(path)
+    holding = [(len(os.path.abspath(folder)), key) for key, folder in places(cfg).items()
+               if os.path.commonpath([target, os.path.abspath(folder)]) == os.path.abspath(folder)]
+    return max(holding)[1] if holding else None

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipeline.cli import build_parser, config_path, run_stage
+from pipeline.cli import build_parser, config_path, error_message, run_stage
 from pipeline.core.config import Config, ConfigError, load_config, with_values
 from pipeline.core.timing import Clock, parse_duration
 from pipeline.core.utils import read_json, setup_logging
@@ -223,8 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         auto, steps, budget_s = prepare(args)
         path = run_auto(auto, args.overrides, budget_s) if auto is not None else run_steps(steps)
-    except (ConfigError, RunBusy) as err:  # a member config that cannot load, a busy folder: one line
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, OSError, RunBusy) as err:  # a member config that cannot load, a busy folder, one that
+        print(f"error: {error_message(err)}", file=sys.stderr)  # cannot be written: one line, like a stage's error
         return 1
     if path is None:
         return 1

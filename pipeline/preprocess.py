@@ -25,7 +25,7 @@ from pipeline.data.cache import (ImageTooLarge, cache_path, cache_side, content_
                                  open_array, signature)
 from pipeline.data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from pipeline.rundir import RunDir, check_data, load_manifest, save_config
-from pipeline.core.utils import atomic_path, write_csv, write_json, write_text
+from pipeline.core.utils import atomic_path, reserve_space, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, work
         if out is not None:
             tmp = stack.enter_context(atomic_path(out))
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            reserve_space(tmp)  # a disk too small is an error naming the file now, not a crash halfway
         with get_context("fork").Pool(workers) as pool:
             results = pool.imap_unordered(_decode_one, jobs, chunksize=256)
             for i, image, error in tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -21,19 +22,63 @@ log = logging.getLogger("pipeline")
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
 
-    An interrupted or failing write therefore never leaves a half-written file nor loses the old one.
+    An interrupted or failing write therefore never leaves a half-written file nor loses the old one. A write
+    that fails on a read-only folder or a full disk raises ``OSError`` naming ``path`` (:func:`write_error`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as err:
+        named = write_error(err, path, tmp_path)
+        if named is None:
+            raise
+        raise named from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+FULL_DISK_BYTES = 1 << 20  # a write that fails with less room than this left on its disk failed for want of room
+
+
+def write_error(err: Exception, path: Path, tmp: Path) -> Optional[OSError]:
+    """What a failed write of ``path`` (through the temporary ``tmp``) raises instead of ``err``, or None to raise
+    ``err`` as it is: an ``OSError`` naming ``path`` where ``err`` names no file or the temporary, and a full disk
+    (ENOSPC) where the disk has no room left, whatever the writer raised (torch and safetensors raise their own
+    errors, numpy an ``OSError`` without a number)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, err.strerror, str(path)) if err.filename in (None, str(tmp)) else None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if disk_full(path.parent) else None
+
+
+def disk_full(folder: str | Path) -> bool:
+    """Whether the disk holding ``folder`` has less than :data:`FULL_DISK_BYTES` left (False when unknown)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < FULL_DISK_BYTES
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate the whole file at ``path`` on its disk now: stores into a memory-mapped file that a full disk
+    cannot hold kill the process (SIGBUS); this raises ``OSError`` (no space left) instead, before any is made."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot: the write will tell
+            raise OSError(err.errno, err.strerror, str(path)) from None
+    finally:
+        os.close(fd)
 
 
 # atomic_path's temporaries: "." + the target's name + "." + mkstemp's 8 random characters + the target's suffix
