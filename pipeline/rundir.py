@@ -3,6 +3,8 @@
 Stages talk only through these files, so every path is named here once. Each file has one writer:
 
 * every stage: ``.lock`` and ``data.json`` (:func:`claim`: one process at a time, one dataset per folder);
+* the first stage that computes (train, infer, bench, plan): ``threads.json``, the run's thread count
+  (:func:`pipeline.core.jobs.run_threads`);
 * :func:`save_config` (called by preprocess and train): ``config.yaml``, the resolved config of the run;
 * preprocess: ``preprocess.json`` (the manifest: cache arrays, classes, statistics) and ``*_index.csv``;
 * folds: ``folds.csv`` and ``folds.json`` (the split's fingerprint);
@@ -135,6 +137,7 @@ class RunDir:
     ensemble_oof = property(lambda self: self.root / "ensemble_oof.csv")
     bench = property(lambda self: self.root / "bench.json")
     plan = property(lambda self: self.root / "plan.json")
+    threads = property(lambda self: self.root / "threads.json")
     bench_augment = property(lambda self: self.root / "bench_augment.json")
     bench_batches = property(lambda self: self.root / "bench_batches.json")
     bench_frozen = property(lambda self: self.root / "bench_frozen.json")

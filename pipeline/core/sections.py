@@ -249,8 +249,8 @@ class TrainConfig:
     # repeatable GPU kernels (cuDNN deterministic, torch.use_deterministic_algorithms), slower; false: cuDNN
     # autotuning (benchmark mode). The CPU kernels are repeatable either way
     deterministic: bool = False
-    # torch intra-op threads; 0: the usable cores shared among the pipeline processes computing on this
-    # machine now (two jobs each using every core slowed each other 4-15x on 2 cores); a warning names them
+    # torch intra-op threads; 0: this machine's usable cores, fixed once per run (runs/<experiment>/threads.json)
+    # so that its results do not depend on other jobs (pipeline.core.jobs); a warning names jobs training meanwhile
     threads: int = 0
     folds: Optional[list[int]] = None  # train only these folds (None: all)
     # which epoch's weights a fold keeps: best validation accuracy/loss, or the last epoch. Choosing the epoch
