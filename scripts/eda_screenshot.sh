@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screenshot an EDA report in headless Chromium and fail on JavaScript/console errors.
+# Screenshot an HTML report (the EDA or results page) in headless Chromium and fail on JavaScript/console errors.
 # usage: scripts/eda_screenshot.sh REPORT_HTML OUT_PNG [WIDTH,HEIGHT]
 set -euo pipefail
 if [[ $# -lt 2 ]]; then

@@ -16,6 +16,13 @@ from pipeline.training.mode import FoldData
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 
+# the browsers scripts/eda_screenshot.sh opens a page in; .ci/run installs Chromium where none is on PATH
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+needs_browser = pytest.mark.skipif(
+    not any(shutil.which(name) for name in BROWSERS),
+    reason="no Chromium on PATH (chromium, chromium-browser or google-chrome): .ci/run installs it, or "
+           "apt-get install chromium")
+
 CLASSES = ("hstripes", "vstripes", "blob")
 
 

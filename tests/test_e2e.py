@@ -11,6 +11,7 @@ import json
 import importlib
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pipeline.core.config import Config, load_config
 from pipeline.rundir import read_cv
 from pipeline.core.utils import read_json
 
-from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, stage_argv
+from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition, needs_browser, stage_argv
 
 EXPERIMENT = "e2e"
 # a learning rate and batch size at which 2 epochs on 24 images learn the stripes apart from the blobs
@@ -354,3 +355,17 @@ def test_results_report_and_tensorboard_confusion(chain):
     assert [w["confidence"] for w in wrong] == sorted((w["confidence"] for w in wrong), reverse=True)
     events = EventAccumulator(str(chain["run_dir"] / "tb" / "fold1"), size_guidance={"images": 0}).Reload()
     assert "confusion_matrix" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+@needs_browser
+def test_results_page_in_headless_browser(chain, tmp_path):
+    from pipeline import results
+
+    assert results.main(chain["argv"]) == 0
+    page = chain["tmp"] / "reports" / EXPERIMENT / "results" / "index.html"
+    shot = tmp_path / "results.png"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "eda_screenshot.sh"), str(page), str(shot)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # rendered without console errors
+    assert shot.stat().st_size > 10_000

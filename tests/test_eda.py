@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from PIL import Image
 from pipeline.core.config import from_dict
 from pipeline.eda import stage as eda
 from pipeline.eda.dups import near_pairs
+
+from conftest import needs_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +207,7 @@ def test_cli_main(clean, tmp_path):
     assert eda.main(["--set", f"data.root={root}", "--set", "eda.near_dup_threshold=99", *runs]) == 1
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+@needs_browser
 def test_screenshot_in_headless_browser(planted, tmp_path):
     result, _ = planted
     shot = tmp_path / "eda.png"
