@@ -114,7 +114,7 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     made = planner.make_plan("small", "why", cfg, small_facts(), 600, no_time, estimates)
     left = 10 - planner.reserve(600) / 60  # minutes
     status = [(s["member"], s["status"]) for s in made.steps]
-    assert status == [("base", "dropped"), ("long", "planned"), ("long-seed2", "dropped")]
+    assert status == [("base", "dropped"), ("long", "planned"), ("long-seed2", "dropped"), ("base-seed2", "dropped")]
     assert "long fits the budget on its own" in made.steps[0]["note"] and made.lead == 1
     long = made.configs[1]
     assert long.experiment == cfg.experiment  # the first member to run takes the experiment's folder
@@ -125,7 +125,7 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
 
     kept = given({"base": 2, "long": 5, "seed2": 5}, per_epoch=0.5, base_per_epoch=0.25)  # long: 5 + 5 > 9.2 min
     small = planner.make_plan("small", "why", cfg, small_facts(), 600, no_time, kept)
-    assert [s["status"] for s in small.steps] == ["planned", "dropped", "dropped"] and small.lead == 0
+    assert [s["status"] for s in small.steps] == ["planned", "dropped", "dropped", "dropped"] and small.lead == 0
     assert small.configs[0].train.epochs == int((left - 2) // 0.25) == 28  # the compact CNN for as long as fits
 
     over = given({"base": 5, "long": 1, "seed2": 1})  # 5 min + 30 s of final stages: 5.7 min with the reserve
@@ -134,7 +134,7 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
         planner.make_plan("small", "why", cfg, small_facts(), 60, no_time, over)
 
     unbudgeted = planner.make_plan("small", "why", cfg, small_facts(), None, no_time, None)
-    assert [s["status"] for s in unbudgeted.steps] == ["planned", "dropped", "dropped"]
+    assert [s["status"] for s in unbudgeted.steps] == ["planned", "dropped", "dropped", "dropped"]
     assert unbudgeted.configs[0] is cfg and "without --budget" in unbudgeted.steps[1]["note"]
 
 
@@ -196,7 +196,7 @@ def test_the_plan_is_written_before_training_and_one_member_runs_without_a_budge
     assert [line.split()[1:] for line in err.splitlines() if line.startswith("== ")] == [
         [stage, "demo"] for stage in full.STAGES]  # the stages of the config as written, and nothing else
     record = read_json(tmp_path / "runs" / "demo" / "plan.json")
-    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped"]
+    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped", "dropped"]
     assert record["steps"][0]["actual_min"] is not None and record["steps"][0]["oof"]["accuracy"] >= 0
     assert record["submission"] and Path(record["submission"]).is_file()
     assert 'id="plan"' in (tmp_path / "reports" / "demo" / "results" / "index.html").read_text()
@@ -221,7 +221,7 @@ def test_a_spent_budget_runs_no_further_member_and_the_submission_is_written(tmp
     path = full.run_auto(cfg, sets, 3600, clock=clock, estimate=given({"base": 1, "long": 1, "seed2": 1}))
     assert path is not None and path.is_file()
     record = read_json(RunDir.of(cfg).plan)
-    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped"]
+    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped", "dropped"]
     assert "min left" in record["steps"][1]["note"] and record["stopped"] == "the budget is spent"
     assert record["ensemble"]["oof"] is not None and record["submission"] == str(path)
     assert not (tmp_path / "runs" / "demo-long").exists()

@@ -21,8 +21,8 @@ from pipeline.core.utils import read_json
 from pipeline.plan import costs, ledger, planner
 from pipeline.rundir import RunDir
 
-from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_competition
-from test_plan import only_the_first, outputs, photos_facts
+from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg, make_competition
+from test_plan import given, only_the_first, outputs, photos_facts, small_facts
 
 PHOTO_MINUTES = {"lp": 2, "partial": 1, "lite2": 4, "crops": 3, "seed2": 3}  # + 2 an epoch when fine-tuning
 
@@ -57,7 +57,7 @@ def test_a_finished_plan_run_again_trains_nothing_and_writes_the_same_submission
     assert digest(again) == before  # the same submission
     assert weights.stat().st_mtime_ns == kept  # no fold trained again
     assert record["resumed"].startswith("carried on after") and record["spent_min"] > spent
-    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped"]
+    assert [s["status"] for s in record["steps"]] == ["done", "dropped", "dropped", "dropped"]
 
 
 def test_an_interrupted_member_resumes_with_its_settings_and_the_minutes_spent_count(tmp_path):
@@ -158,3 +158,30 @@ def test_a_second_full_of_the_same_experiment_is_refused_before_it_plans(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_time_the_larger_cnn_cannot_use_goes_to_a_second_seed_of_the_first(tmp_path):
+    cfg = make_cfg(tmp_path, tmp_path / "comp")
+    estimates = given({"base": 2, "long": 100, "seed2": 100}, per_epoch=0.5, base_per_epoch=0.25)
+    made = planner.make_plan("small", "why", cfg, small_facts(), 600, planner._no_time, estimates)
+    assert [s["status"] for s in made.steps] == ["planned", "dropped", "dropped", "dropped"]
+    made.steps[0].update(status="done", actual_min=made.steps[0]["estimated_min"])
+    made.elapsed = lambda: 5 * 60  # 10 - 0.9 (reserve) - 5 = 4.1 min left: 2 + 8 epochs x 0.25
+    planner.refit(made)
+    seed2 = next(s for s, c in zip(made.steps, made.configs) if s["member"] == "base-seed2")
+    assert seed2["status"] == "planned" and seed2["overrides"]["train.epochs"] == 8
+    assert seed2["overrides"]["seed"] == cfg.seed + 1
+
+
+def test_a_resumed_members_minutes_span_its_invocations(tmp_path):
+    base, sets = photo_base(tmp_path)
+    made = planner.make_plan("photos", "why", base, photos_facts(), 20 * 60, planner._no_time, photo_estimates,
+                             sets)
+    made.prior_s = 4 * 60  # earlier invocations: 1 min before the first member started, which ran 3 min
+    made.steps[0].update(status="planned", resumed=True, started_min=1.0)
+    made.elapsed = lambda: 0.0
+    planner.start_step(made, 0, None)
+    assert made.steps[0]["started_min"] == 1.0  # its first start is kept
+    made.elapsed = lambda: 2 * 60
+    planner.finish_step(made, 0, 2 * 60, ok=False)
+    assert made.steps[0]["actual_min"] == pytest.approx(5.0)  # 3 min before the kill + 2 now

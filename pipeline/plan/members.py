@@ -1,5 +1,6 @@
 """The families of members behind ``recipe: auto`` and each member's config: ``small`` (the loaded config as
-written, configs/default.yaml's compact CNN from scratch, then a larger one trained longer and its second seed)
+written, configs/default.yaml's compact CNN from scratch, then a larger one trained longer, its second seed, and a
+second seed of the first where the larger one does not fit the time left)
 and ``photos`` (configs/photos.yaml with the competition's keys: frozen Lite0 features, Lite0's last blocks
 tuned on cached activations, frozen Lite2 features, crop views, a second seed of the fine-tune), in a fixed order
 of expected gain per minute (:mod:`pipeline.plan.planner` fits them to a budget). The user's ``--set`` keys are
@@ -56,6 +57,8 @@ FAMILIES: dict[str, list[Member]] = {
                LONG, epochs=(10, 40)),
         Member("long-seed2", "the larger CNN again with another seed: ensembling two seeds", LONG, epochs=(10, 40),
                seed_offset=1),
+        Member("base-seed2", "the compact CNN again with another seed, for as many epochs as the time left allows: "
+               "what fits when the larger CNN does not", epochs=(8, 40), seed_offset=1),
     ],
     "photos": [
         Member("lp", "frozen ImageNet Lite0 features and a logistic regression: strong in minutes", FEATURES),

@@ -242,7 +242,7 @@ def correction(plan: Plan, cfg: Config) -> float:
     :data:`CORRECTION`, taken fully once they were estimated at :data:`EVIDENCE_MIN` or more; 1 before any has
     finished."""
     done = [(s, c) for s, c in zip(plan.steps, plan.configs)
-            if s["status"] == "done" and not s.get("resumed") and s["actual_min"] and s["estimated_min"]]
+            if s["status"] == "done" and s["actual_min"] and s["estimated_min"]]
     same = [(s, c) for s, c in done if c.train.mode == cfg.train.mode] or done
     if not same:
         return 1.0
@@ -259,7 +259,8 @@ def refit(plan: Plan) -> None:
     resumed members keep their place and config."""
     if plan.budget_s is None or plan.estimate is None:
         return
-    keep = [i for i, s in enumerate(plan.steps) if s["status"] in ("done", "failed") or s.get("resumed")]
+    keep = [i for i, s in enumerate(plan.steps)
+            if s["status"] in ("done", "failed") or (s.get("resumed") and s["status"] == "planned")]
     taken = {plan.steps[i]["member"] for i in keep}
     members = [m for m in FAMILIES[plan.family] if m.name not in taken]
     lead = plan.steps[plan.lead]
@@ -304,14 +305,24 @@ def skip_reason(plan: Plan, i: int) -> Optional[str]:
 
 
 def start_step(plan: Plan, i: int, skipped: Optional[str]) -> None:
-    """Mark step ``i`` running, or skipped for the reason given, before its stages start."""
-    plan.steps[i].update({"status": "skipped", "note": skipped} if skipped else {"status": "running"})
+    """Mark step ``i`` running, or skipped for the reason given, before its stages start; a running step notes
+    the plan's minutes spent when it started (a resumed one keeps its first start: its minutes span invocations)."""
+    step = plan.steps[i]
+    if skipped:
+        step.update(status="skipped", note=skipped)
+    else:
+        step["status"] = "running"
+        if not (step.get("resumed") and step.get("started_min") is not None):
+            step["started_min"] = minutes(plan.spent())
     plan.save()
 
 
 def finish_step(plan: Plan, i: int, actual_s: float, ok: bool) -> None:
-    """Record step ``i``'s minutes and OOF score; a spent budget stops further members."""
+    """Record step ``i``'s minutes (a resumed step's over every invocation) and OOF score; a spent budget stops
+    further members."""
     step, cfg = plan.steps[i], plan.configs[i]
+    if step.get("resumed") and step.get("started_min") is not None:
+        actual_s = max(actual_s, plan.spent() - 60 * step["started_min"])
     step.update(status="done" if ok else "failed", actual_min=minutes(actual_s), oof=oof_score(cfg) if ok else None)
     budget = plan.record["budget_min"]
     if budget is not None and plan.spent() >= budget * 60 - reserve(budget * 60):
