@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,9 +208,11 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("mode", ["features", "partial"])
 def test_frozen_modes_predict_and_export_the_whole_network(tmp_path, capsys, tiny_backbone, mode):
+    """With infer.engine=auto: predict finds the engine the run timed and kept (whichever it was) and predicts as
+    the run did."""
     extra = ["train.tune_blocks=2", "train.epochs=1"] if mode == "partial" else []
     root, cfg = trained_run(tmp_path, f"train.mode={mode}", "model.name=test_efficientnet",
-                            f"model.weights={tiny_backbone}", TTA, ENGINE, *extra)
+                            f"model.weights={tiny_backbone}", TTA, "infer.engine=auto", *extra)
     mapping = renamed_copy(root, tmp_path / "new")
     code, err = predict(capsys, cfg.run_dir, tmp_path / "new", "--out", tmp_path / "p.csv", "--probs", "--work",
                         tmp_path / "work")
@@ -218,3 +221,11 @@ def test_frozen_modes_predict_and_export_the_whole_network(tmp_path, capsys, tin
     record = export.run(cfg.run_dir, tmp_path / "onnx")
     assert len(record["graphs"]) == 3 and all(g["max_abs_diff"] <= 1e-4 for g in record["graphs"])
     assert all(g["labels_equal"] == 1.0 for g in record["graphs"])
+
+
+def test_the_time_limit_counts_what_is_already_spent():
+    entries = {(16, "squash"): {"signature": "0" * 40}}
+    instant = lambda entries, split: []  # noqa: E731 - models that cost nothing: only the clock matters
+    stage.check_time_limit(instant, entries, "new0", 64, 1000, 1e6, time.monotonic() - 3000, 3600)
+    with pytest.raises(stage.TimeLimit, match="more time than is left"):
+        stage.check_time_limit(instant, entries, "new0", 64, 1000, 1e6, time.monotonic() - 3700, 3600)

@@ -7,7 +7,7 @@ each member's models' probabilities, in the recipe's order, for :class:`pipeline
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -49,15 +49,18 @@ class RunModels:
 
 class GraphModels:
     """Each model's exported graph (uint8-valued float pixels in, probabilities out) through ONNX Runtime on the
-    CPU with ``threads`` threads."""
+    CPU, with as many threads as PyTorch has when it first predicts."""
 
-    def __init__(self, recipe: Recipe, folder: Path, threads: int, batch_size: int = GRAPH_BATCH) -> None:
-        ort: Any = onnxruntime_module(required=True)
-        self.recipe, self.batch_size = recipe, batch_size
-        self.runs = [[ort_run(ort, graph_file(folder, model.graph), threads) for model in member.models]
-                     for member in recipe.members]
+    def __init__(self, recipe: Recipe, folder: Path, batch_size: int = GRAPH_BATCH) -> None:
+        self.ort: Any = onnxruntime_module(required=True)
+        self.recipe, self.folder, self.batch_size = recipe, folder, batch_size
+        self.graphs = [[graph_file(folder, model.graph) for model in member.models] for member in recipe.members]
+        self.runs: Optional[list[list]] = None
 
     def __call__(self, entries: Entries, split: str) -> list[list[np.ndarray]]:
+        if self.runs is None:
+            threads = torch.get_num_threads()
+            self.runs = [[ort_run(self.ort, path, threads) for path in paths] for paths in self.graphs]
         out = []
         for member, runs in zip(self.recipe.members, self.runs):
             entry = entries[member.geometry]
@@ -70,6 +73,24 @@ class GraphModels:
         parts = [run(torch.from_numpy(np.asarray(images[i:i + self.batch_size], dtype=np.float32))).numpy()
                  for i in range(0, len(images), self.batch_size)]
         return np.concatenate(parts).astype(np.float64)
+
+
+def borrow_graphs(recipe: Recipe, work: Path) -> None:
+    """Link the graphs and engine records of the members' frozen passes (``graphs/`` in each run's own
+    ``data.cache_dir``, where it is on this machine) into ``work``: a pass then finds the engine the run timed and
+    chose for this machine, thread count, batch and precision, and its checked graph, instead of timing the
+    engines again (which may keep the other one). Links only: a pass that records or exports replaces the link
+    in ``work``, never the run's file."""
+    target = work / "graphs"
+    for member in recipe.members:
+        source = member.cache / "graphs" if member.cache is not None else None
+        if source is None or not source.is_dir():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            link = target / path.name
+            if path.is_file() and not path.name.startswith(".") and not link.exists():
+                link.symlink_to(path.resolve())
 
 
 def graph_file(folder: Path, name: str) -> Path:

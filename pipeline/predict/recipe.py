@@ -69,6 +69,7 @@ class Member:
     dir: Optional[Path] = None
     cfg: Optional[Config] = None
     manifest: Optional[dict] = None
+    cache: Optional[Path] = None  # the run's own data.cache_dir (its frozen passes' graphs and engine records)
 
     @property
     def geometry(self) -> tuple[int, str]:
@@ -157,11 +158,16 @@ def stack_predict(params: dict, probs: list[np.ndarray]) -> np.ndarray:
 
 def member_config(run_dir: Path, runtime: dict) -> Config:
     """A member's saved ``config.yaml``, pointed at the folder where it is now, with the ``runtime`` settings."""
+    return with_values(saved_config(run_dir), {"runs_dir": str(run_dir.parent), "experiment": run_dir.name,
+                                               **runtime})
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The config a run saved (``config.yaml``), as it is."""
     path = RunDir(run_dir).config
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a run folder the pipeline trained")
-    cfg = load_config(path)
-    return with_values(cfg, {"runs_dir": str(run_dir.parent), "experiment": run_dir.name, **runtime})
+    return load_config(path)
 
 
 def kept_views(model: ModelDir) -> list[str]:
@@ -206,7 +212,7 @@ def load_member(run_dir: Path, refit: bool, ens: EnsembleConfig, runtime: dict) 
     models, shares = member_models(run_dir, refit, ens)
     size = manifest.get("cache_size", manifest["test"]["size"])
     return Member(run_dir.name, size, manifest.get("resize", "squash"), manifest["image_size"], models, shares,
-                  run_dir, cfg, manifest)
+                  run_dir, cfg, manifest, Path(saved_config(run_dir).data.cache_dir))
 
 
 def member_dir(written: str, run_dir: Path, own: str) -> Path:
@@ -266,7 +272,7 @@ def load_recipe(run_dir: str | Path, runtime: Optional[dict] = None) -> Recipe:
         members = [load_member(run_dir, False, ens, runtime)]
     else:
         ens = ensemble_settings(report, cfg)
-        own = str(load_config(run.config).run_dir)
+        own = str(saved_config(run_dir).run_dir)
         dirs = [member_dir(m, run_dir, own) for m in report["members"]]
         members = [load_member(d, trained_with_refit(d), ens, runtime) for d in dirs]
     classes = members[0].manifest["classes"]

@@ -22,19 +22,20 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.core.config import Config, ConfigError, parse_override, with_values
-from pipeline.core.jobs import training_slot
+from pipeline.core.jobs import training_slot, usable_cpus
 from pipeline.core.timing import parse_duration
 from pipeline.core.utils import read_json, setup_logging, write_csv
 from pipeline.data.contract import DataError
 from pipeline.predict.images import TestSet, decode_split, read_test_set, unreadable
-from pipeline.predict.models import Entries, GraphModels, RunModels
+from pipeline.predict.models import GRAPH_BATCH, Entries, GraphModels, RunModels, borrow_graphs
 from pipeline.predict.recipe import RUNTIME_KEYS, Recipe, load_recipe
+from pipeline.rundir import RunDir
 from pipeline.submit import build_submission, resolve_format, validate
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "export.json"  # what marks an export folder (pipeline.export writes it)
-PROBE_IMAGES = 64  # --time-limit measures the rate on this many images (at least one batch)
+PROBE_IMAGES = 64  # --time-limit measures the rate on at least this many images
 
 Models = Callable[[Entries, str], list[list[np.ndarray]]]
 
@@ -51,14 +52,16 @@ class Timing:
     images: int = 0
 
 
-def open_source(source: Path, runtime: dict, threads: int) -> tuple[Recipe, Models]:
-    """The recipe and its networks: an export folder's graphs, or a run folder's models."""
+def open_source(source: Path, runtime: dict, work: Path) -> tuple[Recipe, Models]:
+    """The recipe and its networks: an export folder's graphs, or a run folder's models (the run's frozen-pass
+    graphs and engine choices linked into ``work``, :func:`pipeline.predict.models.borrow_graphs`)."""
     if (source / EXPORT_RECORD).is_file():
         recipe = Recipe.from_dict(read_json(source / EXPORT_RECORD)["recipe"])
-        return recipe, GraphModels(recipe, source, threads, runtime.get("infer.batch_size", 32))
+        return recipe, GraphModels(recipe, source, runtime.get("infer.batch_size", GRAPH_BATCH))
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: not a run folder (nor an export folder with {EXPORT_RECORD})")
-    recipe = load_recipe(source, runtime)
+    recipe = load_recipe(source, {**runtime, "data.cache_dir": str(work)})
+    borrow_graphs(recipe, work)
     return recipe, RunModels(recipe)
 
 
@@ -123,19 +126,26 @@ def check_time_limit(models: Models, entries: Entries, split: str, probe: int, r
     :class:`TimeLimit` naming the rate and what the limit needs when the ``remaining`` images cannot finish."""
     again = {g: {**e, "signature": hashlib.sha1(f"{e['signature']} again".encode()).hexdigest()}
              for g, e in entries.items()}
-    start = time.perf_counter()
+    begin = time.perf_counter()
     models(again, f"{split}again")
-    models_rate = probe / max(time.perf_counter() - start, 1e-9)
+    models_rate = probe / max(time.perf_counter() - begin, 1e-9)
     rate = 1 / (1 / decode_rate + 1 / models_rate)
     elapsed = time.monotonic() - start
     needed = elapsed + remaining / rate
-    log.info("--time-limit %.0f s: %.1f images/s on the first %d (decoding %.1f/s, models %.1f/s): about %.0f s "
+    log.info("--time-limit %.1f s: %.1f images/s on the first %d (decoding %.1f/s, models %.1f/s): about %.1f s "
              "for all", limit, rate, probe, decode_rate, models_rate, needed)
     if needed > limit:
-        raise TimeLimit(f"--time-limit {limit:.0f} s: at {rate:.1f} images/s (measured on the first {probe}: "
+        left = limit - elapsed
+        needs = f"{remaining / left:.1f} images/s in the {left:.1f} s left" if left > 0 else "more time than is left"
+        raise TimeLimit(f"--time-limit {limit:.1f} s: at {rate:.1f} images/s (measured on the first {probe}: "
                         f"decoding {decode_rate:.1f}/s, models {models_rate:.1f}/s) the {probe + remaining} images "
-                        f"need about {needed:.0f} s; the limit needs {remaining / max(limit - elapsed, 1e-9):.1f} "
-                        "images/s: nothing predicted")
+                        f"need about {needed:.1f} s; the other {remaining} would need {needs}: nothing predicted")
+
+
+def probe_size(n: int, batch_size: int) -> int:
+    """How many of ``n`` images ``--time-limit`` measures the rate on: a batch where that is at most a quarter of
+    them, never fewer than :data:`PROBE_IMAGES`."""
+    return min(n, max(PROBE_IMAGES, min(batch_size, n // 4)))
 
 
 def predict_all(recipe: Recipe, models: Models, test: TestSet, work: Path, limit: Optional[float],
@@ -143,7 +153,7 @@ def predict_all(recipe: Recipe, models: Models, test: TestSet, work: Path, limit
     """Every image's probabilities per member and model. With ``limit`` (seconds since ``start``) the first
     images go first and their rate decides whether the rest can finish in time."""
     rows, timing = np.arange(len(test)), Timing()
-    probe = min(len(rows), max([PROBE_IMAGES, *(m.cfg.infer.batch_size for m in recipe.members if m.cfg)]))
+    probe = probe_size(len(rows), max([1, *(m.cfg.infer.batch_size for m in recipe.members if m.cfg)]))
     parts = [rows] if limit is None or probe == len(rows) else [rows[:probe], rows[probe:]]
     outputs = []
     for i, part in enumerate(parts):
@@ -174,9 +184,18 @@ def write_output(frame: pd.DataFrame, recipe: Recipe, test: TestSet, out: Path, 
 
 
 def slot_config(recipe: Recipe, runtime: dict) -> Config:
-    """The config whose ``train.threads`` sizes this process's share of the cores."""
-    cfg = recipe.members[0].cfg
-    return cfg if cfg is not None else with_values(Config(), runtime)
+    """The config whose ``train.threads`` this process computes with: as set, else the count the run recorded
+    (``threads.json``: a thread count changes how CPU kernels split their sums), else this machine's usable
+    cores; nothing is recorded in the run folder."""
+    member = recipe.members[0]
+    cfg = member.cfg if member.cfg is not None else with_values(Config(), runtime)
+    if cfg.train.threads:
+        return cfg
+    recorded = None
+    if member.dir is not None and RunDir(member.dir).threads.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            recorded = int(read_json(RunDir(member.dir).threads)["threads"])
+    return with_values(cfg, {"train.threads": recorded if recorded and recorded > 0 else usable_cpus()})
 
 
 def run(source: str | Path, data: str | Path, out: str | Path, probs: bool = False,
@@ -186,12 +205,12 @@ def run(source: str | Path, data: str | Path, out: str | Path, probs: bool = Fal
     start, out = time.monotonic(), Path(out)
     runtime = dict(runtime or {})
     with work_folder(Path(work) if work else None) as folder:
-        recipe, models = open_source(Path(source), {**runtime, "data.cache_dir": str(folder)},
-                                     int(runtime.get("train.threads") or torch.get_num_threads()))
+        recipe, models = open_source(Path(source), runtime, folder)
         outside_runs(recipe, out, folder)
         test = read_test_set(data, recipe.data)
-        log.info("predict: %d images of %s with %d model(s) of %d member(s) (%s)", len(test), test.folder,
-                 recipe.models(), len(recipe.members), recipe.table or "an export")
+        log.info("predict: %d images of %s with %d model(s) of %d member(s) (%s, as the run's %s)", len(test),
+                 test.folder, recipe.models(), len(recipe.members),
+                 "ONNX graphs" if isinstance(models, GraphModels) else "run folder", recipe.table)
         with training_slot(slot_config(recipe, runtime), "predict") as threads:
             torch.set_num_threads(threads)
             member_probs, timing = predict_all(recipe, models, test, folder, time_limit, start)
@@ -206,7 +225,7 @@ def run(source: str | Path, data: str | Path, out: str | Path, probs: bool = Fal
     log.info("predict: %s of %d images written to %s in %.1f s: %.1f images/s (decoding %.1f s, models %.1f s)",
              what, len(test), out, seconds, report["images_per_s"], timing.decode_s, timing.models_s)
     if time_limit is not None and seconds > time_limit:
-        log.warning("predict took %.0f s, over --time-limit %.0f s", seconds, time_limit)
+        log.warning("predict took %.1f s, over --time-limit %.1f s", seconds, time_limit)
     return report
 
 
