@@ -39,8 +39,9 @@ def assign_folds(index: pd.DataFrame, n_splits: int, seed: int, group_col: str |
 
 
 def duplicate_groups(cfg: Config, ids: pd.Series) -> pd.Series:
-    """Each train id's EDA duplicate group (``dup:<n>``), or its own group (``id:<id>``) when it has none."""
-    path = ReportDir.of(cfg).duplicate_groups
+    """Each train id's EDA duplicate group (``dup:<n>``), or its own group (``id:<id>``) when it has none; the
+    groups of ``folds.duplicates_csv`` when set, else of this experiment's EDA."""
+    path = Path(cfg.folds.duplicates_csv) if cfg.folds.duplicates_csv else ReportDir.of(cfg).duplicate_groups
     if not path.is_file():
         raise FileNotFoundError(f"folds.group_duplicates needs {path}: run the eda stage first")
     dups = pd.read_csv(path, dtype={"id": str, "split": str}, **AS_WRITTEN)

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,21 @@ def test_a_resumed_members_minutes_span_its_invocations(tmp_path):
     made.elapsed = lambda: 2 * 60
     planner.finish_step(made, 0, 2 * 60, ok=False)
     assert made.steps[0]["actual_min"] == pytest.approx(5.0)  # 3 min before the kill + 2 now
+
+
+def test_every_member_splits_by_the_first_members_duplicate_groups(tmp_path, monkeypatch):
+    root = make_competition(tmp_path / "comp", n_per_class=8, groups=True)  # train.csv's patient: a group column
+    shutil.copy(root / "train" / "0001.png", root / "train" / "0002.png")  # a duplicate within one class
+    only_the_first(monkeypatch)
+    sets = config_overrides(tmp_path, root)
+    cfg = load_config(DEFAULT_CONFIG, sets)
+
+    def estimate(cfg, planned):  # the first two members fit, the others do not
+        return costs.Cost(20000.0 if "seed2" in cfg.experiment else 30.0, 0.0)
+
+    assert full.run_auto(cfg, sets, 3600, estimate=estimate) is not None
+    record = read_json(RunDir.of(cfg).plan)
+    assert [s["status"] for s in record["steps"]][:2] == ["done", "done"]
+    assert [c["set"].split("=")[0] for c in record["cv"]] == ["folds.group_duplicates", "data.group_col"]
+    first, second = (read_json(Path(cfg.runs_dir) / s["experiment"] / "folds.json") for s in record["steps"][:2])
+    assert first == second  # the same split

@@ -130,6 +130,9 @@ class FoldsConfig:
     # keep the EDA's exact/near-duplicate groups (reports/<experiment>/eda/duplicate_groups.csv) inside one
     # fold, so copies of an image never score each other; merged with data.group_col groups when both are set
     group_duplicates: bool = False
+    # the duplicate_groups.csv those groups come from (unset: this experiment's EDA); the members of a plan read
+    # the EDA of the plan's first member, so that they all split alike
+    duplicates_csv: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_limits(self)

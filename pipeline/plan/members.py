@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.core.config import Config, from_dict, load_config, to_dict, with_values
+from pipeline.rundir import ReportDir
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def protections(report: dict, base: Config, fixed: frozenset) -> tuple[Config, l
     groups = report.get("duplicates", {}).get("any", {}).get("within_train", {}).get("groups", 0)
     if groups and not base.folds.group_duplicates and "folds.group_duplicates" not in fixed:
         values["folds.group_duplicates"] = True
+        values["folds.duplicates_csv"] = str(ReportDir.of(base).duplicate_groups)  # the first member's EDA
         applied.append({"set": "folds.group_duplicates=true", "off": "--set folds.group_duplicates=false",
                         "why": f"{groups} groups of (near-)duplicate train images: each kept in one fold"})
     candidates = report.get("group_candidates") or []

@@ -243,7 +243,10 @@ def correction(plan: Plan, cfg: Config) -> float:
     finished."""
     done = [(s, c) for s, c in zip(plan.steps, plan.configs)
             if s["status"] == "done" and s["actual_min"] and s["estimated_min"]]
-    same = [(s, c) for s, c in done if c.train.mode == cfg.train.mode] or done
+    by_mode: dict[str, list] = {}
+    for s, c in done:
+        by_mode.setdefault(c.train.mode, []).append((s, c))
+    same = by_mode.get(cfg.train.mode) or done
     if not same:
         return 1.0
     actual = sum(s["actual_min"] for s, _ in same)
