@@ -138,3 +138,12 @@ def test_a_finetuned_network_predicts_alike_through_either_engine_and_auto_expor
         graph.unlink()
     predict("test", np.arange(manifest["test"]["n"]), ["identity"])
     assert not list((tmp_path / "onnxruntime" / "cache" / "graphs").glob("*.onnx"))
+
+
+def test_a_network_trained_in_bf16_exports_an_fp32_graph(tmp_path, competition, caplog):
+    cfg = make_cfg(tmp_path, competition, "train.epochs=1", "train.precision=bf16", "infer.engine=onnxruntime",
+                   "infer.tta=[identity,hflip]", "infer.batch_size=8")
+    caplog.set_level(logging.WARNING)
+    chain(cfg)
+    assert "no ONNX graph" not in caplog.text and "differs from PyTorch" not in caplog.text
+    assert len(list((tmp_path / "cache" / "graphs").glob("*.onnx"))) == 3

@@ -54,17 +54,18 @@ def onnxruntime_module(required: bool) -> Optional[Any]:
 
 
 def torch_run(module: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> Run:
-    """The eager pass at ``dtype`` (None: fp32), float32 out."""
+    """The eager pass at ``dtype`` (None: fp32, even inside a caller's autocast), float32 out."""
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            return module(x).float()
+        with autocast(device, dtype) if dtype is not None else torch.autocast(device.type, enabled=False):
+            return module(x.float() if dtype is None else x).float()
     return run
 
 
 def export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     """``module`` as an fp32 ONNX graph with a free batch dimension, written atomically."""
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad(), \
+            torch.autocast(example.device.type, enabled=False):  # fp32 even inside a caller's autocast
         warnings.simplefilter("ignore")  # the exporter's notices about its own future, not about this graph
         torch.onnx.export(module, (example.float().contiguous(),), str(tmp), input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=OPSET, dynamo=False)

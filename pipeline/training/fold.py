@@ -221,8 +221,8 @@ class FinetuneMode(TrainMode):
 
         def predict(split: str, rows: np.ndarray, views: list[str]) -> np.ndarray:
             images, _ = load_split(cfg.run_dir, split, manifest)
-            return predict_tta(net, images, rows, views, mean=mean, std=std, device=device,
-                               channels_last=channels_last, dtype=dtype, batch_size=cfg.infer.batch_size,
+            return predict_tta(net, images, rows, views, mean=mean, std=std, device=device,  # net sets the dtype
+                               channels_last=channels_last, dtype=None, batch_size=cfg.infer.batch_size,
                                size=cfg.data.image_size).numpy()
 
         return predict
