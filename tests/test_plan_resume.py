@@ -139,6 +139,10 @@ def test_estimates_are_corrected_by_the_members_that_finished(tmp_path):
     assert lite2["correction"] == pytest.approx(2.0) and lite2["estimated_min"] == pytest.approx(8)
     partial = next(s for s in made.steps if s["member"] == "partial")
     assert partial["correction"] == pytest.approx(2.0)  # no fine-tune finished yet: every finished member counts
+    made.steps[0]["actual_min"] = 1.0  # half its estimate: frozen passes ahead of their estimate
+    planner.refit(made)
+    factors = {s["member"]: s["correction"] for s in made.steps[1:]}
+    assert factors["lite2"] == pytest.approx(0.5) and factors["partial"] == 1.0  # a training loop is not shortened
 
 
 def test_a_second_full_of_the_same_experiment_is_refused_before_it_plans(tmp_path, capsys):

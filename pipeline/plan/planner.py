@@ -238,21 +238,23 @@ def resume(record: dict, base: Config, budget_s: Optional[float], elapsed: Calla
 
 def correction(plan: Plan, cfg: Config) -> float:
     """The factor this run's own timings put on a member's measured estimate: actual over estimated minutes of
-    the finished members of its training mode (of all finished members where none shares it), within
-    :data:`CORRECTION`, taken fully once they were estimated at :data:`EVIDENCE_MIN` or more; 1 before any has
-    finished."""
+    the finished members of its training mode, within :data:`CORRECTION`, taken fully once they were estimated
+    at :data:`EVIDENCE_MIN` or more; where none shares its mode, that of all finished members, but only to make
+    the estimate longer (a frozen pass running ahead of its estimate says little about a training loop); 1
+    before any has finished."""
     done = [(s, c) for s, c in zip(plan.steps, plan.configs)
             if s["status"] == "done" and s["actual_min"] and s["estimated_min"]]
     by_mode: dict[str, list] = {}
     for s, c in done:
         by_mode.setdefault(c.train.mode, []).append((s, c))
-    same = by_mode.get(cfg.train.mode) or done
-    if not same:
+    same = by_mode.get(cfg.train.mode)
+    if not (same or done):
         return 1.0
-    actual = sum(s["actual_min"] for s, _ in same)
-    measured = sum(s["estimated_min"] / (s.get("correction") or 1.0) for s, _ in same)
+    actual = sum(s["actual_min"] for s, _ in same or done)
+    measured = sum(s["estimated_min"] / (s.get("correction") or 1.0) for s, _ in same or done)
     weight = min(1.0, measured / EVIDENCE_MIN)  # seconds of evidence correct the estimates only part of the way
-    return min(max((actual / measured) ** weight, CORRECTION[0]), CORRECTION[1])
+    factor = min(max((actual / measured) ** weight, CORRECTION[0]), CORRECTION[1])
+    return factor if same else max(factor, 1.0)  # another mode's members may only make an estimate longer
 
 
 def refit(plan: Plan) -> None:
