@@ -18,6 +18,7 @@ from pipeline.predict import stage
 from pipeline.predict.recipe import load_recipe
 
 from conftest import make_cfg, trained_run
+from test_run_sh import run_sh
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +113,15 @@ def test_a_kaggle_test_folder_gets_a_checked_submission_in_its_sample_order(run_
     assert_same_as_run(tmp_path / "submission.csv", cfg, mapping, probs=False)
 
 
+def test_run_sh_predict_ends_with_the_path(run_a, tmp_path):
+    _, root, cfg = run_a
+    mapping = renamed_copy(root, tmp_path / "new")
+    done = run_sh(tmp_path, "predict", str(cfg.run_dir), str(tmp_path / "new"), "--out", str(tmp_path / "sub.csv"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"predictions: {tmp_path / 'sub.csv'}"
+    assert_same_as_run(tmp_path / "sub.csv", cfg, mapping, probs=False)
+
+
 def test_the_recipe_is_the_runs(run_a):
     _, _, cfg = run_a
     recipe = load_recipe(cfg.run_dir)
@@ -194,6 +204,11 @@ def test_an_ensemble_of_runs_predicts_as_its_ensemble_csv(run_a, tmp_path, capsy
     code, err = predict(capsys, ens.run_dir, tmp_path / "new", "--out", tmp_path / "ens.csv", "--probs")
     assert code == 0, err
     assert_same_as_run(tmp_path / "ens.csv", ens, mapping, probs=True)
+    record = export.run(ens.run_dir, tmp_path / "onnx")  # the combination travels with the graphs
+    assert len(record["graphs"]) == 7 and record["recipe"]["combination"]["temperature"] > 0
+    code, err = predict(capsys, tmp_path / "onnx", tmp_path / "new", "--out", tmp_path / "onnx.csv", "--probs")
+    assert code == 0, err
+    assert_same_as_run(tmp_path / "onnx.csv", ens, mapping, probs=True, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # settings a prediction may change: where and how fast it runs, never what it computes
 RUNTIME_KEYS = ("infer.batch_size", "infer.engine", "train.device", "train.threads")
-DATA_KEYS = ("sample_submission", "test_dir", "csv_encoding", "max_pixels")  # how a new test folder is read
+DATA_KEYS = ("id_col", "sample_submission", "test_dir", "csv_encoding", "max_pixels")  # how a new test folder is read
 PRECISIONS = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "None": "fp32"}  # infer's record -> setting
 
 
