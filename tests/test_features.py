@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import ensemble, folds, preprocess, submit, train
+from pipeline.training import features
 from pipeline.rundir import read_cv
 
 from conftest import chain, fold_run, make_cfg
@@ -76,3 +77,11 @@ def test_linear_probe_head_init_is_the_features_head(tmp_path, competition, tiny
     assert torch.allclose(head.weight, saved["weight"].float(), atol=1e-5)
     assert torch.allclose(head.bias, saved["bias"].float(), atol=1e-5)
     assert torch.equal(run.training.ema.module.get_classifier().weight, head.weight)  # the EMA starts from the probe too
+
+
+def test_a_cached_pass_is_keyed_by_its_precision_and_engine(tmp_path):
+    manifest = {"train": {"signature": "0" * 40}}
+    paths = {(p, e): features.features_path(make_cfg(tmp_path, None, f"train.precision={p}", f"infer.engine={e}"),
+                                             manifest, "train", "identity")
+             for p in ("fp32", "bf16") for e in ("torch", "onnxruntime")}
+    assert len(set(paths.values())) == 4  # a bf16 pass is never read where fp32 is asked for, nor across engines

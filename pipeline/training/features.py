@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.registry import Registry
-from pipeline.core.utils import atomic_path
+from pipeline.core.utils import atomic_path, resolve_device
 from pipeline.data.dataset import center_crop, iter_batches, to_float
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
@@ -94,8 +94,15 @@ def is_crop(view: str) -> bool:
 
 def features_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
     """Where the embeddings of ``split`` under ``view`` live: the key names everything they depend on."""
-    key = f"{split}-{frozen_key(cfg, view.replace('+', '_'))}-{manifest[split]['signature'][:12]}"
+    key = f"{split}-{pass_setting(cfg)}-{frozen_key(cfg, view.replace('+', '_'))}-{manifest[split]['signature'][:12]}"
     return Path(cfg.data.cache_dir) / "features" / f"{key}.npy"
+
+
+def pass_setting(cfg: Config) -> str:
+    """What a cached pass's numbers depend on beside the backbone and the images: the precision it runs at on
+    this machine and ``infer.engine`` (a bf16 pass is not reused where fp32 is asked for)."""
+    dtype = compute_settings(cfg, resolve_device(cfg.train.device))[0]
+    return f"{str(dtype).removeprefix('torch.') if dtype is not None else 'fp32'}-{cfg.infer.engine}"
 
 
 def backbone(cfg: Config, device: torch.device) -> nn.Module:
@@ -158,7 +165,8 @@ def read_cached(path: Path, rows: int) -> Optional[np.ndarray]:
     return array
 
 
-def embeddings(cfg: Config, manifest: dict, split: str, views: list[str], device: torch.device) -> dict[str, np.ndarray]:
+def embeddings(cfg: Config, manifest: dict, split: str, views: list[str],
+               device: torch.device) -> dict[str, np.ndarray]:
     """The embeddings (N×D float32) of every image of ``split`` under each view, computed once and cached (again
     when a cached file is damaged)."""
     paths = {v: features_path(cfg, manifest, split, v) for v in views}

@@ -82,7 +82,7 @@ def pooled(back: nn.Module) -> nn.Module:
 def activations_path(cfg: Config, manifest: dict, split: str, view: str) -> Path:
     """Where the front's output for ``split`` under ``view`` lives; the key names everything it depends on."""
     front = features.frozen_key(cfg, f"last{cfg.train.tune_blocks}")
-    key = f"{split}-{front}-{view.replace('+', '_')}-{manifest[split]['signature'][:12]}"
+    key = f"{split}-{front}-{features.pass_setting(cfg)}-{view.replace('+', '_')}-{manifest[split]['signature'][:12]}"
     return Path(cfg.data.cache_dir) / "activations" / f"{key}.npy"
 
 
