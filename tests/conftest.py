@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny generated competition and configs that write only into tmp_path."""
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -188,3 +191,18 @@ def fold_run(cfg, fold: int = 0) -> FoldRun:
     images, index = load_split(cfg.run_dir, "train", manifest)
     table = pd.read_csv(cfg.run_dir / "folds.csv", dtype={"id": str, "label": str})
     return FoldRun(FoldData(cfg, manifest, images, index, table, torch.device("cpu")), fold)
+
+
+@contextlib.contextmanager
+def locked_elsewhere(run_dir: Path, what: str) -> Iterator[int]:
+    """``run_dir``'s lock held by another process (its pid) while the block runs, as a concurrent stage holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pipeline.rundir import run_lock\n"
+        f"with run_lock({str(run_dir)!r}, {what!r}):\n    print('held', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

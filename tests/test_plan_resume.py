@@ -10,8 +10,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from pipeline.core.utils import read_json
 from pipeline.plan import costs, ledger, planner
 from pipeline.rundir import RunDir
 
-from conftest import DEFAULT_CONFIG, REPO, config_overrides, make_cfg, make_competition
+from conftest import DEFAULT_CONFIG, config_overrides, locked_elsewhere, make_cfg, make_competition
 from test_plan import given, only_the_first, outputs, photos_facts, small_facts
 
 PHOTO_MINUTES = {"lp": 2, "partial": 1, "lite2": 4, "crops": 3, "seed2": 3}  # + 2 an epoch when fine-tuning
@@ -149,20 +147,12 @@ def test_a_second_full_of_the_same_experiment_is_refused_before_it_plans(tmp_pat
     root = make_competition(tmp_path / "comp", n_per_class=8)
     sets = config_overrides(tmp_path, root)
     run_dir = load_config(DEFAULT_CONFIG, sets).run_dir
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.rundir import run_lock\n"
-        f"with run_lock({str(run_dir)!r}, 'full'):\n    print('held', flush=True); time.sleep(60)")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with locked_elsewhere(run_dir, "full"):
         argv = [str(DEFAULT_CONFIG), "--budget", "5m", *[a for t in sets for a in ("--set", t)]]
         assert full.main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and "in use by another pipeline process" in err[-1]
         assert not RunDir(run_dir).plan.exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_time_the_larger_cnn_cannot_use_goes_to_a_second_seed_of_the_first(tmp_path):

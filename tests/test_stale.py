@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from pipeline.rundir import read_cv
 from pipeline import rundir
 from pipeline.core.utils import read_json
 
-from conftest import REPO, make_cfg, make_competition, stage_argv, trained_run
+from conftest import locked_elsewhere, make_cfg, make_competition, stage_argv, trained_run
 
 OVERRIDES = ("experiment=stale", "train.lr=0.01", "train.optimizer=adamw", "infer.tta=[identity]")
 
@@ -89,18 +87,10 @@ def test_a_run_folder_refuses_another_dataset(trained, capsys):
 
 def test_a_second_process_on_the_run_folder_refuses(trained, capsys):
     tmp, root, cfg = trained
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pipeline.rundir import run_lock\n"
-        f"with run_lock({str(cfg.run_dir)!r}, 'train'):\n    print('held', flush=True); time.sleep(60)")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with locked_elsewhere(cfg.run_dir, "train") as pid:
         assert folds.main(stage_argv(tmp, root, *OVERRIDES)) == 1
-    finally:
-        holder.kill()
-        holder.wait()
     err = capsys.readouterr().err
-    assert f"{cfg.run_dir} is in use by another pipeline process (pid {holder.pid}, train since" in err
+    assert f"{cfg.run_dir} is in use by another pipeline process (pid {pid}, train since" in err
     assert folds.main(stage_argv(tmp, root, *OVERRIDES)) == 0  # released (a killed holder's lock goes with it)
     with rundir.run_lock(cfg.run_dir, "full"):  # the same process again: full holds it while its stages run
         assert folds.main(stage_argv(tmp, root, *OVERRIDES)) == 0

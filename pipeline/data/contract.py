@@ -432,10 +432,8 @@ def continuous_labels(counts: pd.Series, n_splits: int, label_col: str) -> Optio
     """The problem of a label column that holds a measurement rather than classes (every label a number, some
     with a fraction, most of them on fewer rows than folds), or None. ``counts``: rows per label."""
     numbers = pd.to_numeric(pd.Series(counts.index, dtype=object), errors="coerce")
-    if counts.empty or numbers.isna().any() or (numbers == numbers.round()).all():
-        return None
-    small = int((counts < n_splits).sum())
-    if small * 2 <= len(counts):
+    small = int((counts < n_splits).sum())  # labels on fewer rows than folds
+    if counts.empty or numbers.isna().any() or (numbers == numbers.round()).all() or small * 2 <= len(counts):
         return None
     examples = ", ".join(repr(v) for v in counts.index[:3])
     return (f"the label column {label_col!r} looks continuous: {len(counts)} distinct numbers ({examples}, …), "
