@@ -163,6 +163,12 @@ class SearchDir:
         """An exported config of the study's pick under ``rule``."""
         return self.root / "best" / f"{rule}.yaml"
 
+    @property
+    def chart(self) -> Path:
+        """``chart/``: a config per model of the chart (``trial<N>.yaml``, ``ref-<label>.yaml``) to train with
+        ``./run.sh full``, and the chart made from their run folders (``chart.png``, ``chart.csv``, ``chart.md``)."""
+        return self.root / "chart"
+
     def file(self, name: str) -> Path:
         """One of the search's own files: ``study.db`` (and ``study.db.lock``, held by the worker using it),
         ``trials.csv``, ``pareto.csv``, ``pareto.png``, ``hypervolume.png``, ``summary.json``, ``config.yaml``,

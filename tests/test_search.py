@@ -19,7 +19,7 @@ from pipeline.search import storage as stores
 from pipeline.search import study as search
 from pipeline.models.arch import SpecNet, downsampling, load_spec
 from pipeline.core.config import ConfigError, load_config, with_values
-from pipeline.models.factory import count_parameters, create_model
+from pipeline.models.factory import count_parameters, create_model, model_costs
 from pipeline.search.space import spec_params, suggest, trial_config
 from pipeline.core.utils import read_json
 
@@ -50,7 +50,7 @@ def test_random_samples_of_the_default_space_build_valid_models(tmp_path):
         with torch.no_grad():
             assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
         if i % 5 == 0:  # the FLOP counter is the slow part
-            costs = search.model_costs(model, 32, latency=False)
+            costs = model_costs(model, 32, latency=False)
             assert costs["params"] == count_parameters(model) and costs["macs"] > 0
         study.tell(trial, [0.0, count_parameters(model)])
         heads.add((spec["head"], model.head.bias is None))

@@ -87,7 +87,8 @@ class FoldsConfig:
 class ModelConfig:
     SECTION: ClassVar[str] = "model"
     LIMITS: ClassVar[dict[str, Limit]] = {"drop_rate": Limit(0, 1, high_open=True), "whiten_eps": NON_NEGATIVE,
-                                         "whiten_bias_epochs": NON_NEGATIVE, "bn_momentum": FRACTION}
+                                         "whiten_bias_epochs": NON_NEGATIVE, "bn_momentum": FRACTION,
+                                         "stem_stride": POSITIVE}
     name: str = "resnet18"  # a registered compact model or any timm model name
     # ImageNet weights: shipped with a pip package for efficientnet_lite0 / tf_efficientnet_lite0 (offline),
     # else timm's download (Hugging Face cache)
@@ -98,6 +99,9 @@ class ModelConfig:
     # it by 1/sqrt(num_classes), so a 2-class head starts with huge logits that the first epochs must unlearn
     zero_head: bool = True
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+    # the stride of the network's first convolution; None: the model's own. 1 adapts an ImageNet network to
+    # small images (timm's resnet18 at 32 px keeps a 2×2 instead of a 1×1 last feature map), for 4× its MACs
+    stem_stride: Optional[int] = None
     # an architecture spec (pipeline/models/arch.py): a YAML path or the mapping inline; setting it sets name: spec
     spec: Optional[Union[str, dict]] = None
     # patch-whitening initialisation of the first conv (airbench): the eigenvectors of the covariance of the
@@ -396,7 +400,9 @@ class SearchConfig:
     # hand-made architectures (spec YAML paths or inline specs, at most one block a slot) enqueued as the study's
     # first trials, e.g. airnet_tiny as ConvPool blocks (configs/specs/): the samplers start from known designs
     seed_specs: list[Any] = field(default_factory=list)
-    references: list[str] = field(default_factory=list)  # models scored with the same protocol (pareto.png)
+    # models trained like the trials (pareto.png) and exported like best/ (search/chart/): a model name, or a
+    # mapping of the settings it trains with, e.g. {model.name: resnet18, model.stem_stride: 1}
+    references: list[Union[str, dict]] = field(default_factory=list)
     best_within: float = 0.01  # rule smallest_within: accuracy within this of the most accurate
     best_floor: float = 0.5  # rule smallest_above_floor
     best_budgets: list[int] = field(default_factory=list)  # also most_accurate_under_<N> (params <= N) each

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline.models.arch import HEADS, SpecNet
+from pipeline.models.arch import HEADS, SpecNet, count_macs, cpu_latency_ms
 from pipeline.core.config import ModelConfig
 from pipeline.core.registry import Registry
 from pipeline.core.utils import setup_logging
@@ -112,8 +112,19 @@ def airnet_tiny(num_classes: int, **kwargs) -> nn.Module:
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm), every batch norm's
-    momentum set to ``model.bn_momentum`` when given."""
-    return set_bn_momentum(_build(cfg, num_classes), cfg.bn_momentum)
+    momentum set to ``model.bn_momentum`` and the first convolution's stride to ``model.stem_stride`` when given."""
+    return set_stem_stride(set_bn_momentum(_build(cfg, num_classes), cfg.bn_momentum), cfg.stem_stride)
+
+
+def set_stem_stride(model: nn.Module, stride: Optional[int]) -> nn.Module:
+    """Set the stride of the first convolution the model registers (its stem); None leaves it. The weights are
+    unchanged, so a pretrained stem keeps its filters and only sees the image at a finer step."""
+    if stride is not None:
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is None:
+            raise ValueError("model.stem_stride: this model has no convolution to set it on")
+        stem.stride = (stride, stride)
+    return model
 
 
 def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
@@ -176,6 +187,14 @@ def _unknown_model_message(name: str) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_costs(model: nn.Module, size: int, latency: bool = True) -> dict:
+    """Parameters, MACs per image and (optionally) 1-thread CPU latency at the input size."""
+    costs = {"params": count_parameters(model), "macs": count_macs(model, size)}
+    if latency:
+        costs["latency_ms"] = round(cpu_latency_ms(model, size), 4)
+    return costs
 
 
 def download(names: Sequence[str]) -> None:

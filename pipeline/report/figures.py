@@ -3,12 +3,14 @@ thumbnails of images. Shared by the results report and TensorBoard logging."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.core.utils import atomic_path
 from pipeline.evaluation.metrics import reliability
 
 
@@ -96,3 +98,10 @@ def figure_array(fig: Figure) -> np.ndarray:
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def save_png(fig: Figure, path: Path, dpi: int = 110) -> None:
+    """Write the figure as a PNG file atomically: a killed write never leaves half an image."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)

@@ -11,8 +11,12 @@
   column ``rerank_<metric>``) and every rule picks by that score,
 * TensorBoard hparams (``tensorboard --logdir runs/<experiment>/search/tb``), one run per finished trial.
 
+* ``chart/``: a config per searched model of the re-ranked front and per reference, to train K-fold
+  (:mod:`pipeline.search.chart`).
+
 ``python -m pipeline.search.report --compare DIR... --out FIG`` draws the hypervolume of several studies
-(e.g. NSGA-II, MOTPE, random at the same budget) against the same reference point.
+(e.g. NSGA-II, MOTPE, random at the same budget) against the same reference point;
+``python -m pipeline.search.report --chart DIR [--runs RUN...]`` draws the chart of ``chart/``'s trained runs.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import pandas as pd
 
 from pipeline.core.config import Config, load_config, to_yaml, with_values
 from pipeline.rundir import RunDir, SearchDir, without_secrets
-from pipeline.search.space import OBJECTIVES, trial_config
+from pipeline.search.chart import markdown, write_chart
+from pipeline.search.space import OBJECTIVES, reference_config, reference_label, trial_config
 from pipeline.core.utils import atomic_path, setup_logging, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -186,6 +191,40 @@ def export_best(study: optuna.Study, cfg: Config, picks: dict, out: SearchDir) -
     return exported
 
 
+def chart_trials(table: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """The searched models of the chart: the re-ranked trials no smaller re-ranked trial beats at full epochs,
+    or without a re-rank the proxy's front of parameters against the score."""
+    metric = metric_of(cfg)
+    good = usable(table)
+    rows = reranked_rows(good, metric)
+    score = f"rerank_{metric}" if len(rows) else metric
+    rows = rows if len(rows) else good
+    if rows.empty or "params" not in rows:
+        return rows
+    loss = np.c_[-rows[score].to_numpy(float), rows["params"].to_numpy(float)]
+    return rows[pareto_mask(loss)].sort_values("params")
+
+
+def export_chart(study: optuna.Study, cfg: Config, table: pd.DataFrame, out: SearchDir) -> list[str]:
+    """``chart/``: one config per searched model of :func:`chart_trials` (``trial<N>.yaml``) and per
+    ``search.references`` entry (``ref-<label>.yaml``), each trained like ``best/*.yaml`` (the study's config at
+    ``train.epochs``); configs no longer on the chart are removed. Returns the names."""
+    trials = study.get_trials(deepcopy=False)
+    configs = {f"trial{int(n)}": trial_config(cfg, trials[int(n)].params) for n in chart_trials(table, cfg)["number"]}
+    configs.update({f"ref-{reference_label(ref)}": reference_config(cfg, ref) for ref in cfg.search.references})
+    out.chart.mkdir(parents=True, exist_ok=True)
+    for old in out.chart.glob("*.yaml"):
+        if old.stem not in configs:
+            old.unlink()
+    for name, config in configs.items():
+        path = out.chart / f"{name}.yaml"
+        config = with_values(config, {"experiment": f"{cfg.experiment}-{name}"})
+        header = (f"# the search chart's {name} ({cfg.train.epochs} epochs, {cfg.folds.n_splits}-fold): "
+                  f"./run.sh full {path}\n# then: python -m pipeline.search.report --chart {out}\n")
+        write_text(path, header + to_yaml(without_secrets(config)))
+    return sorted(configs)
+
+
 def plot_pareto(table: pd.DataFrame, cfg: Config, references: list[dict], path: Path) -> None:
     """The search's figure: parameters vs score, coloured by trial order, front drawn, references marked."""
     import matplotlib
@@ -269,7 +308,8 @@ def write_outputs(study: optuna.Study, cfg: Config, references: list[dict], rera
                "reference_point": reference_point(cfg), "pareto": pareto["number"].tolist(),
                "best": export_best(study, cfg, best_trials(table, cfg), out), "references": references,
                "rerank": {str(n): m for n, m in reranked.get("trials", {}).items()},
-               "rerank_references": reranked.get("references", [])}
+               "rerank_references": reranked.get("references", []),
+               "chart": export_chart(study, cfg, table, out)}
     write_json(out.file("summary.json"), summary)
     log.info("search: %d trials (%s), %d on the Pareto front, hypervolume %.4f; best configs in %s", len(table),
              states, len(pareto), summary["hypervolume"], out.file("best"))
@@ -325,14 +365,35 @@ def compare(dirs: Sequence[str | Path], out: str | Path) -> dict:
 
 def main(argv=None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(description="Compare the hypervolume of several search folders.")
-    parser.add_argument("--compare", nargs="+", required=True, metavar="SEARCH_DIR")
-    parser.add_argument("--out", required=True, help="figure path (.png)")
+    parser = argparse.ArgumentParser(description="Compare the hypervolume of several search folders, or draw a "
+                                                 "search's chart of its models and references trained K-fold.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--compare", nargs="+", metavar="SEARCH_DIR")
+    what.add_argument("--chart", metavar="SEARCH_DIR", help="the chart of SEARCH_DIR/chart/*.yaml's run folders")
+    parser.add_argument("--runs", nargs="*", default=[], metavar="RUN_DIR", help="--chart: more run folders")
+    parser.add_argument("--out", help="--compare: the figure (.png); --chart: a folder (default SEARCH_DIR/chart)")
+    parser.add_argument("--no-latency", action="store_true", help="--chart: skip the CPU latency measurement")
     args = parser.parse_args(argv)
+    if args.chart:
+        try:
+            result = write_chart(args.chart, args.runs, args.out, latency=not args.no_latency)
+        except (ValueError, FileNotFoundError) as err:
+            log.error("%s", err)
+            return 2
+        print(markdown_of(result))
+        return 0
+    if not args.out:
+        parser.error("--compare needs --out FIGURE.png")
     result = compare(args.compare, args.out)
     write_json(Path(args.out).with_suffix(".json"), result)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def markdown_of(chart: dict) -> str:
+    """The chart's table and the commands of its configs not trained yet (the command's output)."""
+    text = markdown(pd.DataFrame(chart["rows"]))
+    return text + "".join(f"not trained yet: {c}\n" for c in chart["not_trained"])
 
 
 if __name__ == "__main__":

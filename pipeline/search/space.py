@@ -7,6 +7,7 @@ expansion of a Conv) are ignored, and a stride is dropped to 1 once the downsamp
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import optuna
@@ -149,3 +150,39 @@ def trial_config(cfg: Config, params: dict, epochs: int | None = None) -> Config
     if epochs is not None:
         values["train.epochs"] = epochs
     return with_values(cfg, values)
+
+
+def reference_overrides(ref: str | dict) -> dict:
+    """A ``search.references`` entry as config values: a model name, or a mapping of dotted keys that names
+    ``model.name`` and the settings the reference trains with (``{model.name: resnet18, model.stem_stride: 1}``)."""
+    return {"model.name": ref} if isinstance(ref, str) else dict(ref)
+
+
+def reference_label(ref: str | dict) -> str:
+    """The entry's name in tables, figures and file names: the model, then each other setting's last key part
+    and value (``resnet18-stem_stride1``)."""
+    values = reference_overrides(ref)
+    parts = [str(values["model.name"])] + [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in values.items()
+                                           if k != "model.name"]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts))
+
+
+def reference_config(cfg: Config, ref: str | dict, epochs: int | None = None) -> Config:
+    """A reference's training config: the study's config with the reference's model and settings instead of a
+    searched spec, at ``epochs`` (default ``train.epochs``: what ``best/*.yaml`` train at)."""
+    values: dict[str, Any] = {"model.spec": None, **reference_overrides(ref)}
+    if epochs is not None:
+        values["train.epochs"] = epochs
+    return with_values(cfg, values)
+
+
+def check_references(cfg: Config) -> None:
+    """Each ``search.references`` entry names a model and only settings the config has (a one-line error)."""
+    labels = []
+    for ref in cfg.search.references:
+        if not isinstance(ref, str) and not (isinstance(ref, dict) and isinstance(ref.get("model.name"), str)):
+            raise ConfigError(f"search.references: expected a model name or a mapping with model.name, got {ref!r}")
+        reference_config(cfg, ref)
+        labels.append(reference_label(ref))
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"search.references: two entries share a name ({labels})")

@@ -27,18 +27,17 @@ import numpy as np
 import optuna
 import torch
 from sklearn.model_selection import train_test_split
-from torch import nn
 
 from pipeline.cli import stage_main
 from pipeline.core.config import Config, to_yaml, with_values
 from pipeline.core.utils import configure_backends, read_json, resolve_device, seed_everything, write_json, write_text
 from pipeline.evaluation.metrics import score
-from pipeline.models.arch import count_macs, cpu_latency_ms
-from pipeline.models.factory import count_parameters, create_model
+from pipeline.models.factory import create_model, model_costs
 from pipeline.provenance import training_fingerprint
 from pipeline.rundir import RunDir, SearchDir, load_manifest, load_split, without_secrets
 from pipeline.search.report import rerank_candidates, trial_line, trials_table, write_outputs
-from pipeline.search.space import OBJECTIVES, check_search, suggest, trial_config
+from pipeline.search.space import (OBJECTIVES, check_references, check_search, reference_config, reference_label,
+                                   suggest, trial_config)
 from pipeline.search.storage import enqueue_seed_specs, open_study, sqlite_worker, warm_start
 from pipeline.training.recipe import Training, build_training, refuse
 
@@ -73,14 +72,6 @@ def load_trial_data(cfg: Config) -> TrialData:
                                               stratify=labels[rows], random_state=search.seed)
     return TrialData(np.ascontiguousarray(images[rows]), labels[rows], np.sort(train_rows), np.sort(valid_rows),
                      manifest["classes"], manifest)
-
-
-def model_costs(model: nn.Module, size: int, latency: bool = True) -> dict:
-    """Parameters, MACs per image and (optionally) 1-thread CPU latency at the input size."""
-    costs = {"params": count_parameters(model), "macs": count_macs(model, size)}
-    if latency:
-        costs["latency_ms"] = round(cpu_latency_ms(model, size), 4)
-    return costs
 
 
 # settings a trial cannot honour: it is scored on its last epoch against one stratified holdout of the subsample
@@ -242,9 +233,10 @@ def score_references(cfg: Config, data: TrialData, device: torch.device, rerank:
     path = search_dir(cfg).file("rerank_references.json" if rerank else "references.json")
     _, epochs, protocol = fidelity(cfg, rerank)
     cached = open_cache(path, protocol, "models")
-    for name in cfg.search.references:
+    for ref in cfg.search.references:
+        name = reference_label(ref)
         if name not in cached["models"]:
-            cfg_r = with_values(cfg, {"model.name": name, "model.spec": None, "train.epochs": epochs})
+            cfg_r = reference_config(cfg, ref, epochs)
             seed_everything(cfg_r.seed)
             costs = model_costs(create_model(cfg_r.model, len(data.classes)), cfg_r.data.image_size,
                                 cfg.search.record_latency)
@@ -254,7 +246,7 @@ def score_references(cfg: Config, data: TrialData, device: torch.device, rerank:
             log.info("reference %s%s: params %d, accuracy %.4f", name, " (re-rank)" if rerank else "",
                      costs["params"], metrics["accuracy"])
             write_json(path, cached)
-    return [{"name": n, **cached["models"][n]} for n in cfg.search.references]
+    return [{"name": n, **cached["models"][n]} for n in map(reference_label, cfg.search.references)]
 
 
 def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
@@ -294,6 +286,7 @@ def rerank(cfg: Config, study: optuna.Study, device: torch.device) -> dict:
 def run(cfg: Config) -> dict:
     """Run (or resume, or join) the study, then write the tables, figures and best configs."""
     check_search(cfg.search)
+    check_references(cfg)
     out = search_dir(cfg)
     out.root.mkdir(parents=True, exist_ok=True)
     write_text(out.file("config.yaml"), to_yaml(without_secrets(cfg)))

@@ -117,8 +117,9 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
 
 def frozen_key(cfg: Config, part: str) -> str:
     """What names a frozen pass of the backbone (``part``: ``pooled`` features or the front before ``last<k>``):
-    the backbone, its weights and the input size."""
-    return f"{cfg.model.name}-{weights_id(cfg.model)}-{cfg.data.image_size}px-{part}"
+    the backbone, its weights, its stem's stride when set and the input size."""
+    stride = "" if cfg.model.stem_stride is None else f"-stride{cfg.model.stem_stride}"
+    return f"{cfg.model.name}-{weights_id(cfg.model)}{stride}-{cfg.data.image_size}px-{part}"
 
 
 @torch.no_grad()
