@@ -7,7 +7,8 @@ import torch
 
 from pipeline import preprocess
 from pipeline.core.config import ConfigError, ModelConfig, load_config
-from pipeline.models.factory import create_model, model_costs
+from pipeline.models.arch import load_spec
+from pipeline.models.factory import architecture_id, create_model, model_costs
 from pipeline.search import report, study
 from pipeline.search.chart import write_chart
 from pipeline.search.space import check_references, reference_label
@@ -29,6 +30,11 @@ def test_stem_stride_sets_the_first_convolution_and_names_frozen_passes(tmp_path
     cfg = make_cfg(tmp_path, None)
     strided = make_cfg(tmp_path, None, "model.stem_stride=1")
     assert frozen_key(cfg, "pooled") != frozen_key(strided, "pooled")  # no cached features of the other stride
+    spec = load_spec("configs/specs/airnet_tiny.yaml")
+    wider = {**spec, "blocks": [{**spec["blocks"][0], "out": 32}]
+             + spec["blocks"][1:]}
+    one, other = (architecture_id(ModelConfig(name="spec", spec=s)) for s in (spec, wider))
+    assert one != other and architecture_id(ModelConfig(name="airnet_tiny")) == "airnet_tiny"  # specs time apart
 
 
 def test_references_are_model_names_or_settings_checked_before_any_training(tmp_path):

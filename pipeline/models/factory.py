@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
+import json
 import logging
 from typing import Optional, Sequence
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline.models.arch import HEADS, SpecNet, count_macs, cpu_latency_ms
+from pipeline.models.arch import HEADS, SpecNet, count_macs, cpu_latency_ms, load_spec
 from pipeline.core.config import ModelConfig
 from pipeline.core.registry import Registry
 from pipeline.core.utils import setup_logging
@@ -114,6 +116,19 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """Build ``cfg.name`` with a ``num_classes`` head (registered compact model or timm), every batch norm's
     momentum set to ``model.bn_momentum`` and the first convolution's stride to ``model.stem_stride`` when given."""
     return set_stem_stride(set_bn_momentum(_build(cfg, num_classes), cfg.bn_momentum), cfg.stem_stride)
+
+
+def architecture_id(cfg: ModelConfig) -> str:
+    """A short name of the network's shape, not its weights: the model, a digest of its spec and factory
+    arguments where it has them, and its stem's stride when set. Timings and cached passes of one architecture
+    are kept under it, so two searched specs or two strides never share them."""
+    parts = [cfg.name]
+    shape = {"spec": load_spec(cfg.spec) if cfg.spec is not None else None, "kwargs": cfg.kwargs or None}
+    if any(shape.values()):
+        parts.append(hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:10])
+    if cfg.stem_stride is not None:
+        parts.append(f"stride{cfg.stem_stride}")
+    return "-".join(parts)
 
 
 def set_stem_stride(model: nn.Module, stride: Optional[int]) -> nn.Module:

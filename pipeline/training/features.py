@@ -37,7 +37,7 @@ from pipeline.data.dataset import center_crop, iter_batches, to_float
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import get_view
 from pipeline.models.engines import FrozenPass
-from pipeline.models.factory import create_model
+from pipeline.models.factory import architecture_id, create_model
 from pipeline.models.weights import is_pretrained, normalization, weights_id
 from pipeline.rundir import RunDir, load_split
 from pipeline.training.checkpoints import load_weights
@@ -117,9 +117,8 @@ def backbone(cfg: Config, device: torch.device) -> nn.Module:
 
 def frozen_key(cfg: Config, part: str) -> str:
     """What names a frozen pass of the backbone (``part``: ``pooled`` features or the front before ``last<k>``):
-    the backbone, its weights, its stem's stride when set and the input size."""
-    stride = "" if cfg.model.stem_stride is None else f"-stride{cfg.model.stem_stride}"
-    return f"{cfg.model.name}-{weights_id(cfg.model)}{stride}-{cfg.data.image_size}px-{part}"
+    the backbone (:func:`architecture_id`), its weights and the input size."""
+    return f"{architecture_id(cfg.model)}-{weights_id(cfg.model)}-{cfg.data.image_size}px-{part}"
 
 
 @torch.no_grad()

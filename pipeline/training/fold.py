@@ -19,7 +19,7 @@ from pipeline.core.utils import read_json
 from pipeline.evaluation.metrics import score
 from pipeline.evaluation.tta import configured_views, predict_tta
 from pipeline.models.engines import FrozenPass
-from pipeline.models.factory import count_parameters, create_model
+from pipeline.models.factory import architecture_id, count_parameters, create_model
 from pipeline.models.weights import normalization
 from pipeline.provenance import data_change, same_training
 from pipeline.report.figures import confusion_figure, figure_array
@@ -241,7 +241,7 @@ def network_keys(cfg: Config, fold: Optional[int], num_classes: int) -> tuple[st
     """(graph key, choice key) of a fold's network for :class:`FrozenPass`: the graph is named by the kept
     weights' content, the engines' timing by the architecture, so ``auto`` times the first fold only."""
     digest = file_sha1(RunDir.of(cfg).model(fold).weights("best"))[:16]
-    network = f"{cfg.model.name}-{num_classes}cls-{cfg.data.image_size}px"
+    network = f"{architecture_id(cfg.model)}-{num_classes}cls-{cfg.data.image_size}px"
     return f"{network}-{digest}", f"{network}-network"
 
 
