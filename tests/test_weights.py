@@ -41,6 +41,17 @@ def test_shipped_lites_map_every_tensor_in_order(name, tensors, monkeypatch):
     assert random_head.classifier.weight.abs().max() > 0.1
 
 
+def test_a_timm_network_from_scratch_starts_at_the_uniform():
+    """timm's MobileNetV2 init starts 10 classes at logits of std ~5 (loss ~8): from scratch it diverged at the
+    compact CNNs' learning rate; its zeroed head starts at loss log 10."""
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    for zero, low, high in ((True, 2.30, 2.31), (False, 4.0, 50.0)):
+        model = create_model(ModelConfig(name="mobilenetv2_050", zero_head=zero), num_classes=10).eval()
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(model(x), y).item()
+        assert low <= loss <= high, (zero, loss)
+
+
 def test_normalization_follows_the_weights():
     assert normalization(ModelConfig(name="resnet18"), MANIFEST) == (MANIFEST["mean"], MANIFEST["std"])
     assert normalization(ModelConfig(name="efficientnet_lite0", pretrained=True), MANIFEST) == ([0.5] * 3, [0.5] * 3)

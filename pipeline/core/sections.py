@@ -95,8 +95,9 @@ class ModelConfig:
     pretrained: bool = False
     weights: Optional[str] = None  # a local .safetensors/.pth to start from (any timm model; keys mapped)
     drop_rate: float = 0.0
-    # a pretrained start's new classifier begins at zero (logits 0, loss log C): timm's EfficientNet init scales
-    # it by 1/sqrt(num_classes), so a 2-class head starts with huge logits that the first epochs must unlearn
+    # a timm model's classifier begins at zero (logits 0, loss log C): timm's EfficientNet/MobileNet init scales it
+    # by 1/sqrt(num_classes), so a new head starts with huge logits (a 2-class one ~±10; MobileNetV2 from scratch on
+    # 10 classes: std 5, loss 8), which a pretrained start must unlearn and a start from scratch diverges from
     zero_head: bool = True
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
     # the stride of the network's first convolution; None: the model's own. 1 adapts an ImageNet network to

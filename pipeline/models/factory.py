@@ -173,7 +173,7 @@ def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
                                   drop_rate=cfg.drop_rate, **kwargs)
-        return _zero_head(model) if cfg.pretrained and cfg.zero_head else model
+        return _zero_head(model) if cfg.zero_head else model
     except Exception as err:
         if not cfg.pretrained:
             raise
@@ -185,7 +185,7 @@ def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def _zero_head(model: nn.Module) -> nn.Module:
-    """Zero the classifier of a pretrained timm model (model.zero_head): it starts predicting the uniform."""
+    """Zero the classifier of a timm model (model.zero_head): it starts predicting the uniform."""
     head = model.get_classifier()
     if isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
