@@ -70,6 +70,7 @@ def test_the_chart_trains_like_best_and_reads_the_run_folders(tmp_path, shared_c
     assert len(out["not_trained"]) == len(names) - 1 and all("./run.sh full" in c for c in out["not_trained"])
     table = pd.read_csv(chart / "chart.csv")
     assert table.loc[0, "kind"] == "reference" and 0 <= table.loc[0, "oof_accuracy_tta"] <= 1
+    assert (table.loc[0, "epochs"], table.loc[0, "folds"]) == (cfg.train.epochs, cfg.folds.n_splits)
     native = model_costs(create_model(ModelConfig(name="airnet_tiny"), 3), cfg.data.image_size, latency=False)
     assert table.loc[0, "macs"] < native["macs"] and table.loc[0, "params"] == native["params"]  # the stride counted
     assert (chart / "chart.png").stat().st_size > 0 and "airnet_tiny-stem_stride2" in (chart / "chart.md").read_text()

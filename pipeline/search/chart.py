@@ -27,7 +27,7 @@ from pipeline.rundir import RunDir, SearchDir, load_manifest, read_cv
 log = logging.getLogger(__name__)
 
 COLUMNS = ("kind", "model", "params", "macs", "latency_ms", "oof_accuracy", "oof_accuracy_tta", "macro_f1_tta",
-           "train_minutes", "run")
+           "train_minutes", "epochs", "folds", "rows", "run")
 
 
 def run_row(cfg: Config, run_dir: Path, name: str, latency: bool = True) -> Optional[dict]:
@@ -43,7 +43,8 @@ def run_row(cfg: Config, run_dir: Path, name: str, latency: bool = True) -> Opti
                   if m.result.is_file())
     return {"kind": "searched" if cfg.model.name == "spec" else "reference", "model": name, **costs,
             "oof_accuracy": cv["oof"]["accuracy"], "oof_accuracy_tta": tta["accuracy"],
-            "macro_f1_tta": tta["macro_f1"], "train_minutes": round(seconds / 60, 2), "run": str(run_dir)}
+            "macro_f1_tta": tta["macro_f1"], "train_minutes": round(seconds / 60, 2), "epochs": cfg.train.epochs,
+            "folds": cfg.folds.n_splits, "rows": cv["total_rows"], "run": str(run_dir)}
 
 
 def chart_table(search: SearchDir, runs: Sequence[str | Path] = (), latency: bool = True) -> tuple[pd.DataFrame,
@@ -81,18 +82,25 @@ def plot_chart(table: pd.DataFrame, path: Path, title: str) -> None:
                 label="searched front")
         ax.scatter(searched["params"], searched["oof_accuracy_tta"], color="crimson", s=28, zorder=3,
                    label="searched")
-    for _, ref in table[table["kind"] == "reference"].iterrows():
-        ax.scatter(ref["params"], ref["oof_accuracy_tta"], marker="*", s=150, color="black", zorder=3)
-        ax.annotate(ref["model"], (ref["params"], ref["oof_accuracy_tta"]), textcoords="offset points",
-                    xytext=(6, -4), fontsize=8)
+    for _, row in table.iterrows():
+        reference = row["kind"] == "reference"
+        if reference:
+            ax.scatter(row["params"], row["oof_accuracy_tta"], marker="*", s=150, color="black", zorder=3)
+        ax.annotate(row["model"], (row["params"], row["oof_accuracy_tta"]), textcoords="offset points",
+                    xytext=(6, -4 if reference else 5), fontsize=8, color="black" if reference else "crimson")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("K-fold OOF accuracy with TTA")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(searched):
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     save_png(fig, path)
+
+
+def spread(table: pd.DataFrame, column: str) -> str:
+    """A column's value where every model shares it (equal training), else its values joined by '/'."""
+    return "/".join(f"{v:,}" for v in sorted(set(table[column])))
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -119,8 +127,8 @@ def write_chart(search_dir: str | Path, runs: Sequence[str | Path] = (), out: Op
         raise ValueError(f"{search_dir}: no trained model to chart; train the configs in {search.chart} first")
     folder = Path(out) if out else search.chart
     folder.mkdir(parents=True, exist_ok=True)
-    folds = {load_config(RunDir(r).config).folds.n_splits for r in table["run"]}
-    plot_chart(table, folder / "chart.png", f"{len(table)} models, {'/'.join(map(str, sorted(folds)))}-fold OOF")
+    plot_chart(table, folder / "chart.png", f"{len(table)} models: {spread(table, 'folds')}-fold OOF, "
+                                            f"{spread(table, 'epochs')} epochs, {spread(table, 'rows')} images")
     write_csv(folder / "chart.csv", table)
     write_text(folder / "chart.md", markdown(table))
     summary = {"rows": table.replace({np.nan: None}).to_dict("records"), "not_trained": missing}
