@@ -164,16 +164,22 @@ def _build(cfg: ModelConfig, num_classes: int) -> nn.Module:
         return MODELS.build(cfg.name, num_classes, drop_rate=cfg.drop_rate, **kwargs)
     if not timm.is_model(cfg.name):
         raise KeyError(_unknown_model_message(cfg.name))
+    model = _timm_model(cfg, num_classes, kwargs)
+    return _zero_head(model) if cfg.zero_head else model
+
+
+def _timm_model(cfg: ModelConfig, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's ``cfg.name`` with a ``num_classes`` head: from shipped or local weights (offline), timm's download,
+    or random; a failed download says how to fetch the weights."""
     local = pretrained_source(cfg)  # shipped (offline) weights or model.weights
     if local is not None:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate,
                                   **kwargs)
         load_pretrained(model, local)
-        return _zero_head(model) if cfg.zero_head else model
+        return model
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
-                                  drop_rate=cfg.drop_rate, **kwargs)
-        return _zero_head(model) if cfg.zero_head else model
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 drop_rate=cfg.drop_rate, **kwargs)
     except Exception as err:
         if not cfg.pretrained:
             raise

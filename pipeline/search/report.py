@@ -31,10 +31,11 @@ import optuna
 import pandas as pd
 
 from pipeline.core.config import Config, load_config, to_yaml, with_values
+from pipeline.report.figures import save_png
 from pipeline.rundir import RunDir, SearchDir, without_secrets
 from pipeline.search.chart import markdown, write_chart
 from pipeline.search.space import OBJECTIVES, reference_config, reference_label, trial_config
-from pipeline.core.utils import atomic_path, setup_logging, write_csv, write_json, write_text
+from pipeline.core.utils import setup_logging, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +276,10 @@ def plot_hypervolume(curves: dict[str, pd.DataFrame], path: Path, title: str) ->
 
 
 def save_figure(fig, path: Path) -> None:
+    """Write a pyplot figure atomically (:func:`save_png`) and release it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
