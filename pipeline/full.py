@@ -32,7 +32,7 @@ from pipeline.core.timing import Clock, parse_duration
 from pipeline.core.utils import read_json, setup_logging
 from pipeline.data.demo import build as build_demo
 from pipeline.eda import suggest
-from pipeline.plan import ledger, planner
+from pipeline.plan import ledger, planner, screen
 from pipeline.rundir import RunBusy, check_data, run_lock, suggested_experiment
 from pipeline.training import modes
 
@@ -161,20 +161,37 @@ def run_auto(cfg: Config, overrides: list[str], budget_s: Optional[float], clock
 
 
 def run_members(plan: planner.Plan, clock: Clock) -> list[Config]:
-    """Every planned member's stages in turn while the budget lets it run, the rest re-fitted after each; the
-    members that finished, the first member's first (none when it failed: there is nothing to submit)."""
+    """Every planned member's stages in turn while the budget lets it run, each after the first judged on its
+    first fold before its other folds (:mod:`pipeline.plan.screen`), the rest re-fitted after each; the members
+    that finished, the first member's first (none when it failed: there is nothing to submit)."""
     while (i := planner.next_step(plan)) is not None:
         reason = planner.skip_reason(plan, i) if i != plan.lead else None
         planner.start_step(plan, i, reason)
         if reason:
             continue
         begin = clock()
+        if screen.screens(plan, i) and not goes_on(plan, i, clock, begin):
+            planner.refit(plan)
+            continue
         ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
         planner.finish_step(plan, i, clock() - begin, ok)
         if not ok and i == plan.lead:
             return []
         planner.refit(plan)
     return planner.finished(plan)
+
+
+def goes_on(plan: planner.Plan, i: int, clock: Clock, begin: float) -> bool:
+    """Step ``i``'s first fold (its preprocess, folds and fold-0 training), then the plan's verdict on it: True when
+    its other folds train; else it is recorded as stopped (or failed, when a stage failed)."""
+    screened = run_steps([(stage, screen.screen_config(plan.configs[i])) for stage in MEMBER_STAGES[:-1]])
+    if screened is None:
+        planner.finish_step(plan, i, clock() - begin, False)
+        return False
+    stop = screen.judge(plan, i, clock() - begin)
+    if stop:
+        planner.stop_step(plan, i, clock() - begin, stop)
+    return stop is None
 
 
 def run_final(plan: planner.Plan, done: list[Config]) -> Optional[Path]:

@@ -2,7 +2,8 @@
 trains nothing, a member an interrupted invocation left running resumes with its recorded settings, the minutes
 spent count across invocations, a budget change re-fits only what is not done, other data plans anew; and the
 limits: the user's --set kept in every member, the EDA's CV advice applied and recorded, estimates corrected by
-the run's own timings, and a second ``full`` of the same experiment refused."""
+the run's own timings, a second ``full`` of the same experiment refused, and a member screened on its first fold
+that goes on without training it again."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ import pytest
 from pipeline import full
 from pipeline.core.config import load_config
 from pipeline.core.utils import read_json
-from pipeline.plan import costs, ledger, planner
+from pipeline.plan import costs, ledger, planner, screen
 from pipeline.rundir import RunDir
 
 from conftest import DEFAULT_CONFIG, config_overrides, locked_elsewhere, make_cfg, make_competition
@@ -105,7 +106,7 @@ def test_the_users_set_is_kept_in_every_member(tmp_path):
     base, sets = photo_base(tmp_path, "train.epochs=1")
     made = planner.make_plan("photos", "why", base, photos_facts(), 60 * 60, planner._no_time, photo_estimates,
                              sets)
-    assert [c.train.epochs for c, s in zip(made.configs, made.steps) if c.train.mode == "partial"] == [1, 1]
+    assert [c.train.epochs for c, s in zip(made.configs, made.steps) if c.train.mode == "partial"] == [1, 1, 1]
     base, sets = photo_base(tmp_path, "train.mode=partial")
     made = planner.make_plan("photos", "why", base, photos_facts(), 60 * 60, planner._no_time, photo_estimates,
                              sets)
@@ -182,7 +183,8 @@ def test_a_resumed_members_minutes_span_its_invocations(tmp_path):
     assert made.steps[0]["actual_min"] == pytest.approx(5.0)  # 3 min before the kill + 2 now
 
 
-def test_every_member_splits_by_the_first_members_duplicate_groups(tmp_path, monkeypatch):
+def test_every_member_splits_alike_and_a_screened_one_keeps_its_first_fold(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     root = make_competition(tmp_path / "comp", n_per_class=8, groups=True)  # train.csv's patient: a group column
     shutil.copy(root / "train" / "0001.png", root / "train" / "0002.png")  # a duplicate within one class
     only_the_first(monkeypatch)
@@ -198,3 +200,10 @@ def test_every_member_splits_by_the_first_members_duplicate_groups(tmp_path, mon
     assert [c["set"].split("=")[0] for c in record["cv"]] == ["folds.group_duplicates", "data.group_col"]
     first, second = (read_json(Path(cfg.runs_dir) / s["experiment"] / "folds.json") for s in record["steps"][:2])
     assert first == second  # the same split
+    screened = record["steps"][1]["screen"]  # its fold 0 first, judged, then its other folds
+    assert "screen" not in record["steps"][0] and screened["decision"] == "goes on" and screened["actual_min"] > 0
+    assert screened["estimated_min"] == pytest.approx(record["steps"][1]["estimated_min"] / 3, abs=0.01)  # 3 folds
+    assert screened["evidence"]["rows"] < screen.MIN_ROWS  # recorded, but too few rows to stop a member on
+    assert screened["evidence"]["members"] == [cfg.experiment]
+    assert "fold 0 already trained with these settings: skipped" in caplog.text
+    assert len(record["ensemble"]["weights"]) == 2

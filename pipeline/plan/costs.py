@@ -50,7 +50,8 @@ class Estimator:
         cost = training_mode(cfg).cost(self, cfg, before)
         decode = ("decode", cache_side(cfg.data.image_size, cfg.data.crop_pct), cfg.data.resize)
         preprocess = 0.0 if decode in before else (self.facts.images + self.facts.test_images) / self.decode_rate(cfg)
-        return Cost(SAFETY * (cost.fixed + preprocess) + MEMBER_OVERHEAD_S, SAFETY * cost.per_epoch)
+        return Cost(SAFETY * (cost.fixed + preprocess) + MEMBER_OVERHEAD_S, SAFETY * cost.per_epoch,
+                    SAFETY * (cost.once + preprocess) + MEMBER_OVERHEAD_S)
 
     def work(self, cfg: Config) -> set[tuple]:
         """What a member leaves cached for later ones: decoded images and, per view, embeddings or activations."""
@@ -67,10 +68,11 @@ class Estimator:
         train, test = member_views(cfg)
         return {(*key, split, v): split for split, views in (("train", train), ("test", test)) for v in views}
 
-    def new_images(self, cfg: Config, before: set[tuple]) -> float:
-        """Images × views a features or partial member still has to embed or cache."""
+    def new_images(self, cfg: Config, before: set[tuple], splits: tuple[str, ...] = ("train", "test")) -> float:
+        """Images × views of ``splits`` a features or partial member still has to embed or cache."""
         count = {"train": self.facts.images, "test": self.facts.test_images}
-        return float(sum(count[split] for key, split in self.cached_passes(cfg).items() if key not in before))
+        return float(sum(count[split] for key, split in self.cached_passes(cfg).items()
+                         if key not in before and split in splits))
 
     def rate(self, key: tuple, measure: Callable[[], float]) -> float:
         """A throughput, measured once per key (:meth:`measured`)."""

@@ -10,8 +10,10 @@ small for the first member is refused, naming the smallest that fits. After ever
 are re-fitted (:func:`refit`) to the time actually left, their estimates corrected by how long the finished
 members took against their own estimates (:func:`correction`), so a misjudged machine or a passing load shifts
 the next choices instead of dropping members for good; before each member :func:`skip_reason` re-checks the
-clock. Where ``lp`` (frozen Lite0 features) scores :data:`EASY_OOF` or more, ``lite2`` and ``crops`` go before
-fine-tuning. What finished is ensembled (hill climbing on the OOF) and submitted.
+clock. Every member after the first proves itself on its first fold before its other folds train
+(:mod:`pipeline.plan.screen`): one that does not improve the ensemble of the finished members there, or whose
+other folds (timed by its first) no longer fit, is stopped, and its time goes to the next. What finished is
+ensembled (hill climbing on the OOF) and submitted.
 
 Minutes count across invocations: ``plan.json`` records the minutes spent at every save, and a rerun after a
 kill charges what the earlier invocations spent, resumes the member they left running at its fold and epoch and
@@ -35,8 +37,8 @@ from pipeline.core.utils import device_name, read_json, resolve_device, write_js
 from pipeline.eda.suggest import Facts
 from pipeline.plan import ledger
 from pipeline.plan.costs import Cost, Estimate, Estimator
-from pipeline.plan.members import (EASY_OOF, EASY_ORDER, FAMILIES, Member, base_config,  # noqa: F401 - re-exported
-                                   final_config, member_config, overrides_of, protections)
+from pipeline.plan.members import (FAMILIES, Member, base_config, final_config, member_config,  # noqa: F401
+                                   overrides_of, protections)
 from pipeline.rundir import RunDir, read_cv
 
 log = logging.getLogger(__name__)
@@ -146,13 +148,14 @@ def _yields(members: list[Member], base: Config, budget_s: Optional[float], elap
     return f"{second.name} fits the budget on its own ({needed / 60:.1f} of {left / 60:.1f} min) and gains more"
 
 
-def _step(member: Member, cfg: Config, base: Config, est_s: Optional[float], status: str, note: Optional[str],
-          correction: float = 1.0) -> dict:
-    """A plan step as ``plan.json`` records it (``correction``: the factor the run's own timings put on the
-    measured estimate)."""
+def _step(member: Member, cfg: Config, base: Config, est: Optional[tuple[float, float]], status: str,
+          note: Optional[str], correction: float = 1.0) -> dict:
+    """A plan step as ``plan.json`` records it: ``est``, the estimated seconds of the member and of its first
+    fold (``correction``: the factor the run's own timings put on the measured estimate)."""
+    total, first = est or (None, None)
     return {"member": member.name, "experiment": cfg.experiment, "why": member.why,
-            "overrides": overrides_of(base, cfg), "estimated_min": minutes(est_s), "correction": round(correction, 3),
-            "status": status, "note": note or "", "actual_min": None, "oof": None}
+            "overrides": overrides_of(base, cfg), "estimated_min": minutes(total), "first_fold_min": minutes(first),
+            "correction": round(correction, 3), "status": status, "note": note or "", "actual_min": None, "oof": None}
 
 
 def _fit_members(members: list[Member], base: Config, budget_s: Optional[float], elapsed: Callable[[], float],
@@ -168,27 +171,29 @@ def _fit_members(members: list[Member], base: Config, budget_s: Optional[float],
 
     def scaled(cfg: Config, before: list[Config]) -> Cost:
         cost, factor = estimate(cfg, before), correction(cfg)
-        return Cost(cost.fixed * factor, cost.per_epoch * factor)
+        return Cost(cost.fixed * factor, cost.per_epoch * factor, cost.once * factor)
 
     for i, member in enumerate(members):
-        cfg, est_s, note = _fit(base, member, first and i == 0, left, planned, estimate and scaled,
-                                budget_s is not None, fixed)
+        cfg, est, note = _fit(base, member, first and i == 0, left, planned, estimate and scaled,
+                              budget_s is not None, fixed)
         twin = next((c for c in planned if overrides_of(base, c) == overrides_of(base, cfg)), None)
         if twin is not None and not (first and i == 0):
             note = f"the same as {twin.experiment} under your --set"
         status = "planned" if (first and i == 0) or (note is None and budget_s is not None) else "dropped"
         if status == "planned":
             planned.append(cfg)
-            spent += est_s or 0.0
-        steps.append(_step(member, cfg, base, est_s, status, note, correction(cfg)))
+            spent += est[0] if est else 0.0
+        steps.append(_step(member, cfg, base, est, status, note, correction(cfg)))
         configs.append(cfg)
     return steps, configs
 
 
 def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[float]], planned: list[Config],
-         estimate: Optional[Estimate], budgeted: bool, fixed: frozenset) -> tuple[Config, Optional[float], Optional[str]]:
-    """(member's config, estimated seconds, why it is dropped or None); ``left()``: the seconds left once the
-    member is measured. Epochs are fitted only where the user did not fix ``train.epochs``."""
+         estimate: Optional[Estimate], budgeted: bool,
+         fixed: frozenset) -> tuple[Config, Optional[tuple[float, float]], Optional[str]]:
+    """(member's config, estimated seconds of it and of its first fold, why it is dropped or None); ``left()``:
+    the seconds left once the member is measured. Epochs are fitted only where the user did not fix
+    ``train.epochs``."""
     if not first and not budgeted:
         return member_config(base, member, first, fixed=fixed), None, "without --budget only the first member runs"
     if estimate is None:  # without a budget: the settings as written
@@ -197,14 +202,19 @@ def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[
     cfg = member_config(base, member, first, fitted[1] if fitted else None, fixed)
     cost, remaining = estimate(cfg, planned), left()
     if remaining is None or (first and not fitted):
-        return cfg, cost.seconds(cfg.train.epochs), None
+        return cfg, _seconds(cost, cfg), None
     if fitted and cost.per_epoch > 0:  # as many epochs as fit, or the fewest it takes to say what it needs
         epochs = min(fitted[1], int((remaining - cost.fixed) // cost.per_epoch))
         cfg = member_config(base, member, first, max(epochs, fitted[0]), fixed)
     needed = cost.seconds(cfg.train.epochs)
     if needed > remaining and not first:
-        return cfg, needed, f"needs {needed / 60:.1f} min, {max(remaining, 0) / 60:.1f} min left"
-    return cfg, needed, None
+        return cfg, _seconds(cost, cfg), f"needs {needed / 60:.1f} min, {max(remaining, 0) / 60:.1f} min left"
+    return cfg, _seconds(cost, cfg), None
+
+
+def _seconds(cost: Cost, cfg: Config) -> tuple[float, float]:
+    """(the member's estimated seconds, those of its first fold) at its epochs and folds."""
+    return cost.seconds(cfg.train.epochs), cost.first_fold(cfg.train.epochs, cfg.folds.n_splits)
 
 
 # --------------------------------------------------------------------------- across invocations, after each member
@@ -242,39 +252,43 @@ def correction(plan: Plan, cfg: Config) -> float:
     at :data:`EVIDENCE_MIN` or more; where none shares its mode, that of all finished members, but only to make
     the estimate longer (a frozen pass running ahead of its estimate says little about a training loop); 1
     before any has finished."""
-    done = [(s, c) for s, c in zip(plan.steps, plan.configs)
-            if s["status"] == "done" and s["actual_min"] and s["estimated_min"]]
+    done = timings(plan)
     by_mode: dict[str, list] = {}
-    for s, c in done:
-        by_mode.setdefault(c.train.mode, []).append((s, c))
+    for mode, estimated, actual in done:
+        by_mode.setdefault(mode, []).append((estimated, actual))
     same = by_mode.get(cfg.train.mode)
     if not (same or done):
         return 1.0
-    actual = sum(s["actual_min"] for s, _ in same or done)
-    measured = sum(s["estimated_min"] / (s.get("correction") or 1.0) for s, _ in same or done)
+    pairs = same or [(estimated, actual) for _, estimated, actual in done]
+    actual = sum(a for _, a in pairs)
+    measured = sum(e for e, _ in pairs)
     weight = min(1.0, measured / EVIDENCE_MIN)  # seconds of evidence correct the estimates only part of the way
     factor = min(max((actual / measured) ** weight, CORRECTION[0]), CORRECTION[1])
     return factor if same else max(factor, 1.0)  # another mode's members may only make an estimate longer
 
 
+def timings(plan: Plan) -> list[tuple[str, float, float]]:
+    """(training mode, measured estimate, actual) minutes of what finished: each finished member, and the first
+    fold of a member stopped after it."""
+    found = []
+    for s, c in zip(plan.steps, plan.configs):
+        timed = s if s["status"] == "done" else s.get("screen") if s["status"] == "stopped" else None
+        if timed and timed.get("actual_min") and timed.get("estimated_min"):
+            found.append((c.train.mode, timed["estimated_min"] / (s.get("correction") or 1.0), timed["actual_min"]))
+    return found
+
+
 def refit(plan: Plan) -> None:
-    """The members not yet done re-fitted to the time actually left, with estimates corrected by the run's own
-    timings (:func:`correction`); for photos, where the frozen Lite0 features already score :data:`EASY_OOF` or
-    more (data close to ImageNet's), the larger frozen backbone and the crop views before fine-tuning. Done and
-    resumed members keep their place and config."""
+    """The members not yet done re-fitted to the time actually left, in the family's order, with estimates
+    corrected by the run's own timings (:func:`correction`). Done, stopped and resumed members keep their place
+    and config."""
     if plan.budget_s is None or plan.estimate is None:
         return
     keep = [i for i, s in enumerate(plan.steps)
-            if s["status"] in ("done", "failed") or (s.get("resumed") and s["status"] == "planned")]
+            if s["status"] in ("done", "failed", "stopped") or (s.get("resumed") and s["status"] == "planned")]
     taken = {plan.steps[i]["member"] for i in keep}
     members = [m for m in FAMILIES[plan.family] if m.name not in taken]
-    lead = plan.steps[plan.lead]
-    accuracy = (lead["oof"] or {}).get("accuracy") if lead["status"] == "done" else None
     note = f"the members not done re-fitted to the time left after {plan.spent() / 60:.1f} min"
-    if plan.family == "photos" and accuracy is not None and accuracy >= EASY_OOF:
-        members = sorted(members, key=lambda m: EASY_ORDER.index(m.name) if m.name in EASY_ORDER else -1)
-        note += (f"; {lead['member']}'s OOF {accuracy:.3f} >= {EASY_OOF}: frozen ImageNet features already fit this "
-                 "data, so a larger frozen backbone and crop views go before fine-tuning")
     ahead = sum(60 * (plan.steps[i]["estimated_min"] or 0) for i in keep if plan.steps[i]["status"] == "planned")
     steps, configs = _fit_members(members, plan.base, plan.budget_s, lambda: plan.spent() + ahead, plan.estimate,
                                   [plan.configs[i] for i in keep], False, plan.fixed, lambda c: correction(plan, c))
@@ -332,6 +346,12 @@ def finish_step(plan: Plan, i: int, actual_s: float, ok: bool) -> None:
     budget = plan.record["budget_min"]
     if budget is not None and plan.spent() >= budget * 60 - reserve(budget * 60):
         plan.record["stopped"] = "the budget is spent"
+    plan.save()
+
+
+def stop_step(plan: Plan, i: int, actual_s: float, reason: str) -> None:
+    """Record step ``i`` stopped after its first fold (:mod:`pipeline.plan.screen`), and why."""
+    plan.steps[i].update(status="stopped", note=reason, actual_min=minutes(actual_s), oof=None)
     plan.save()
 
 

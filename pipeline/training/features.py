@@ -368,6 +368,6 @@ class FeaturesMode(TrainMode):
         """Every image embedded once per view not embedded before, then a head per fold."""
         k, rows = cfg.folds.n_splits, rates.facts.images * len(train_views(cfg))
         head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
-        new = rates.new_images(cfg, before)
-        embed = new / rates.frozen_rate(cfg, "pooled", lambda: backbone(cfg, rates.device)) if new else 0.0
-        return Cost(embed + k * (head + FOLD_OVERHEAD_S))
+        new, train = rates.new_images(cfg, before), rates.new_images(cfg, before, ("train",))
+        rate = rates.frozen_rate(cfg, "pooled", lambda: backbone(cfg, rates.device)) if new else 1.0
+        return Cost(new / rate + k * (head + FOLD_OVERHEAD_S), once=train / rate)

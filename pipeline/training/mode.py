@@ -42,12 +42,20 @@ Predict = Callable[[str, np.ndarray, list[str]], np.ndarray]  # (split, rows, vi
 
 @dataclass(frozen=True)
 class Cost:
-    """A member's seconds on this machine: ``fixed`` plus ``per_epoch`` for each training epoch."""
+    """A member's seconds on this machine: ``fixed`` plus ``per_epoch`` for each training epoch; ``once``, the part
+    of ``fixed`` spent before the first fold trains (decoding, caching the training images' passes), the rest
+    spread evenly over the folds and their predictions."""
     fixed: float
     per_epoch: float = 0.0
+    once: float = 0.0
 
     def seconds(self, epochs: int) -> float:
         return self.fixed + self.per_epoch * epochs
+
+    def first_fold(self, epochs: int, folds: int) -> float:
+        """Seconds until the first fold is trained: what is done once, and a fold's share of the rest."""
+        once = min(self.once, self.fixed)
+        return once + (self.seconds(epochs) - once) / max(folds, 1)
 
 
 def epochs_for_min_steps(cfg: Config, rows: float) -> int:
@@ -97,7 +105,7 @@ class Rates(Protocol):
 
     def train_rate(self, cfg: Config) -> float: ...
 
-    def new_images(self, cfg: Config, before: set[tuple]) -> float: ...
+    def new_images(self, cfg: Config, before: set[tuple], splits: tuple[str, ...] = ("train", "test")) -> float: ...
 
 
 @dataclass

@@ -332,4 +332,5 @@ class PartialMode(TrainMode):
         step, back = rates.measured(key, lambda: measure_back(cfg, rates.facts.classes, rates.device, rates.effort))
         probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
         fixed = rates.new_images(cfg, before) / front + probe + (n + k * t) * len(test) / back + k * FOLD_OVERHEAD_S
-        return Cost(fixed, (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k))
+        return Cost(fixed, (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k),
+                    once=rates.new_images(cfg, before, ("train",)) / front)
