@@ -162,8 +162,9 @@ def run_auto(cfg: Config, overrides: list[str], budget_s: Optional[float], clock
 
 def run_members(plan: planner.Plan, clock: Clock) -> list[Config]:
     """Every planned member's stages in turn while the budget lets it run, each after the first judged on its
-    first fold before its other folds (:mod:`pipeline.plan.screen`), the rest re-fitted after each; the members
-    that finished, the first member's first (none when it failed: there is nothing to submit)."""
+    first fold before its other folds (:mod:`pipeline.plan.screen`), the rest re-fitted after each; then, with the
+    time left, the other folds of members stopped after their first. The members that finished, the first
+    member's first (none when it failed: there is nothing to submit)."""
     while (i := planner.next_step(plan)) is not None:
         reason = planner.skip_reason(plan, i) if i != plan.lead else None
         planner.start_step(plan, i, reason)
@@ -178,6 +179,11 @@ def run_members(plan: planner.Plan, clock: Clock) -> list[Config]:
         if not ok and i == plan.lead:
             return []
         planner.refit(plan)
+    while (i := screen.late_step(plan)) is not None:  # time no member can use: the stopped ones' other folds
+        screen.start_late(plan, i)
+        begin, before = clock(), 60 * plan.steps[i]["screen"]["actual_min"]
+        ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
+        planner.finish_step(plan, i, before + clock() - begin, ok)
     return planner.finished(plan)
 
 

@@ -15,13 +15,13 @@ import torch
 from pipeline import full
 from pipeline.core.config import EnsembleConfig, load_config, with_values
 from pipeline.core.utils import read_json
-from pipeline.plan import costs, screen
+from pipeline.plan import costs, planner, screen
 from pipeline.rundir import RunDir
 from pipeline.training import features, mode
 
 from conftest import DEFAULT_CONFIG, config_overrides, make_competition
 from test_plan import only_the_first, photos_facts
-from test_plan_resume import photo_base
+from test_plan_resume import photo_base, photo_estimates
 
 CLASSES = ["ant", "bee", "wasp"]
 
@@ -109,3 +109,22 @@ def test_a_frozen_members_first_fold_costs_its_training_images_embeddings(tmp_pa
     k = base.folds.n_splits
     assert cost.first_fold(1, k) == pytest.approx(cost.once + (cost.fixed - cost.once) / k)
     assert costs.Cost(50.0, 10.0).first_fold(5, 5) == pytest.approx(20.0)  # nothing done once: a fifth
+
+
+def test_stopped_members_complete_only_with_time_left_the_largest_gain_first(tmp_path):
+    base, sets = photo_base(tmp_path)
+    made = planner.make_plan("photos", "why", base, photos_facts(), 20 * 60, planner._no_time, photo_estimates,
+                             sets)
+    for step in made.steps:
+        step["status"] = "done" if step["member"] == "lp" else "dropped"
+    gains = {"partial": 0.0, "lite2": -0.001, "crops": 0.002}  # crops's other folds need the most time
+    for step in made.steps:
+        if step["member"] in gains:
+            step.update(status="stopped", screen={"actual_min": 1.0, "rest_min": 3.0 if step["member"] == "crops"
+                                                  else 1.0, "evidence": {"gain": gains[step["member"]]}})
+    made.elapsed = lambda: 15 * 60  # 20 - 0.9 (reserve) - 15: 4.1 min left
+    assert made.steps[screen.late_step(made)]["member"] == "crops"
+    made.elapsed = lambda: 17 * 60  # 2.1 min left: crops no longer fits, partial's gain beats lite2's
+    assert made.steps[screen.late_step(made)]["member"] == "partial"
+    made.elapsed = lambda: 19 * 60
+    assert screen.late_step(made) is None

@@ -6,7 +6,9 @@ that fold says about this data:
   of the candidate are combined by hill climbing on ``ensemble.metric``, as the ensemble stage will combine them,
   and scored honestly: the weights are fitted on one half of fold 0's rows and scored on the other, both ways
   (:func:`fold_gain`). Where the candidate does not lower the metric, its other folds would not change the
-  submission, and the plan stops it (:func:`pipeline.plan.planner.judge_screen`).
+  submission: the plan stops it there (:func:`judge`) and goes on to the next member. Stopped members complete
+  only with time no other member can use, the largest fold-0 gain first (:func:`late_step`): a gain too small to
+  measure on one fold may still show on five.
 * **Do its other folds fit the time left?** Its remaining minutes are its estimate scaled by how long fold 0 took
   against fold 0's own estimate: the member timed by its own first fold, not by a benchmark of random tensors.
 
@@ -124,7 +126,7 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
     total, first = 60 * (step["estimated_min"] or 0.0), 60 * (step.get("first_fold_min") or 0.0)
     factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
     rest = max(total - first, 0.0) * factor
-    evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir, cfg.ensemble, cfg.seed)
+    evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir, cfg.ensemble, plan.base.seed)
     left = plan.budget_s - planner.reserve(plan.budget_s) - plan.spent() if plan.budget_s else float("inf")
     reason = stop_reason(evidence, rest, left)
     if evidence is not None and rest > 0:
@@ -144,11 +146,29 @@ def stop_reason(evidence: Optional[dict], rest_s: float, left_s: float) -> Optio
         metric, members = evidence["metric"], ", ".join(evidence["members"])
         return (f"stopped after fold {evidence['fold']}: it does not improve the ensemble of {members} there "
                 f"(held-out {metric} {evidence['without'][metric]:.4f} without it, {evidence['with'][metric]:.4f} "
-                f"with it, {evidence['rows']} rows)")
+                f"with it, {evidence['rows']} rows); its other folds train only with time no other member can use")
     if rest_s > left_s:
         return (f"stopped after fold {SCREEN_FOLD}: its other folds need {rest_s / 60:.1f} min (timed by its first), "
                 f"{max(left_s, 0.0) / 60:.1f} min left")
     return None
+
+
+def late_step(plan: planner.Plan) -> Optional[int]:
+    """Once no member is planned, the stopped member to complete: the one with the largest fold-0 gain among
+    those whose other folds (timed by their first) fit the time left; None when none does."""
+    if plan.budget_s is None:
+        return None
+    left = plan.budget_s - planner.reserve(plan.budget_s) - plan.spent()
+    found = [((s["screen"].get("evidence") or {}).get("gain", 0.0), -i) for i, s in enumerate(plan.steps)
+             if s["status"] == "stopped" and s.get("screen") and 60 * (s["screen"]["rest_min"] or 0.0) <= left]
+    return -max(found)[1] if found else None
+
+
+def start_late(plan: planner.Plan, i: int) -> None:
+    """Mark stopped step ``i`` running again, for its other folds."""
+    plan.steps[i].update(status="running", note="its fold-0 gain was too small to go on at once; its other folds "
+                         "trained with time no other member could use")
+    plan.save()
 
 
 def _went_on(evidence: Optional[dict], rest_s: float) -> str:
