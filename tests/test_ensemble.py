@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import ensemble
+from pipeline.evaluation import calibration
 
 from conftest import make_cfg, stage_argv
 
@@ -269,3 +270,17 @@ def test_fitted_methods_refuse_other_folds_missing_oof_and_fixed_weights(tmp_pat
         ensemble.run(cfg)
     with pytest.raises(ValueError, match="fits its own weights"):
         ensemble.run(make_cfg(tmp_path, None, "experiment=exp_a", "ensemble.method=stack", "ensemble.weights=[1]"))
+
+
+def test_tempered_members_let_an_accurate_but_under_confident_one_count():
+    labels, folds, (sure, other, _) = synthetic_oof(seed=3)
+    timid = calibration.with_temperature(sure, 8.0)  # the same ranking, far too little confidence (label smoothing)
+    plain = ensemble.HillClimb(ens_cfg(method="hill_climb"), 2).fit([timid, other], labels, folds)
+    tempered = ensemble.HillClimb(ens_cfg(method="hill_climb", temper_members=True), 2).fit([timid, other], labels,
+                                                                                          folds)
+    assert plain.member_weights()[0] == 0.0  # passed over for its log loss
+    assert tempered.member_weights()[0] > 0 and tempered.temperatures[0] < 0.5 < tempered.temperatures[1] * 2
+    both = [timid, other]
+    assert (tempered.predict(both).argmax(1) == labels).mean() > (plain.predict(both).argmax(1) == labels).mean()
+    folded = tempered.predict_folds([[timid], [other]], [np.ones(1), np.ones(1)])
+    np.testing.assert_allclose(folded, tempered.predict(both))  # the test set combined as the OOF was

@@ -288,6 +288,9 @@ class EnsembleConfig:
     method: str = "soft"  # soft, hard, hill_climb, stack (see pipeline.ensemble.ENSEMBLERS)
     metric: Literal["log_loss", "accuracy"] = "log_loss"  # what hill_climb improves on the OOF
     hill_climb_steps: int = 50  # at most this many picks (with replacement) after the best member
+    # hill_climb: each member first re-tempered with its own T fitted on the rows the weights are fitted on, so a
+    # member left under-confident (label smoothing) is judged by what it knows, not by its confidence
+    temper_members: bool = False
     stack_cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # stack: C chosen by CV
     # temperature: one scalar T fitted on the OOF log loss re-tempers the test probabilities (p ∝ p^(1/T)), for
     # log-loss competitions; labels and accuracy are unchanged (pipeline/evaluation/calibration.py). Needs the OOF

@@ -124,12 +124,18 @@ def protections(report: dict, base: Config, fixed: frozenset) -> tuple[Config, l
     return (with_values(base, values) if values else base), applied
 
 
+# how the plan combines its members, and judges a member's first fold: hill climbing, each member re-tempered first
+# (a label-smoothed fine-tune is under-confident, a logistic regression over-confident: tempered, each counts by what
+# it gets right, not by its confidence)
+ENSEMBLE = {"ensemble.method": "hill_climb", "ensemble.temper_members": True}
+
+
 def final_config(first: Config, others: list[Config]) -> Config:
     """The ensemble, results and submission config in the first member's folder: every finished member,
-    weighted by hill climbing on the OOF when there are several."""
+    combined as :data:`ENSEMBLE` when there are several."""
     if not others:
         return first
-    return with_values(first, {"ensemble.members": [str(c.run_dir) for c in others], "ensemble.method": "hill_climb"})
+    return with_values(first, {"ensemble.members": [str(c.run_dir) for c in others], **ENSEMBLE})
 
 
 def overrides_of(base: Config, cfg: Config) -> dict:
