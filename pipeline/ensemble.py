@@ -103,6 +103,10 @@ class Ensembler:
 
 
 ENSEMBLERS: Registry[type[Ensembler]] = Registry("ensembler")
+# the bounds of a member's temperature before a hill climb: wide enough for a label-smoothed fine-tune (0.5-0.8 on our
+# sets) and a logistic regression (1.5-3.3), narrow enough that a member with a handful of errors on the rows its T
+# is fitted on is not sharpened without limit
+MEMBER_TEMPERATURES = (0.25, 4.0)
 ENSEMBLERS.register("soft")(Ensembler)
 
 
@@ -138,7 +142,7 @@ class HillClimb(FittedEnsembler):
 
     def fit(self, probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> "HillClimb":
         if self.cfg.temper_members:
-            self.temperatures = [fit_temperature(p, labels) for p in probs]
+            self.temperatures = [fit_temperature(p, labels, MEMBER_TEMPERATURES) for p in probs]
             probs = self.tempered(probs)
         losses = [metric_loss(self.cfg.metric, labels, p) for p in probs]
         counts = np.zeros(len(probs))

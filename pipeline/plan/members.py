@@ -124,7 +124,7 @@ def protections(report: dict, base: Config, fixed: frozenset) -> tuple[Config, l
     return (with_values(base, values) if values else base), applied
 
 
-# how the plan combines its members, and judges a member's first fold: hill climbing, each member re-tempered first
+# how the plan combines its members: hill climbing, each member re-tempered first
 # (a label-smoothed fine-tune is under-confident, a logistic regression over-confident: tempered, each counts by what
 # it gets right, not by its confidence)
 ENSEMBLE = {"ensemble.method": "hill_climb", "ensemble.temper_members": True}

@@ -3,8 +3,9 @@ alone (:func:`screen_config`: the fold is kept, so a member that goes on does no
 that fold says about this data:
 
 * **Does the member add to the ensemble?** The fold-0 held-out probabilities of the members already finished and
-  of the candidate are combined by hill climbing on ``ensemble.metric``, each member re-tempered first, as the
-  plan's ensemble stage will combine them (:data:`pipeline.plan.members.ENSEMBLE`),
+  of the candidate are combined by hill climbing on ``ensemble.metric``, as the ensemble stage combines them
+  (members are not re-tempered here: a temperature fitted on half of one fold of an accurate member sees a handful
+  of errors and sharpens it to its bound),
   and scored honestly: the weights are fitted on one half of fold 0's rows and scored on the other, both ways
   (:func:`fold_gain`). Where the candidate does not lower the metric, its other folds would not change the
   submission: the plan stops it there (:func:`judge`) and goes on to the next member. Stopped members complete
@@ -33,7 +34,7 @@ from pipeline.core.timing import minutes
 from pipeline.data.contract import AS_WRITTEN
 from pipeline.ensemble import nested_oof
 from pipeline.evaluation.metrics import metric_loss, score
-from pipeline.plan import members, planner
+from pipeline.plan import planner
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
     total, first = 60 * (step["estimated_min"] or 0.0), 60 * (step.get("first_fold_min") or 0.0)
     factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
     rest = max(total - first, 0.0) * factor
-    evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir,
-                         with_values(cfg, members.ENSEMBLE).ensemble, plan.base.seed)
+    evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir, cfg.ensemble, plan.base.seed)
     left = plan.budget_s - planner.reserve(plan.budget_s) - plan.spent() if plan.budget_s else float("inf")
     reason = stop_reason(evidence, rest, left)
     if evidence is not None and rest > 0:
