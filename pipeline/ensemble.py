@@ -103,11 +103,11 @@ class Ensembler:
 
 
 ENSEMBLERS: Registry[type[Ensembler]] = Registry("ensembler")
+ENSEMBLERS.register("soft")(Ensembler)
 # the bounds of a member's temperature before a hill climb: wide enough for a label-smoothed fine-tune (0.5-0.8 on our
 # sets) and a logistic regression (1.5-3.3), narrow enough that a member with a handful of errors on the rows its T
 # is fitted on is not sharpened without limit
 MEMBER_TEMPERATURES = (0.25, 4.0)
-ENSEMBLERS.register("soft")(Ensembler)
 
 
 @ENSEMBLERS.register("hard")
@@ -164,7 +164,8 @@ class HillClimb(FittedEnsembler):
 
     def predict_folds(self, member_folds: list[list[np.ndarray]], shares: list[np.ndarray]) -> np.ndarray:
         if self.temperatures is not None:
-            member_folds = [[with_temperature(p, t) for p in folds] for folds, t in zip(member_folds, self.temperatures)]
+            member_folds = [[with_temperature(p, t) for p in folds]
+                            for folds, t in zip(member_folds, self.temperatures)]
         return super().predict_folds(member_folds, shares)
 
 

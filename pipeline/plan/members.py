@@ -5,8 +5,8 @@ and ``photos`` (configs/photos.yaml with the competition's keys: frozen Lite0 fe
 tuned on cached activations, frozen Lite2 features, crop views, a second seed of the fine-tune, Lite2's last
 blocks tuned), in the order of their expected gain per minute: a prior, since each member after the first must
 show on its first fold that it improves the ensemble before its other folds train (:mod:`pipeline.plan.screen`;
-:mod:`pipeline.plan.planner` fits them to a budget). The user's ``--set`` keys are kept in every member, and the EDA's advice that protects the CV
-is applied to all of them (:func:`protections`).
+:mod:`pipeline.plan.planner` fits them to a budget). The user's ``--set`` keys are kept in every member, and the
+EDA's advice that protects the CV is applied to all of them (:func:`protections`).
 """
 from __future__ import annotations
 
