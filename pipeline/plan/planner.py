@@ -80,6 +80,11 @@ class Plan:
         """Seconds spent on this plan so far, earlier invocations included: what counts against the budget."""
         return self.prior_s + self.elapsed()
 
+    def left(self) -> Optional[float]:
+        """Seconds the budget leaves after what is spent and the final stages' reserve (None: no budget)."""
+        budget = self.record["budget_min"]
+        return None if budget is None else budget * 60 - reserve(budget * 60) - self.spent()
+
     def save(self) -> None:
         if isinstance(self.estimate, Estimator):
             self.record["rates"] = ledger.rates_out(self.estimate.rates)
@@ -311,10 +316,9 @@ def next_step(plan: Plan) -> Optional[int]:
 def skip_reason(plan: Plan, i: int) -> Optional[str]:
     """Why step ``i`` (not the first) does not run now, or None: the budget is spent, or the step's estimate
     does not fit the time left."""
-    budget = plan.record["budget_min"]
-    if budget is None:
+    left = plan.left()
+    if left is None:
         return None
-    left = budget * 60 - reserve(budget * 60) - plan.spent()
     estimated = (plan.steps[i]["estimated_min"] or 0) * 60
     if left <= 0:
         return "not run: the budget is spent"
@@ -343,8 +347,8 @@ def finish_step(plan: Plan, i: int, actual_s: float, ok: bool) -> None:
     if step.get("resumed") and step.get("started_min") is not None:
         actual_s = max(actual_s, plan.spent() - 60 * step["started_min"])
     step.update(status="done" if ok else "failed", actual_min=minutes(actual_s), oof=oof_score(cfg) if ok else None)
-    budget = plan.record["budget_min"]
-    if budget is not None and plan.spent() >= budget * 60 - reserve(budget * 60):
+    left = plan.left()
+    if left is not None and left <= 0:
         plan.record["stopped"] = "the budget is spent"
     plan.save()
 

@@ -129,8 +129,8 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
     factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
     rest = max(total - first, 0.0) * factor
     evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir, cfg.ensemble, plan.base.seed)
-    left = plan.budget_s - planner.reserve(plan.budget_s) - plan.spent() if plan.budget_s else float("inf")
-    reason = stop_reason(evidence, rest, left)
+    left = plan.left()
+    reason = stop_reason(evidence, rest, float("inf") if left is None else left)
     if evidence is not None and rest > 0:
         evidence["gain_per_min"] = round(evidence["gain"] / (rest / 60), 6)
     step["screen"] = {"estimated_min": step.get("first_fold_min"), "actual_min": minutes(actual_s),
@@ -158,9 +158,9 @@ def stop_reason(evidence: Optional[dict], rest_s: float, left_s: float) -> Optio
 def late_step(plan: planner.Plan) -> Optional[int]:
     """Once no member is planned, the stopped member to complete: the one with the largest fold-0 gain among
     those whose other folds (timed by their first) fit the time left; None when none does."""
-    if plan.budget_s is None:
+    left = plan.left()
+    if left is None:
         return None
-    left = plan.budget_s - planner.reserve(plan.budget_s) - plan.spent()
     found = [((s["screen"].get("evidence") or {}).get("gain", 0.0), -i) for i, s in enumerate(plan.steps)
              if s["status"] == "stopped" and s.get("screen") and 60 * (s["screen"]["rest_min"] or 0.0) <= left]
     return -max(found)[1] if found else None
