@@ -78,8 +78,8 @@ def test_a_member_whose_other_folds_no_longer_fit_stops_after_its_first(tmp_path
     def clock() -> float:  # the second member's first fold takes 50 minutes
         return 3000.0 if RunDir(screened).model(0).result.is_file() else 0.0
 
-    def estimate(cfg, planned):
-        return costs.Cost(20000.0 if "seed2" in cfg.experiment else 300.0, 0.0)
+    def estimate(cfg, planned):  # 300 s, 200 of them the infer stage's
+        return costs.Cost(20000.0 if "seed2" in cfg.experiment else 300.0, 0.0, infer=200.0)
 
     path = full.run_auto(cfg, sets, 3600, clock=clock, estimate=estimate)
     assert path is not None and path.is_file()
@@ -87,7 +87,10 @@ def test_a_member_whose_other_folds_no_longer_fit_stops_after_its_first(tmp_path
     second = record["steps"][1]
     assert second["status"] == "stopped" and "other folds need" in second["note"]
     assert second["screen"]["actual_min"] == pytest.approx(50) and second["actual_min"] == pytest.approx(50)
-    assert second["screen"]["rest_min"] == pytest.approx(4 * (5 - 5 / 3), abs=0.05)  # slower 4x at most
+    assert second["first_fold_min"] == pytest.approx(100 / 3 / 60, abs=0.01)  # a third of the training
+    fit_s = read_json(RunDir(screened).model(0).result)["seconds"]  # the other folds as long as fold 0 took to fit
+    rest_s = 2 * (fit_s + mode.FOLD_OVERHEAD_S) + 4 * 200  # the infer stage as fold 0 ran: slower 4x at most
+    assert second["screen"]["rest_min"] == pytest.approx(rest_s / 60, abs=0.02)  # minutes as plan.json rounds
     assert RunDir(screened).model(0).result.is_file() and not RunDir(screened).model(1).root.exists()
     assert record["ensemble"]["weights"] is None or len(record["ensemble"]["weights"]) == 1  # the first alone
 
@@ -106,9 +109,11 @@ def test_a_frozen_members_first_fold_costs_its_training_images_embeddings(tmp_pa
     assert cost.fixed == pytest.approx(cost.once + costs.SAFETY * (
         facts.test_images * len(test_views) / 100.0 + 5 * (features.HEAD_S[0] + features.HEAD_S[1] * facts.images
                                                            * len(train_views) * 4 / 5 + mode.FOLD_OVERHEAD_S)))
+    assert cost.infer == pytest.approx(costs.SAFETY * facts.test_images * len(test_views) / 100.0)  # test embedded
     k = base.folds.n_splits
-    assert cost.first_fold(1, k) == pytest.approx(cost.once + (cost.fixed - cost.once) / k)
+    assert cost.first_fold(1, k) == pytest.approx(cost.once + (cost.fixed - cost.once - cost.infer) / k)
     assert costs.Cost(50.0, 10.0).first_fold(5, 5) == pytest.approx(20.0)  # nothing done once: a fifth
+    assert costs.Cost(50.0, 10.0, infer=25.0).first_fold(5, 5) == pytest.approx(15.0)  # nor the infer stage
 
 
 def test_stopped_members_complete_only_with_time_left_the_largest_gain_first(tmp_path):

@@ -51,7 +51,7 @@ class Estimator:
         decode = ("decode", cache_side(cfg.data.image_size, cfg.data.crop_pct), cfg.data.resize)
         preprocess = 0.0 if decode in before else (self.facts.images + self.facts.test_images) / self.decode_rate(cfg)
         return Cost(SAFETY * (cost.fixed + preprocess) + MEMBER_OVERHEAD_S, SAFETY * cost.per_epoch,
-                    SAFETY * (cost.once + preprocess) + MEMBER_OVERHEAD_S)
+                    SAFETY * (cost.once + preprocess) + MEMBER_OVERHEAD_S, SAFETY * cost.infer)
 
     def work(self, cfg: Config) -> set[tuple]:
         """What a member leaves cached for later ones: decoded images and, per view, embeddings or activations."""

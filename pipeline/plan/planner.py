@@ -153,14 +153,15 @@ def _yields(members: list[Member], base: Config, budget_s: Optional[float], elap
     return f"{second.name} fits the budget on its own ({needed / 60:.1f} of {left / 60:.1f} min) and gains more"
 
 
-def _step(member: Member, cfg: Config, base: Config, est: Optional[tuple[float, float]], status: str,
+def _step(member: Member, cfg: Config, base: Config, est: Optional[tuple[float, float, float]], status: str,
           note: Optional[str], correction: float = 1.0) -> dict:
-    """A plan step as ``plan.json`` records it: ``est``, the estimated seconds of the member and of its first
-    fold (``correction``: the factor the run's own timings put on the measured estimate)."""
-    total, first = est or (None, None)
+    """A plan step as ``plan.json`` records it: ``est``, the estimated seconds of the member, of its first fold
+    and of its infer stage (``correction``: the factor the run's own timings put on the measured estimate)."""
+    total, first, infer = est or (None, None, None)
     return {"member": member.name, "experiment": cfg.experiment, "why": member.why,
             "overrides": overrides_of(base, cfg), "estimated_min": minutes(total), "first_fold_min": minutes(first),
-            "correction": round(correction, 3), "status": status, "note": note or "", "actual_min": None, "oof": None}
+            "infer_min": minutes(infer), "correction": round(correction, 3), "status": status, "note": note or "",
+            "actual_min": None, "oof": None}
 
 
 def _fit_members(members: list[Member], base: Config, budget_s: Optional[float], elapsed: Callable[[], float],
@@ -175,8 +176,7 @@ def _fit_members(members: list[Member], base: Config, budget_s: Optional[float],
         return None if budget_s is None else budget_s - elapsed() - reserve(budget_s) - spent
 
     def scaled(cfg: Config, before: list[Config]) -> Cost:
-        cost, factor = estimate(cfg, before), correction(cfg)
-        return Cost(cost.fixed * factor, cost.per_epoch * factor, cost.once * factor)
+        return estimate(cfg, before).scaled(correction(cfg))
 
     for i, member in enumerate(members):
         cfg, est, note = _fit(base, member, first and i == 0, left, planned, estimate and scaled,
@@ -195,8 +195,8 @@ def _fit_members(members: list[Member], base: Config, budget_s: Optional[float],
 
 def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[float]], planned: list[Config],
          estimate: Optional[Estimate], budgeted: bool,
-         fixed: frozenset) -> tuple[Config, Optional[tuple[float, float]], Optional[str]]:
-    """(member's config, estimated seconds of it and of its first fold, why it is dropped or None); ``left()``:
+         fixed: frozenset) -> tuple[Config, Optional[tuple[float, float, float]], Optional[str]]:
+    """(member's config, its estimated seconds (:func:`_seconds`), why it is dropped or None); ``left()``:
     the seconds left once the member is measured. Epochs are fitted only where the user did not fix
     ``train.epochs``."""
     if not first and not budgeted:
@@ -217,9 +217,10 @@ def _fit(base: Config, member: Member, first: bool, left: Callable[[], Optional[
     return cfg, _seconds(cost, cfg), None
 
 
-def _seconds(cost: Cost, cfg: Config) -> tuple[float, float]:
-    """(the member's estimated seconds, those of its first fold) at its epochs and folds."""
-    return cost.seconds(cfg.train.epochs), cost.first_fold(cfg.train.epochs, cfg.folds.n_splits)
+def _seconds(cost: Cost, cfg: Config) -> tuple[float, float, float]:
+    """(the member's estimated seconds, those of its first fold, those of its infer stage) at its epochs and
+    folds."""
+    return cost.seconds(cfg.train.epochs), cost.first_fold(cfg.train.epochs, cfg.folds.n_splits), cost.infer
 
 
 # --------------------------------------------------------------------------- across invocations, after each member

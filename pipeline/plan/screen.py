@@ -11,8 +11,9 @@ that fold says about this data:
   submission: the plan stops it there (:func:`judge`) and goes on to the next member. Stopped members complete
   only with time no other member can use, the largest fold-0 gain first (:func:`late_step`): a gain too small to
   measure on one fold may still show on five.
-* **Do its other folds fit the time left?** Its remaining minutes are its estimate scaled by how long fold 0 took
-  against fold 0's own estimate: the member timed by its own first fold, not by a benchmark of random tensors.
+* **Do its other folds fit the time left?** Each takes as long as fold 0 took to fit, and the infer stage its
+  estimate scaled by how fold 0 ran against its own (:func:`rest_seconds`): the member timed by its own first fold,
+  not by a benchmark of random tensors.
 
 A screen costs a member's first fold: a fifth of a model trained from scratch or of a fine-tune's epochs, most of a
 frozen-feature member (embedding the training images is its cost, and fold 0 needs them all).
@@ -31,11 +32,13 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from pipeline.core.config import Config, EnsembleConfig, with_values
 from pipeline.core.timing import minutes
+from pipeline.core.utils import read_json
 from pipeline.data.contract import AS_WRITTEN
 from pipeline.ensemble import nested_oof
 from pipeline.evaluation.metrics import metric_loss, score
 from pipeline.plan import planner
 from pipeline.rundir import RunDir
+from pipeline.training.mode import FOLD_OVERHEAD_S
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,7 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
     step, cfg = plan.steps[i], plan.configs[i]
     if step.get("resumed") and step.get("started_min") is not None:  # its minutes span the invocations
         actual_s = max(actual_s, plan.spent() - 60 * step["started_min"])
-    total, first = 60 * (step["estimated_min"] or 0.0), 60 * (step.get("first_fold_min") or 0.0)
-    factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
-    rest = max(total - first, 0.0) * factor
+    rest = rest_seconds(step, cfg, actual_s)
     evidence = fold_gain([c.run_dir for c in planner.finished(plan)], cfg.run_dir, cfg.ensemble, plan.base.seed)
     left = plan.left()
     reason = stop_reason(evidence, rest, float("inf") if left is None else left)
@@ -139,6 +140,19 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
     log.info("plan: %s after fold %d (%.2f min, estimated %s): %s", step["member"], SCREEN_FOLD, actual_s / 60,
              step.get("first_fold_min"), reason or _went_on(evidence, rest))
     return reason
+
+
+def rest_seconds(step: dict, cfg: Config, actual_s: float) -> float:
+    """The seconds a screened member's other folds need: each as long as its fold 0 took to fit (its
+    ``result.json``; what was done once before it is not done again), and its infer stage as estimated, scaled by
+    how fold 0 ran against its own estimate. Without fold 0's timing, the whole rest of the estimate so scaled."""
+    total, first = 60 * (step["estimated_min"] or 0.0), 60 * (step.get("first_fold_min") or 0.0)
+    factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
+    result = RunDir.of(cfg).model(SCREEN_FOLD).result
+    if step.get("infer_min") is None or not result.is_file():
+        return max(total - first, 0.0) * factor
+    fold_s = float(read_json(result)["seconds"]) + FOLD_OVERHEAD_S
+    return (cfg.folds.n_splits - 1) * fold_s + 60 * step["infer_min"] * factor
 
 
 def stop_reason(evidence: Optional[dict], rest_s: float, left_s: float) -> Optional[str]:

@@ -370,4 +370,4 @@ class FeaturesMode(TrainMode):
         head = HEAD_S[0] + HEAD_S[1] * rows * (k - 1) / k
         new, train = rates.new_images(cfg, before), rates.new_images(cfg, before, ("train",))
         rate = rates.frozen_rate(cfg, "pooled", lambda: backbone(cfg, rates.device)) if new else 1.0
-        return Cost(new / rate + k * (head + FOLD_OVERHEAD_S), once=train / rate)
+        return Cost(new / rate + k * (head + FOLD_OVERHEAD_S), once=train / rate, infer=(new - train) / rate)

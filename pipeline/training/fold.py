@@ -234,7 +234,8 @@ class FinetuneMode(TrainMode):
         train, forward = rates.train_rate(cfg), rates.forward_rate(cfg)
         views = len(configured_views(cfg.infer))
         per_epoch = (n * (k - 1) / train + n / forward) * stretch(cfg, n * (k - 1) / k)
-        return Cost((n + k * t) * views / forward + k * FOLD_OVERHEAD_S, per_epoch)
+        infer = (n + k * t) * views / forward
+        return Cost(infer + k * FOLD_OVERHEAD_S, per_epoch, infer=infer)
 
 
 def network_keys(cfg: Config, fold: Optional[int], num_classes: int) -> tuple[str, str]:

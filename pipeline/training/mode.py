@@ -42,20 +42,26 @@ Predict = Callable[[str, np.ndarray, list[str]], np.ndarray]  # (split, rows, vi
 
 @dataclass(frozen=True)
 class Cost:
-    """A member's seconds on this machine: ``fixed`` plus ``per_epoch`` for each training epoch; ``once``, the part
-    of ``fixed`` spent before the first fold trains (decoding, caching the training images' passes), the rest
-    spread evenly over the folds and their predictions."""
+    """A member's seconds on this machine: ``fixed`` plus ``per_epoch`` for each training epoch. Two parts of
+    ``fixed`` fall outside the folds: ``once``, spent before the first fold trains (decoding, caching the training
+    images' passes), and ``infer``, the infer stage's after the last (held-out and test predictions under the TTA
+    views, the test split's passes); the rest is spread evenly over the folds."""
     fixed: float
     per_epoch: float = 0.0
     once: float = 0.0
+    infer: float = 0.0
 
     def seconds(self, epochs: int) -> float:
         return self.fixed + self.per_epoch * epochs
 
     def first_fold(self, epochs: int, folds: int) -> float:
-        """Seconds until the first fold is trained: what is done once, and a fold's share of the rest."""
+        """Seconds until the first fold is trained: what is done once, and a fold's share of the training."""
         once = min(self.once, self.fixed)
-        return once + (self.seconds(epochs) - once) / max(folds, 1)
+        return once + (self.seconds(epochs) - once - min(self.infer, self.fixed - once)) / max(folds, 1)
+
+    def scaled(self, factor: float) -> "Cost":
+        """Every part times ``factor`` (a correction from the run's own timings)."""
+        return Cost(*(factor * value for value in dataclasses.astuple(self)))
 
 
 def epochs_for_min_steps(cfg: Config, rows: float) -> int:

@@ -331,6 +331,8 @@ class PartialMode(TrainMode):
         key = ("partial back img (step / forward)", cfg.model.name, cfg.data.image_size, cut, cfg.train.batch_size)
         step, back = rates.measured(key, lambda: measure_back(cfg, rates.facts.classes, rates.device, rates.effort))
         probe = (k - 1) * n * len(train) / back if cfg.train.head_init == "linear_probe" else 0.0
-        fixed = rates.new_images(cfg, before) / front + probe + (n + k * t) * len(test) / back + k * FOLD_OVERHEAD_S
-        return Cost(fixed, (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k),
-                    once=rates.new_images(cfg, before, ("train",)) / front)
+        new, train_new = rates.new_images(cfg, before), rates.new_images(cfg, before, ("train",))
+        infer = (new - train_new) / front + (n + k * t) * len(test) / back
+        return Cost(train_new / front + probe + infer + k * FOLD_OVERHEAD_S,
+                    (n * (k - 1) / step + n / back) * stretch(cfg, n * (k - 1) / k), once=train_new / front,
+                    infer=infer)
