@@ -106,9 +106,8 @@ def test_a_frozen_members_first_fold_costs_its_training_images_embeddings(tmp_pa
     decode = (facts.images + facts.test_images) / 50.0
     embed_train = facts.images * len(train_views) / 100.0
     assert cost.once == pytest.approx(costs.SAFETY * (embed_train + decode) + costs.MEMBER_OVERHEAD_S)
-    assert cost.fixed == pytest.approx(cost.once + costs.SAFETY * (
-        facts.test_images * len(test_views) / 100.0 + 5 * (features.HEAD_S[0] + features.HEAD_S[1] * facts.images
-                                                           * len(train_views) * 4 / 5 + mode.FOLD_OVERHEAD_S)))
+    assert cost.fixed == pytest.approx(cost.once + costs.SAFETY * facts.test_images * len(test_views) / 100.0 + 5 * (
+        features.HEAD_S[0] + features.HEAD_S[1] * facts.images * len(train_views) * 4 / 5 + mode.FOLD_OVERHEAD_S))
     assert cost.infer == pytest.approx(costs.SAFETY * facts.test_images * len(test_views) / 100.0)  # test embedded
     k = base.folds.n_splits
     assert cost.first_fold(1, k) == pytest.approx(cost.once + (cost.fixed - cost.once - cost.infer) / k)

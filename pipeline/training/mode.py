@@ -103,7 +103,8 @@ class Rates(Protocol):
     effort: Any  # pipeline.core.timing.Effort: how long each measurement runs
     device: torch.device
 
-    def measured(self, key: tuple, measure: Callable[[], tuple[float, ...]]) -> tuple[float, ...]: ...
+    def measured(self, key: tuple, measure: Callable[[], tuple[float, ...]],
+                 margin: float = ...) -> tuple[float, ...]: ...
 
     def forward_rate(self, cfg: Config) -> float: ...
 
