@@ -17,7 +17,7 @@ from pipeline.core.config import ConfigError, load_config
 from pipeline.core.timing import parse_duration
 from pipeline.core.utils import read_json
 from pipeline.eda import stage as eda, suggest
-from pipeline.plan import costs, planner
+from pipeline.plan import costs, members, planner
 from pipeline.rundir import ReportDir, RunDir, check_data
 
 from conftest import DEFAULT_CONFIG, config_overrides, make_cfg, make_competition
@@ -118,10 +118,10 @@ def test_a_plan_whose_estimates_exceed_the_budget_drops_steps(tmp_path):
     assert "long fits the budget on its own" in made.steps[0]["note"] and made.lead == 1
     long = made.configs[1]
     assert long.experiment == cfg.experiment  # the first member to run takes the experiment's folder
-    assert long.train.epochs == int((left - 1) // 0.5) and 10 <= long.train.epochs < 40  # as many epochs as fit
+    assert long.train.epochs == int((left - 1) // 0.5) and members.LONG_EPOCHS[0] <= long.train.epochs < 40  # that fit
     assert made.steps[1]["estimated_min"] == pytest.approx(1 + 0.5 * long.train.epochs, abs=0.01)
     assert "needs" in made.steps[2]["note"] and made.configs[2].seed == cfg.seed + 1
-    assert made.configs[2].train.epochs == 10  # what its fewest epochs would need
+    assert made.configs[2].train.epochs == members.LONG_EPOCHS[0]  # what its fewest epochs would need
 
     kept = given({"base": 2, "long": 5, "seed2": 5}, per_epoch=0.5, base_per_epoch=0.25)  # long: 5 + 5 > 9.2 min
     small = planner.make_plan("small", "why", cfg, small_facts(), 600, no_time, kept)
