@@ -238,17 +238,23 @@ def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess_rate(cfg: Config, count: int) -> Optional[float]:
-    """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images."""
+def preprocess_rate(cfg: Config, count: int, seconds: float = 0.0) -> Optional[float]:
+    """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images; with
+    ``seconds``, on 4× as many after each sample that took less, the rate between the last two samples (the pool's
+    start-up is paid once per stage, and it is most of 48 small images' time)."""
     try:
-        paths = load_competition(cfg.data).train["path"].tolist()[:count]
+        paths = load_competition(cfg.data).train["path"].tolist()
     except Exception as err:  # the sources may be gone while the cache remains
         log.warning("preprocess rate not measured: %s", err)
         return None
+    timed = [(0, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        decode_all(paths, cfg.data.image_size, Path(tmp) / "bench.npy", "bench decode")
-        return len(paths) / (time.perf_counter() - start)
+        while not timed[-1][0] or (timed[-1][1] < seconds and timed[-1][0] < len(paths)):
+            n, start = min(count * 4 ** (len(timed) - 1), len(paths)), time.perf_counter()
+            decode_all(paths[:n], cfg.data.image_size, Path(tmp) / "bench.npy", "bench decode")
+            timed.append((n, time.perf_counter() - start))
+    (n0, t0), (n1, t1) = timed[-2:]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else n1 / t1
 
 
 # --------------------------------------------------------------------------- the tool

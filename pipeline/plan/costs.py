@@ -23,11 +23,12 @@ from pipeline.training.precision import compute_settings
 log = logging.getLogger(__name__)
 
 SAFETY = 1.2  # floors timed on random tensors run ahead of a real run (first batches, loaders, bookkeeping)
-# the training step is timed through the train stage's own recipe and loader, so its floor is close to a real
-# epoch (small CIFAR-10 on a 2-core EPYC: 3.71 s a fold-epoch from the floor, 3.52 s run)
-TRAIN_SAFETY = 1.05
+# the training step is timed through the train stage's own recipe and loader, so it needs no margin: its floor
+# runs behind a real epoch (small CIFAR-10 on a 2-core EPYC: 3.71 and 3.89 s a fold-epoch from the floor, 3.52 and
+# 3.54 s run)
+TRAIN_SAFETY = 1.0
 MEMBER_OVERHEAD_S = 5.0  # a member's stage start-ups, folds and tables
-DECODE_SAMPLE = 48  # source images decoded to time the preprocess stage
+DECODE_SAMPLE = (48, 0.5)  # source images decoded to time the preprocess stage, 4x more until a sample takes 0.5 s
 EFFORT = Effort(batches=4, seconds=3.0)  # each timed measurement
 
 
@@ -92,7 +93,7 @@ class Estimator:
         return tuple(rate / margin for rate in self.rates[key])
 
     def decode_rate(self, cfg: Config) -> float:
-        return self.rate(("decode img",), lambda: bench.preprocess_rate(cfg, DECODE_SAMPLE) or 50.0)
+        return self.rate(("decode img",), lambda: bench.preprocess_rate(cfg, *DECODE_SAMPLE) or 50.0)
 
     def forward_rate(self, cfg: Config) -> float:
         """Images/s of the member's model forward at its input size and ``infer.batch_size`` (the bench's
