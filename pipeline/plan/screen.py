@@ -145,11 +145,12 @@ def judge(plan: planner.Plan, i: int, actual_s: float) -> Optional[str]:
 def rest_seconds(step: dict, cfg: Config, actual_s: float) -> float:
     """The seconds a screened member's other folds need: each as long as its fold 0 took to fit (its
     ``result.json``; what was done once before it is not done again), and its infer stage as estimated, scaled by
-    how fold 0 ran against its own estimate. Without fold 0's timing, the whole rest of the estimate so scaled."""
+    how fold 0 ran against its own estimate. Without fold 0's whole timing (none, or a fold resumed in another
+    invocation times only its last epochs), the whole rest of the estimate so scaled."""
     total, first = 60 * (step["estimated_min"] or 0.0), 60 * (step.get("first_fold_min") or 0.0)
     factor = min(max(actual_s / first, planner.CORRECTION[0]), planner.CORRECTION[1]) if first else 1.0
     result = RunDir.of(cfg).model(SCREEN_FOLD).result
-    if step.get("infer_min") is None or not result.is_file():
+    if step.get("infer_min") is None or step.get("resumed") or not result.is_file():
         return max(total - first, 0.0) * factor
     fold_s = float(read_json(result)["seconds"]) + FOLD_OVERHEAD_S
     return (cfg.folds.n_splits - 1) * fold_s + 60 * step["infer_min"] * factor
