@@ -247,6 +247,8 @@ def preprocess_rate(cfg: Config, count: int, seconds: float = 0.0) -> Optional[f
     except Exception as err:  # the sources may be gone while the cache remains
         log.warning("preprocess rate not measured: %s", err)
         return None
+    if not paths:
+        return None
     timed = [(0, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         while not timed[-1][0] or (timed[-1][1] < seconds and timed[-1][0] < len(paths)):
