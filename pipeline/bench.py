@@ -16,7 +16,8 @@
 * ``--infer-batches 4,16,64`` measures only the forward-only floor at each ``infer.batch_size`` on random
   images (``bench_batches.json``: images/s and the ratio to the largest batch; on a CPU small batches can be
   faster, their activations staying in its caches);
-* ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does;
+* ``preprocess_img_s``: decoding and resizing source images into the cache, as the preprocess stage does
+  (:func:`pipeline.preprocess.decode_rate`);
 * ``augment``: images/s of the configured policy on ``train.batch_size × 4`` cached images per call, per
   image (albumentations, as the DataLoader path runs it: ``per_image_img_s``) and batched on the device
   (:class:`pipeline.augment.BatchAugment`, what ``data.loader: device`` runs: ``batched_img_s``; None for a
@@ -38,10 +39,8 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -54,11 +53,10 @@ from pipeline.core.jobs import training_slot
 from pipeline.core.timing import Effort, timed
 from pipeline.core.utils import (autocast, configure_backends, device_name, resolve_device, resolve_precision,
                                  seed_everything, write_json)
-from pipeline.data.contract import load_competition
 from pipeline.data.dataset import gather, to_float
 from pipeline.evaluation.tta import configured_views, predict_tta
 from pipeline.models.factory import create_model
-from pipeline.preprocess import decode_all
+from pipeline.preprocess import decode_rate
 from pipeline.training.modes import training_mode
 from pipeline.preprocess import run as preprocess
 from pipeline.rundir import RunDir, load_manifest, load_split
@@ -235,30 +233,6 @@ def tta_pipeline(cfg: Config, data: dict, device: torch.device, dtype: Optional[
     return timed(one, 1, effort)
 
 
-# --------------------------------------------------------------------------- preprocessing
-
-
-def preprocess_rate(cfg: Config, count: int, seconds: float = 0.0) -> Optional[float]:
-    """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images; with
-    ``seconds``, on 4× as many after each sample that took less, the rate between the last two samples (the pool's
-    start-up is paid once per stage, and it is most of 48 small images' time)."""
-    try:
-        paths = load_competition(cfg.data).train["path"].tolist()
-    except Exception as err:  # the sources may be gone while the cache remains
-        log.warning("preprocess rate not measured: %s", err)
-        return None
-    if not paths:
-        return None
-    timed = [(0, 0.0)]
-    with tempfile.TemporaryDirectory() as tmp:
-        while not timed[-1][0] or (timed[-1][1] < seconds and timed[-1][0] < len(paths)):
-            n, start = min(count * 4 ** (len(timed) - 1), len(paths)), time.perf_counter()
-            decode_all(paths[:n], cfg.data.image_size, Path(tmp) / "bench.npy", "bench decode")
-            timed.append((n, time.perf_counter() - start))
-    (n0, t0), (n1, t1) = timed[-2:]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else n1 / t1
-
-
 # --------------------------------------------------------------------------- the tool
 
 
@@ -386,7 +360,7 @@ def _measure(cfg: Config, batches: int, preprocess_images: int, rounds: int, com
     if device.type == "cuda":
         result["gpu_busy_pct"] = max(busy) if busy else None
         result["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    result["preprocess_img_s"] = _round(preprocess_rate(cfg, preprocess_images))
+    result["preprocess_img_s"] = _round(decode_rate(cfg, preprocess_images))
     result["seconds"] = round(time.perf_counter() - begin, 1)
     write_json(RunDir.of(cfg).bench, result)
     return result

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
+import time
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
@@ -25,7 +27,7 @@ from pipeline.data.cache import (ImageTooLarge, cache_path, cache_side, content_
                                  open_array, signature)
 from pipeline.data.contract import Competition, DataError, image_sources, load_competition, structural_problems
 from pipeline.rundir import RunDir, check_data, load_manifest, save_config
-from pipeline.core.utils import atomic_path, reserve_space, write_csv, write_json, write_text
+from pipeline.core.utils import atomic_path, reserve_space, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,27 @@ def decode_all(paths: list[str], size: int, out: Optional[Path], desc: str, work
             del array
         if failures:
             raise DataError([message for _, message in sorted(failures)])
+
+
+def decode_rate(cfg: Config, count: int, seconds: float = 0.0) -> Optional[float]:
+    """Images/s of the preprocess stage's decoder (its worker pool) on up to ``count`` source images; with
+    ``seconds``, on 4× as many after each sample that took less, the rate between the last two samples (the pool's
+    start-up is paid once per stage, and it is most of 48 small images' time)."""
+    try:
+        paths = load_competition(cfg.data).train["path"].tolist()
+    except Exception as err:  # the sources may be gone while the cache remains
+        log.warning("preprocess rate not measured: %s", err)
+        return None
+    if not paths:
+        return None
+    timed = [(0, 0.0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        while not timed[-1][0] or (timed[-1][1] < seconds and timed[-1][0] < len(paths)):
+            n, start = min(count * 4 ** (len(timed) - 1), len(paths)), time.perf_counter()
+            decode_all(paths[:n], cfg.data.image_size, Path(tmp) / "bench.npy", "timed decode")
+            timed.append((n, time.perf_counter() - start))
+    (n0, t0), (n1, t1) = timed[-2:]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else n1 / t1
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:

@@ -15,6 +15,7 @@ from pipeline.data.cache import cache_side
 from pipeline.eda.suggest import Facts
 from pipeline.evaluation.tta import configured_views
 from pipeline.models.engines import FrozenPass
+from pipeline.preprocess import decode_rate
 from pipeline.training.features import frozen_key, train_views
 from pipeline.training.mode import Cost  # noqa: F401 - the planner's unit, re-exported
 from pipeline.training.modes import training_mode
@@ -93,7 +94,7 @@ class Estimator:
         return tuple(rate / margin for rate in self.rates[key])
 
     def decode_rate(self, cfg: Config) -> float:
-        return self.rate(("decode img",), lambda: bench.preprocess_rate(cfg, *DECODE_SAMPLE) or 50.0)
+        return self.rate(("decode img",), lambda: decode_rate(cfg, *DECODE_SAMPLE) or 50.0)
 
     def forward_rate(self, cfg: Config) -> float:
         """Images/s of the member's model forward at its input size and ``infer.batch_size`` (the bench's
