@@ -174,17 +174,21 @@ def run_members(plan: planner.Plan, clock: Clock) -> list[Config]:
         if screen.screens(plan, i) and not goes_on(plan, i, clock, begin):
             planner.refit(plan)
             continue
-        ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
-        planner.finish_step(plan, i, clock() - begin, ok)
-        if not ok and i == plan.lead:
+        if not complete(plan, i, clock, begin) and i == plan.lead:
             return []
         planner.refit(plan)
     while (i := screen.late_step(plan)) is not None:  # time no member can use: the stopped ones' other folds
         screen.start_late(plan, i)
-        begin, before = clock(), 60 * plan.steps[i]["screen"]["actual_min"]
-        ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
-        planner.finish_step(plan, i, before + clock() - begin, ok)
+        complete(plan, i, clock, clock() - 60 * plan.steps[i]["screen"]["actual_min"])  # its minutes from fold 0 on
     return planner.finished(plan)
+
+
+def complete(plan: planner.Plan, i: int, clock: Clock, begin: float) -> bool:
+    """Step ``i``'s stages (a fold already trained is skipped), its minutes counted from ``begin``: True when
+    every stage finished."""
+    ok = run_steps([(stage, plan.configs[i]) for stage in MEMBER_STAGES]) is not None
+    planner.finish_step(plan, i, clock() - begin, ok)
+    return ok
 
 
 def goes_on(plan: planner.Plan, i: int, clock: Clock, begin: float) -> bool:
